@@ -1,0 +1,274 @@
+"""Pure-functional Flax linen LLaMA family (LLaMA 1/2/3, Vicuna, SmolLM2).
+
+One attention path serves every use: the caller passes explicit RoPE positions, a boolean attention
+mask over the key slots and, optionally, a preallocated KV cache plus the slot each row writes its new
+keys/values to. Prefill, cached decode, tree verification and the VSD oracle are the same call with
+different masks.
+
+Shapes: B batch, T new tokens, S cache slots, L layers, H hidden, N heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vsd_jax.models.kv_cache import KVCache, write_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a LLaMA-family decoder. Frozen so it can be a static jit argument."""
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # LLaMA-3 style rope scaling ("llama3") or None.
+  rope_scaling_type: Optional[str] = None
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  max_position_embeddings: int = 8192
+  tie_word_embeddings: bool = True
+  bos_token_id: int = 1
+  eos_token_ids: tuple = (2,)
+  dtype: str = "float32"        # compute dtype
+  param_dtype: str = "float32"  # storage dtype of parameters
+  scan_layers: bool = True      # nn.scan over layers: one compiled layer body (fast CPU compiles)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def eagle3_layers(self) -> tuple:
+    """Target layers whose inputs EAGLE-3 fuses: 2, L//2, L-3."""
+    return (2, self.num_layers // 2, self.num_layers - 3)
+
+
+@flax.struct.dataclass
+class LlamaOutput:
+  logits: jax.Array                   # float32 [B, T, vocab]
+  kv_cache: Optional[KVCache]         # updated cache, when one was passed
+  hidden_states: Optional[jax.Array]  # [len(layers), B, T, H]: inputs of the requested layers
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+  """Inverse frequencies [D/2], with LLaMA-3 scaling when configured."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling_type is None:
+    return inv
+  if cfg.rope_scaling_type != "llama3":
+    raise ValueError(f"rope_scaling_type={cfg.rope_scaling_type!r} is not supported; use None or 'llama3'")
+  # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+  low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / inv
+  smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_scaling_factor, inv)
+  mid = (1 - smooth) * inv / cfg.rope_scaling_factor + smooth * inv
+  is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (HF layout). x: [B, T, heads, D]; positions: int [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask):
+  """The one attention kernel. q: [B,T,N,D]; k, v: [B,S,K,D]; mask: bool [B,T,S] -> [B,T,N,D].
+
+  GQA groups N/K query heads per kv head. Softmax in float32; a row with no visible key gives 0.
+  """
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  m = mask[:, None, None, :, :]
+  scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
+def _dense(features, name, axes, cfg):
+  return nn.Dense(
+      features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE over an optional KV cache. Input width may differ from H (EAGLE-3)."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, write_index=None):
+    """x: [B,T,Hin]; positions: [B,T]; mask: bool [B,T,S]; layer_cache: (k, v) [B,S,K,D] or None;
+    write_index: int [B], the slot of the first new token per row. Returns ([B,T,H], new (k, v))."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = _dense(cfg.num_heads * cfg.head_dim, "q_proj", ("embed", "heads"), cfg)(x)
+    k = _dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", ("embed", "kv_heads"), cfg)(x)
+    v = _dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", ("embed", "kv_heads"), cfg)(x)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if layer_cache is None:
+      keys, values = k, v
+    else:
+      keys = write_rows(layer_cache[0], k.astype(layer_cache[0].dtype), write_index)
+      values = write_rows(layer_cache[1], v.astype(layer_cache[1].dtype), write_index)
+    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    out = _dense(cfg.hidden_size, "o_proj", ("heads", "embed"), cfg)(out)
+    return out, (keys, values)
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"), cfg)(x)
+    up = _dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"), cfg)(x)
+    return _dense(cfg.hidden_size, "down_proj", ("mlp", "embed"), cfg)(nn.silu(gate) * up)
+
+
+def _norm(cfg, name):
+  return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm LLaMA block. Scanned over layers: carry x, per-layer cache in, (cache, x_in) out."""
+  cfg: LlamaConfig
+  collect_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, mask, write_index):
+    h = _norm(self.cfg, "input_layernorm")(x)
+    attn, new_cache = Attention(self.cfg, name="self_attn")(h, positions, mask, layer_cache, write_index)
+    y = x + attn
+    y = y + MLP(self.cfg, name="mlp")(_norm(self.cfg, "post_attention_layernorm")(y))
+    return y, (new_cache, x if self.collect_hidden else None)
+
+
+def default_mask(input_ids: jax.Array, kv_cache: Optional[KVCache], write_index) -> jax.Array:
+  """Causal mask when slot index == position: token i of row b sees slots <= write_index[b] + i."""
+  b, t = input_ids.shape
+  if kv_cache is None:
+    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  s = kv_cache.k.shape[2]
+  q_slot = write_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+  return jnp.arange(s)[None, None, :] <= q_slot[:, :, None]
+
+
+class LlamaForCausalLM(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids, positions=None, attention_mask=None, kv_cache: Optional[KVCache] = None,
+               write_index=None, hidden_layers: Sequence[int] = (), return_logits: bool = True):
+    """Forward pass.
+
+    Args:
+      input_ids: int32 [B, T].
+      positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
+      attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
+        default causal (see `default_mask`).
+      kv_cache: optional KVCache with k, v of [L, B, S, K, D]; new keys/values are written at slots
+        write_index[b] + arange(T) and the updated cache is returned.
+      write_index: int32 [B]; default zeros.
+      hidden_layers: static layer indices whose *input* hidden states are returned.
+      return_logits: static; False skips the vocabulary projection.
+    Returns:
+      LlamaOutput(logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H]).
+    """
+    cfg = self.cfg
+    b, t = input_ids.shape
+    if write_index is None:
+      write_index = jnp.zeros((b,), jnp.int32)
+    if positions is None:
+      positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if attention_mask is None:
+      attention_mask = default_mask(input_ids, kv_cache, write_index)
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="embed_tokens")
+    x = embed(input_ids)
+    collect = len(hidden_layers) > 0
+    layer_caches = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+    if cfg.scan_layers:
+      ScanLayers = nn.scan(
+          DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, (new_caches, layer_inputs) = ScanLayers(cfg, collect, name="layers")(
+          x, layer_caches, positions, attention_mask, write_index)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+        x, out = DecoderLayer(cfg, collect, name=f"layers_{i}")(x, lc, positions, attention_mask, write_index)
+        outs.append(out)
+      new_caches, layer_inputs = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+    hidden = None
+    if collect:
+      hidden = jnp.stack([layer_inputs[i] for i in hidden_layers])
+    new_cache = None if kv_cache is None else KVCache(new_caches[0], new_caches[1])
+    logits = None
+    if return_logits:
+      h = _norm(cfg, "norm")(x)
+      if cfg.tie_word_embeddings:
+        logits = embed.attend(h).astype(jnp.float32)
+      else:
+        logits = _dense(cfg.vocab_size, "lm_head", ("embed", "vocab"), cfg)(h).astype(jnp.float32)
+    return LlamaOutput(logits=logits, kv_cache=new_cache, hidden_states=hidden)

@@ -1,0 +1,91 @@
+"""Load a llama.cpp GGUF file (any quantisation the `gguf` package dequantises) as HF-named tensors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vsd_jax.models.llama import LlamaConfig
+from vsd_jax.weights.convert import params_from_hf
+
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half halves).
+
+  llama.cpp stores each head's rows as (D/2, 2) interleaved pairs; HF as (2, D/2) halves.
+  """
+  out_dim = w.shape[0]
+  return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key, default=None):
+  f = reader.fields.get(key)
+  return default if f is None else f.contents()
+
+
+def read_gguf(path: str, **config_overrides):
+  """Returns (LlamaConfig, params numpy pytree, chat_template or None) from a GGUF file."""
+  import gguf  # imported here: only GGUF users need it
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file not found: {path!r}. Check the path, or use a registry name "
+                            "such as 'smollm2-135m-instruct'.")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:
+    raise ValueError(f"{path!r} is not a readable GGUF file ({e}). Re-download or re-convert it.") from e
+  arch = _field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"{path!r}: architecture {arch!r} is not supported (only 'llama').")
+  a = "llama."
+  heads = int(_field(reader, a + "attention.head_count"))
+  kv_heads = int(_field(reader, a + "attention.head_count_kv", heads))
+  hidden = int(_field(reader, a + "embedding_length"))
+  names = {t.name for t in reader.tensors}
+  eos = _field(reader, "tokenizer.ggml.eos_token_id", 2)
+  kw = dict(
+      vocab_size=int(_field(reader, a + "vocab_size", 0) or len(_field(reader, "tokenizer.ggml.tokens"))),
+      hidden_size=hidden, intermediate_size=int(_field(reader, a + "feed_forward_length")),
+      num_layers=int(_field(reader, a + "block_count")), num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+      rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
+      max_position_embeddings=int(_field(reader, a + "context_length", 4096)),
+      tie_word_embeddings="output.weight" not in names,
+      bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)), eos_token_ids=(int(eos),))
+  kw.update(config_overrides)
+  cfg = LlamaConfig(**kw)
+
+  tensors = {}
+  for t in reader.tensors:
+    if t.name in _GLOBAL_NAMES:
+      hf = _GLOBAL_NAMES[t.name]
+    else:
+      parts = t.name.split(".")  # blk.{i}.{kind}.weight
+      if parts[0] != "blk" or parts[2] not in _BLOCK_NAMES:
+        continue  # e.g. rope_freqs: derived from the config instead
+      hf = f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    tensors[hf] = t
+
+  def get(name):
+    if name not in tensors:
+      raise ValueError(f"{path!r} has no tensor for {name!r}; the file is incomplete or not a LLaMA model.")
+    t = tensors[name]
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim > 1 else w.reshape(-1)
+    if name.endswith("q_proj.weight"):
+      w = unpermute_qk(w, cfg.num_heads)
+    elif name.endswith("k_proj.weight"):
+      w = unpermute_qk(w, cfg.num_kv_heads)
+    return w
+
+  params = params_from_hf(cfg, get, lambda n: n in tensors)
+  return cfg, params, _field(reader, "tokenizer.chat_template")

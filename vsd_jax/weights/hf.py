@@ -1,0 +1,70 @@
+"""Load an HF LLaMA-family checkpoint directory (config.json + safetensors, or PyTorch .bin)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from vsd_jax.weights.convert import config_from_hf_dict, params_from_hf
+
+
+class _TensorIndex:
+  """Lazy name -> numpy lookup over every weight file in a directory."""
+
+  def __init__(self, directory: str):
+    self.files = {}
+    st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+    if st:
+      from safetensors import safe_open
+      for f in st:
+        with safe_open(f, framework="numpy") as h:
+          for k in h.keys():
+            self.files[k] = ("st", f)
+    elif bins:
+      try:
+        import torch  # noqa: F401
+      except ImportError as e:
+        raise ImportError(f"{directory!r} holds PyTorch .bin weights; install torch to read them, or convert "
+                          "them to safetensors.") from e
+      self._bins = {}
+      for f in bins:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        for k, v in sd.items():
+          self._bins[k] = v
+          self.files[k] = ("bin", f)
+    else:
+      raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {directory!r}.")
+    self._open = {}
+
+  def has(self, name):
+    return name in self.files
+
+  def get(self, name) -> np.ndarray:
+    if name not in self.files:
+      raise ValueError(f"checkpoint has no tensor {name!r}")
+    kind, f = self.files[name]
+    if kind == "bin":
+      return self._bins[name].float().numpy()
+    from safetensors import safe_open
+    if f not in self._open:
+      self._open[f] = safe_open(f, framework="numpy")
+    x = self._open[f].get_tensor(name)
+    return x.astype(np.float32) if x.dtype != np.float32 else x
+
+
+def read_hf_dir(directory: str, **config_overrides):
+  """Returns (LlamaConfig, params numpy pytree) from an HF checkpoint directory."""
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{directory!r} has no config.json; pass an HF checkpoint directory, a GGUF "
+                            "file or a registry name.")
+  with open(cfg_path) as f:
+    cfg = config_from_hf_dict(json.load(f), **config_overrides)
+  index = _TensorIndex(directory)
+  if not index.has("lm_head.weight") and not cfg.tie_word_embeddings:
+    cfg = cfg.replace(tie_word_embeddings=True)
+  return cfg, params_from_hf(cfg, index.get, index.has)

