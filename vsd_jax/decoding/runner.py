@@ -1,0 +1,86 @@
+"""Host-side driver: pad prompts into length buckets, call the jitted loop, time it, unpad results."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class PromptTooLongError(ValueError):
+  pass
+
+
+def bucket(n: int, multiple: int = 64) -> int:
+  """Round up to a multiple, so that nearby lengths share one compiled program."""
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 64):
+  """-> (int32 [B, P] right-padded, int32 [B] lengths). Empty prompts are an error."""
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token.")
+  lens = np.array([len(p) for p in prompts], np.int32)
+  ids = np.full((len(prompts), bucket(int(lens.max()), multiple)), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+  return ids, lens
+
+
+def check_capacity(prompt_lens, max_new_tokens: int, max_positions: int, extra: int = 0,
+                   names: Optional[Sequence[str]] = None) -> int:
+  """Cache slots needed; raises PromptTooLongError naming the prompt that cannot fit the model."""
+  need = int(np.max(prompt_lens)) + max_new_tokens + extra
+  if need > max_positions:
+    i = int(np.argmax(prompt_lens))
+    label = names[i] if names is not None else f"prompt {i}"
+    raise PromptTooLongError(
+        f"{label} has {int(prompt_lens[i])} tokens; with max_new_tokens={max_new_tokens}"
+        f"{f' and {extra} draft slots' if extra else ''} it needs {need} positions but the model/cache "
+        f"allows {max_positions}. Shorten the prompt or lower --max_new_tokens.")
+  return bucket(need, 128)
+
+
+@dataclasses.dataclass
+class Generation:
+  prompt_ids: list
+  output_ids: list
+  new_tokens: int
+  rounds: int
+  wall_time: float
+
+
+def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callable, pad_id: int,
+                progress: Optional[Callable] = None) -> list:
+  """Run `call(ids, lens) -> (tokens, num_new, rounds)` over batches of prompts sorted by length.
+
+  Each batch is called once to compile (not timed) and once timed, so wall_time excludes compilation.
+  Returns a Generation per prompt, in the input order. The batch's wall time is given to each row.
+  """
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  results: list = [None] * len(prompts)
+  compiled = set()
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    batch = [prompts[i] for i in idx]
+    while len(batch) < batch_size:  # keep the batch shape static: repeat the last prompt
+      batch.append(batch[-1])
+    ids, lens = pad_prompts(batch, pad_id)
+    key = ids.shape
+    if key not in compiled:
+      jax.block_until_ready(call(ids, lens))
+      compiled.add(key)
+    t0 = time.perf_counter()
+    tokens, num_new, rounds = jax.device_get(jax.block_until_ready(call(ids, lens)))
+    dt = time.perf_counter() - t0
+    for row, i in enumerate(idx):
+      n = int(num_new[row])
+      results[i] = Generation(list(prompts[i]), tokens[row, :n].tolist(), n, int(rounds[row]), dt)
+    if progress is not None:
+      progress(len(idx))
+  return results
