@@ -1,0 +1,71 @@
+"""Config loading for the CLIs: ml_collections config files with `--config.a.b=v` overrides.
+
+Overrides are checked against the config before absl parses them, so an unknown field is an error that
+names the field, the config file, and the fields that do exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from ml_collections import config_flags
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _load_file(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path!r}. Pass e.g. --config configs/tiny.py")
+  spec = importlib.util.spec_from_file_location("_vsd_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path!r} has no get_config() function")
+  return module.get_config()
+
+
+def check_overrides(argv) -> None:
+  """Raise ConfigError for `--config.x.y=v` naming a field the config file does not have."""
+  path = None
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif a.startswith("--config="):
+      path = a.split("=", 1)[1]
+  if path is None:
+    return
+  cfg = _load_file(path.split(":", 1)[0])
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    dotted = a[len("--config."):].split("=", 1)[0]
+    node = cfg
+    walked = []
+    for part in dotted.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        where = ".".join(walked) or "<top level>"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+        raise ConfigError(f"unknown config field {dotted!r} in {path!r}: {where!r} has no field {part!r}. "
+                          f"Known fields there: {known}.")
+      node = node[part]
+      walked.append(part)
+
+
+def define_config_flag(name: str = "config"):
+  """The --config flag (an ml_collections config file). Call at import time of a CLI module."""
+  return config_flags.DEFINE_config_file(name, None, "Path to a config file (configs/*.py).",
+                                         lock_config=True)
+
+
+def run_app(main) -> None:
+  """absl app.run with the override check first, so bad fields fail with a clear message."""
+  from absl import app
+  try:
+    check_overrides(sys.argv)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  app.run(main)
