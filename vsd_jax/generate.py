@@ -1,0 +1,118 @@
+"""Generate with the target (vanilla) from a prompt file; one JSON line per prompt.
+
+  python -m vsd_jax.generate --config configs/tiny.py --prompts FILE --max_new_tokens N \
+      --temperature T --output OUT.jsonl
+
+FILE: EAGLE `question.jsonl` (`question_id`, `turns`; the first turn is the user message) or plain text,
+one prompt per line. The chat template is applied with the generation prompt. Each output line has
+question_id (or line index), prompt_ids, output_ids (new tokens, EOS included when produced), text,
+new_tokens, wall_time (seconds of the batch holding this prompt, compilation excluded) and rounds
+(target forward passes after prefill).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from vsd_jax.cli_config import define_config_flag, run_app
+
+_CONFIG = define_config_flag()
+flags.DEFINE_string("prompts", None, "EAGLE question.jsonl or a text file with one prompt per line.")
+flags.DEFINE_string("output", None, "Output JSONL path.")
+flags.DEFINE_integer("max_new_tokens", None, "New tokens per prompt (default: config.generate.max_new_tokens).")
+flags.DEFINE_float("temperature", None, "0 = greedy (default: config.generate.temperature).")
+flags.DEFINE_float("top_p", None, "Nucleus mass (default: config.generate.top_p).")
+flags.DEFINE_integer("batch_size", None, "Prompts per batch (default: config.generate.batch_size).")
+flags.DEFINE_integer("limit", None, "Use only the first N prompts.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+class PromptFileError(ValueError):
+  pass
+
+
+def read_prompt_file(path: str):
+  """-> list of (id, user message). EAGLE question.jsonl or plain text (one prompt per line)."""
+  if not os.path.isfile(path):
+    raise PromptFileError(f"prompt file not found: {path!r}")
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  items = []
+  is_jsonl = path.endswith(".jsonl")
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if is_jsonl:
+      try:
+        rec = json.loads(line)
+        items.append((rec.get("question_id", len(items)), rec["turns"][0]))
+      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise PromptFileError(f"{path}:{n}: not an EAGLE question record with 'turns' ({e}); fix or remove "
+                              "the line, or pass a plain text file with one prompt per line.") from e
+    else:
+      items.append((len(items), line))
+  if not items:
+    raise PromptFileError(f"prompt file {path!r} has no prompts; it is empty or only blank lines.")
+  return items
+
+
+def encode_prompt(tokenizer, message: str, system_prompt: str = ""):
+  messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+      {"role": "user", "content": message}]
+  return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def main(_):
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  from vsd_jax.decoding.runner import check_capacity, run_batches
+  from vsd_jax.decoding.vanilla import generate
+  from vsd_jax.weights import load_target
+
+  cfg = _CONFIG.value
+  if flags.FLAGS.prompts is None or flags.FLAGS.output is None:
+    sys.exit("error: --prompts and --output are required")
+  g = cfg.generate
+  max_new = flags.FLAGS.max_new_tokens or g.max_new_tokens
+  temperature = g.temperature if flags.FLAGS.temperature is None else flags.FLAGS.temperature
+  top_p = flags.FLAGS.top_p or g.top_p
+  batch_size = flags.FLAGS.batch_size or g.batch_size
+
+  items = read_prompt_file(flags.FLAGS.prompts)[:flags.FLAGS.limit]
+  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  tok = target.tokenizer
+  prompts = [encode_prompt(tok, msg, g.system_prompt) for _, msg in items]
+  max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
+  names = [f"prompt {qid!r} of {flags.FLAGS.prompts}" for qid, _ in items]
+  for i in range(len(prompts)):  # check every prompt, so the error names the one at fault
+    check_capacity([len(prompts[i])], max_new, max_pos, names=[names[i]])
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  eos = tuple(sorted(set(target.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())))
+  rng = jax.random.PRNGKey(flags.FLAGS.seed)
+
+  def call(ids, lens):
+    slots = check_capacity(lens, max_new, max_pos)
+    out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), rng, temperature,
+                   max_new_tokens=max_new, cache_slots=slots, eos_ids=eos, top_p=top_p, pad_id=pad_id)
+    return out.tokens, out.num_new, out.rounds
+
+  with tqdm(total=len(prompts), desc="generate", file=sys.stderr) as bar:
+    results = run_batches(prompts, batch_size, call, pad_id, progress=bar.update)
+  os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.output)), exist_ok=True)
+  with open(flags.FLAGS.output, "w") as f:
+    for (qid, _), r in zip(items, results):
+      f.write(json.dumps(dict(question_id=qid, prompt_ids=r.prompt_ids, output_ids=r.output_ids,
+                              text=tok.decode(r.output_ids, skip_special_tokens=True), new_tokens=r.new_tokens,
+                              wall_time=r.wall_time, rounds=r.rounds)) + "\n")
+  total_tokens = sum(r.new_tokens for r in results)
+  print(f"wrote {len(results)} generations ({total_tokens} new tokens) to {flags.FLAGS.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  run_app(main)
