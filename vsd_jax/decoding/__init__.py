@@ -1,0 +1,1 @@
+"""Decoding: sampling, vanilla generation, (speculative) tree decoding."""
