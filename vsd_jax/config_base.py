@@ -33,6 +33,22 @@ def base_config() -> ml_collections.ConfigDict:
   # Data: prompt sources and the regenerated-response cache.
   c.data = ml_collections.ConfigDict()
   c.data.root = DEFAULT_DATA_ROOT
+  # name -> dict(type=alpaca|gsm8k|self_instruct|sharegpt|messages|eagle, path=<under root>, limit=-1 (all))
+  #      or dict(type="hub", name=<hub id>, split=..., format=sharegpt|messages|..., limit=...). limit=0 disables.
+  c.data.sources = ml_collections.ConfigDict(dict(
+      alpaca=dict(type="alpaca", path="train/alpaca_5000.json", limit=-1),
+      gsm8k=dict(type="gsm8k", path="train/gsm8k_train.jsonl", limit=-1),
+      self_instruct=dict(type="self_instruct", path="train/self_instruct_seed_tasks.jsonl", limit=-1)))
+  c.data.on_bad_line = "error"       # malformed source line: "error" (stop, naming file:line) or "skip" (count)
+  c.data.system_prompt = ""          # prepended to prompts without one; "" keeps the template's default
+  c.data.chat_template = ""          # "" = tokenizer's own; "vicuna" or a Jinja string
+  c.data.max_length = 2048           # tokens per training sequence (prompt + response)
+  c.data.length_policy = "truncate"  # sequences over max_length: "truncate" or "drop" (both counted)
+  c.data.cache_dir = ""              # regenerated responses + draft vocab; "" = <workdir>/data_cache
+  c.data.draft_vocab_size = 32000    # top-N response tokens (EAGLE-3 d2t/t2d)
+  # Response regeneration by the target (self-distillation).
+  c.data.regen = ml_collections.ConfigDict(dict(max_new_tokens=1024, temperature=0.0, top_p=1.0, batch_size=8,
+                                                seed=0))
 
   # Parallelism: mesh axis sizes (-1 = all remaining devices) and logical axis rules.
   c.mesh = ml_collections.ConfigDict()

@@ -1,0 +1,148 @@
+"""Chat templates and loss masks: prompt + assistant response -> (input_ids [T], loss_mask [T]).
+
+The loss mask is 1 exactly on the assistant response tokens, including the end-of-turn token that closes
+the response (`<|im_end|>` for ChatML/SmolLM2, `<|eot_id|>` for LLaMA-3, `</s>` for Vicuna), and 0 on the
+system/user turns and the template tokens around them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Vicuna v1.1 conversation format, for tokenizers that ship no chat template (lmsys/vicuna-*-v1.3).
+VICUNA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% set turns = messages[1:] %}{% else %}A chat between a curious user and an artificial intelligence "
+    "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
+    "{% set turns = messages %}{% endif %}{% for m in turns %}{% if m['role'] == 'user' %}"
+    "{{ ' USER: ' + m['content'] }}{% else %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}")
+NAMED_TEMPLATES = {"vicuna": VICUNA_TEMPLATE}
+# Tokens that close an assistant turn in common templates (looked up in the tokenizer's vocabulary).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
+
+LENGTH_POLICIES = ("truncate", "drop")
+
+
+class ChatTemplateError(ValueError):
+  pass
+
+
+def resolve_template(tokenizer, chat_template: str = "") -> Optional[str]:
+  """The Jinja template to use: "" = the tokenizer's own, a name in NAMED_TEMPLATES, or a Jinja string."""
+  if chat_template:
+    return NAMED_TEMPLATES.get(chat_template, chat_template)
+  if not getattr(tokenizer, "chat_template", None):
+    raise ChatTemplateError(
+        f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set --config.data.chat_template "
+        f"to one of {', '.join(NAMED_TEMPLATES)} or to a Jinja template string.")
+  return None  # apply_chat_template uses the tokenizer's own
+
+
+def template_text(tokenizer, chat_template: str = "") -> str:
+  """The template text in use (part of the regeneration cache key)."""
+  return resolve_template(tokenizer, chat_template) or tokenizer.chat_template
+
+
+def _apply(tokenizer, messages, chat_template: str, add_generation_prompt: bool) -> list:
+  template = resolve_template(tokenizer, chat_template)
+  out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=True,
+                                      chat_template=template)
+  return list(out["input_ids"])
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict], chat_template: str = "") -> list:
+  """Token ids of the conversation so far plus the assistant header (generation prompt)."""
+  return _apply(tokenizer, list(messages), chat_template, add_generation_prompt=True)
+
+
+def end_of_turn_ids(tokenizer, extra: Sequence[int] = ()) -> tuple:
+  """Ids that end an assistant turn: the tokenizer's EOS, known end-of-turn tokens present, and `extra`."""
+  ids = set(int(i) for i in extra)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  vocab = tokenizer.get_vocab()
+  ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+  return tuple(sorted(ids))
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], response: str, chat_template: str = "",
+                end_ids: Sequence[int] = ()) -> tuple:
+  """Prompt messages + assistant response text -> (input_ids int32 [T], loss_mask int32 [T]).
+
+  The full conversation is rendered with the chat template; the mask covers the tokens after the prompt
+  (with generation prompt) up to and including the first end-of-turn token. Tokens after it (e.g. the
+  newline ChatML puts after `<|im_end|>`) stay in input_ids with mask 0.
+  """
+  prompt = encode_prompt(tokenizer, messages, chat_template)
+  full = _apply(tokenizer, list(messages) + [{"role": "assistant", "content": response}], chat_template, False)
+  if full[:len(prompt)] != prompt:
+    raise ChatTemplateError(
+        "the chat template renders the prompt differently with and without the assistant turn, so the response "
+        "tokens cannot be located; use a template whose generation prompt is a prefix of the full conversation.")
+  ends = set(end_of_turn_ids(tokenizer, end_ids))
+  rest = full[len(prompt):]
+  stop = next((i for i, t in enumerate(rest) if t in ends), None)
+  if stop is None:
+    raise ChatTemplateError(f"no end-of-turn token (ids {sorted(ends)}) after the assistant response; pass its id "
+                            "as end_ids.")
+  mask = np.zeros(len(full), np.int32)
+  mask[len(prompt):len(prompt) + stop + 1] = 1
+  return np.asarray(full, np.int32), mask
+
+
+def build_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> tuple:
+  """Prompt ids (with generation prompt) + generated response ids (end-of-turn included when produced)
+  -> (input_ids int32 [P+R], loss_mask int32 [P+R]) with the mask on the response."""
+  ids = np.asarray(list(prompt_ids) + list(response_ids), np.int32)
+  mask = np.zeros(len(ids), np.int32)
+  mask[len(prompt_ids):] = 1
+  return ids, mask
+
+
+@dataclasses.dataclass
+class LengthStats:
+  kept: int = 0
+  truncated: int = 0
+  dropped: int = 0        # over max_length with policy "drop"
+  no_response: int = 0    # no response token left within max_length (or an empty response)
+
+  def summary(self, max_length: int, policy: str) -> str:
+    return (f"max_length={max_length} policy={policy}: {self.kept} kept ({self.truncated} truncated), "
+            f"{self.dropped} dropped as too long, {self.no_response} dropped with no response token")
+
+
+def apply_length_limit(sequences: Sequence[tuple], max_length: int, policy: str) -> tuple:
+  """Enforce max_length on (input_ids, loss_mask) pairs -> (kept pairs, LengthStats).
+
+  "truncate" cuts a sequence to its first max_length tokens; "drop" removes it. Either way a sequence
+  with no loss-masked token left is removed. Counts are logged.
+  """
+  if policy not in LENGTH_POLICIES:
+    raise ValueError(f"unknown data.length_policy {policy!r}; choose one of: {', '.join(LENGTH_POLICIES)}.")
+  if max_length < 2:
+    raise ValueError(f"data.max_length={max_length} is too small; it must be at least 2.")
+  stats, kept = LengthStats(), []
+  for ids, mask in sequences:
+    if len(ids) > max_length:
+      if policy == "drop":
+        stats.dropped += 1
+        continue
+      ids, mask = ids[:max_length], mask[:max_length]
+      stats.truncated += 1
+    if not mask.any():
+      stats.no_response += 1
+      continue
+    kept.append((ids, mask))
+  stats.kept = len(kept)
+  if stats.truncated or stats.dropped or stats.no_response:
+    log.warning("length limit: %s", stats.summary(max_length, policy))
+  else:
+    log.info("length limit: %s", stats.summary(max_length, policy))
+  return kept, stats
