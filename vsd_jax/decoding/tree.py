@@ -1,0 +1,223 @@
+"""Dynamic draft trees (EAGLE-2/3): expansion by cumulative draft log-probability, reranking, tree masks.
+
+Everything has static shapes. A tree has T = total_tokens + 1 nodes: node 0 is the root (the last token
+the target produced, not yet in its cache); nodes 1.. are draft tokens sorted so that a parent always
+precedes its children. Shapes below are per row unless a leading B is shown.
+
+Expansion state: the draft's committed KV cache ends at slot L (= the target's committed length); the
+draft's output at position L-1 (`root_logits`, `root_hidden`) predicts depth-1 tokens. Depth-d frontier
+nodes are fed to the draft at position L+d-1, written to scratch slots L + (d-1)*K + i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vsd_jax.decoding.sampling import warp_logits
+
+_TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeConfig:
+  """depth: draft steps per round; top_k: branching; total_tokens: draft nodes verified per round.
+  mode: "tree" (top-k dynamic tree; greedy or multi-draft sampling verification) or "chain" (the draft
+  samples one path of `depth` tokens; speculative sampling of Leviathan et al.)."""
+  depth: int = 5
+  top_k: int = 8
+  total_tokens: int = 48
+  mode: str = "tree"
+
+  def __post_init__(self):
+    if self.mode not in ("tree", "chain"):
+      raise ValueError(f"tree mode {self.mode!r} is not 'tree' or 'chain'")
+    if self.depth < 1 or self.top_k < 1 or self.total_tokens < 1:
+      raise ValueError(f"tree settings must be >= 1 (depth={self.depth}, top_k={self.top_k}, "
+                       f"total_tokens={self.total_tokens})")
+    if self.mode == "tree" and self.total_tokens > self.pool_size:
+      raise ValueError(f"total_tokens={self.total_tokens} exceeds the {self.pool_size} candidates that depth="
+                       f"{self.depth}, top_k={self.top_k} produce; lower total_tokens or raise depth/top_k")
+    if self.mode == "tree" and self.top_k > 64:
+      raise ValueError(f"top_k={self.top_k} is out of range (1..64)")
+
+  @property
+  def pool_size(self) -> int:
+    return self.top_k + (self.depth - 1) * self.top_k * self.top_k
+
+  @property
+  def num_nodes(self) -> int:
+    """Tree nodes verified per round, root included."""
+    return (self.depth if self.mode == "chain" else self.total_tokens) + 1
+
+  @property
+  def scratch_slots(self) -> int:
+    """Draft cache slots past the committed length that one expansion writes."""
+    return max(1, (self.depth - 1) * (1 if self.mode == "chain" else self.top_k))
+
+
+@flax.struct.dataclass
+class Tree:
+  tokens: jax.Array      # int32 [B, T] target-vocabulary ids (node 0 = root)
+  parents: jax.Array     # int32 [B, T] parent node (root: 0)
+  depths: jax.Array      # int32 [B, T] (root: 0)
+  ancestors: jax.Array   # bool [B, T, T]: [i, j] = j is i or an ancestor of i
+  scores: jax.Array      # float32 [B, T] cumulative draft log-probability of each node (root 0)
+  children: jax.Array    # int32 [B, T, K] children of each node sorted by score, -1 padded
+  q_probs: jax.Array     # float32 [B, T, Vd] draft distribution each node's token was sampled from (chain)
+
+
+def ancestor_mask(parents: jax.Array, depth: int) -> jax.Array:
+  """bool [T, T] with [i, j] = j is i or an ancestor of i, from parent pointers (root's parent = 0)."""
+  t = parents.shape[0]
+  cur = jnp.arange(t)
+  mask = jnp.zeros((t, t), bool)
+  for _ in range(depth + 1):
+    mask = mask | jax.nn.one_hot(cur, t, dtype=bool)
+    cur = parents[cur]
+  return mask
+
+
+def _children(parents: jax.Array, scores: jax.Array, k: int) -> jax.Array:
+  """int32 [T, k]: each node's children in descending score, -1 where fewer than k."""
+  t = parents.shape[0]
+  is_child = (parents[None, :] == jnp.arange(t)[:, None]) & (jnp.arange(t)[None, :] > 0)
+  s = jnp.where(is_child, scores[None, :], -jnp.inf)
+  top_s, top_i = jax.lax.top_k(s, min(k, t))
+  return jnp.where(jnp.isfinite(top_s), top_i, -1).astype(jnp.int32)
+
+
+def _rerank(cfg: TreeConfig, pool_tokens, pool_scores, pool_parents, pool_depths, root_token):
+  """Pick the best total_tokens pool nodes (ancestor-closed) and lay them out as a Tree (one row)."""
+  n = cfg.total_tokens
+  _, sel = jax.lax.top_k(pool_scores, n)
+  sel = jnp.sort(sel)  # pool order = depth order: parents before children
+  tree_index = jnp.zeros((cfg.pool_size,), jnp.int32).at[sel].set(jnp.arange(1, n + 1, dtype=jnp.int32))
+  par_pool = pool_parents[sel]
+  parents = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.where(par_pool < 0, 0, tree_index[par_pool])])
+  tokens = jnp.concatenate([root_token[None], pool_tokens[sel]])
+  depths = jnp.concatenate([jnp.zeros((1,), jnp.int32), pool_depths[sel]])
+  scores = jnp.concatenate([jnp.zeros((1,)), pool_scores[sel]])
+  return tokens, parents, depths, scores
+
+
+def expand_tree(cfg: TreeConfig, draft_fn, carry, d2t, root_token, root_logits, root_hidden, committed_len,
+                rng=None, temperature=0.0, top_p: float = 1.0):
+  """Grow one draft tree per row. Returns (Tree with T = cfg.num_nodes, carry).
+
+  Args:
+    cfg: TreeConfig (static). draft_fn(carry, tokens [B,k] target ids, hidden [B,k,H], positions [B,k],
+      scratch_mask [B,k,scratch] bool, write_offset int) -> (logits [B,k,Vd], hidden [B,k,H], carry);
+      it attends to committed slots < committed_len plus the scratch slots in scratch_mask and writes
+      at scratch slot write_offset + arange(k). `carry` is the draft's KV cache, threaded through.
+    d2t: int32 [Vd] draft id -> target id offset. root_token: int32 [B]. root_logits: float32 [B, Vd].
+    root_hidden: [B, H]. committed_len: int32 [B]. rng/temperature/top_p: chain mode sampling.
+  Returns:
+    Tree with T = cfg.num_nodes.
+  """
+  if cfg.mode == "chain":
+    return _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidden, committed_len, rng,
+                         temperature, top_p)
+  b = root_token.shape[0]
+  k, depth = cfg.top_k, cfg.depth
+  to_target = lambda ids: ids + d2t[ids]
+  logp = jax.nn.log_softmax(root_logits, axis=-1)
+  score, ids = jax.lax.top_k(logp, k)                         # [B, k]
+  pool_tok, pool_score = [to_target(ids)], [score - _TIE_EPS]
+  pool_par, pool_dep = [jnp.full((b, k), -1, jnp.int32)], [jnp.ones((b, k), jnp.int32)]
+  front_tok, front_score, front_hidden = to_target(ids), score - _TIE_EPS, jnp.broadcast_to(
+      root_hidden[:, None], (b, k, root_hidden.shape[-1]))
+  front_pool = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+  scratch = cfg.scratch_slots
+  front_anc = jnp.zeros((b, k, scratch), bool)              # scratch slots of ancestors (self excluded)
+  base = k
+  for d in range(1, depth):
+    own = jax.nn.one_hot((d - 1) * k + jnp.arange(k), scratch, dtype=bool)  # [k, scratch]
+    mask = front_anc | own[None]
+    positions = committed_len[:, None] + d - 1 + jnp.zeros((1, k), jnp.int32)
+    logits, hidden, carry = draft_fn(carry, front_tok, front_hidden, positions, mask, (d - 1) * k)
+    child_logp = jax.nn.log_softmax(logits, axis=-1)          # [B, k, Vd]
+    c_score, c_ids = jax.lax.top_k(child_logp, k)             # [B, k, k]
+    c_score = front_score[:, :, None] + c_score - _TIE_EPS
+    flat_score = c_score.reshape(b, k * k)
+    pool_tok.append(to_target(c_ids).reshape(b, k * k))
+    pool_score.append(flat_score)
+    pool_par.append(jnp.repeat(front_pool, k, axis=1))
+    pool_dep.append(jnp.full((b, k * k), d + 1, jnp.int32))
+    best_score, best = jax.lax.top_k(flat_score, k)           # new frontier: [B, k]
+    parent = best // k
+    front_anc = jnp.take_along_axis(front_anc | own[None], parent[:, :, None], axis=1)
+    front_hidden = jnp.take_along_axis(hidden, parent[:, :, None], axis=1)
+    front_tok = jnp.take_along_axis(pool_tok[-1], best, axis=1)
+    front_score = best_score
+    front_pool = base + best
+    base += k * k
+  cat = lambda xs: jnp.concatenate(xs, axis=1)
+  tokens, parents, depths, scores = jax.vmap(lambda *a: _rerank(cfg, *a))(
+      cat(pool_tok), cat(pool_score), cat(pool_par), cat(pool_dep), root_token)
+  anc = jax.vmap(lambda p: ancestor_mask(p, depth))(parents)
+  children = jax.vmap(lambda p, s: _children(p, s, k))(parents, scores)
+  t = cfg.num_nodes
+  return Tree(tokens=tokens, parents=parents, depths=depths, ancestors=anc, scores=scores,
+              children=children, q_probs=jnp.zeros((b, t, 1), jnp.float32)), carry
+
+
+def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidden, committed_len, rng, temperature,
+                  top_p):
+  """Chain mode: sample z_1..z_D from the draft (temperature/top_p warped), keeping each q_k."""
+  b = root_token.shape[0]
+  depth, scratch = cfg.depth, cfg.scratch_slots
+  toks, qs = [], []
+  logits, hidden = root_logits, root_hidden
+  for d in range(1, depth + 1):
+    rng, sub = jax.random.split(rng)
+    logq = warp_logits(logits, temperature, top_p)
+    q = jnp.exp(logq)
+    sampled = jax.random.categorical(sub, logq, axis=-1)
+    ids = jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+    toks.append(ids + d2t[ids])
+    # Greedy chain: the point mass on the argmax is the proposal distribution.
+    qs.append(jnp.where(temperature > 0, q, jax.nn.one_hot(ids, q.shape[-1])))
+    if d < depth:
+      mask = jnp.broadcast_to(jnp.arange(scratch) < d, (b, 1, scratch))
+      positions = committed_len[:, None] + d - 1
+      lg, hd, carry = draft_fn(carry, toks[-1][:, None], hidden[:, None], positions, mask, d - 1)
+      logits, hidden = lg[:, 0], hd[:, 0]
+  t = depth + 1
+  tokens = jnp.concatenate([root_token[:, None]] + [x[:, None] for x in toks], axis=1)
+  parents = jnp.broadcast_to(jnp.maximum(jnp.arange(t) - 1, 0), (b, t)).astype(jnp.int32)
+  depths = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  anc = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  children = jnp.broadcast_to(jnp.where(jnp.arange(t) < depth, jnp.arange(t) + 1, -1)[:, None],
+                              (b, t, 1)).astype(jnp.int32)
+  q_probs = jnp.concatenate([jnp.zeros_like(qs[0])[:, None]] + [q[:, None] for q in qs], axis=1)
+  return Tree(tokens=tokens, parents=parents, depths=depths, ancestors=anc,
+              scores=jnp.zeros((b, t), jnp.float32), children=children, q_probs=q_probs), carry
+
+
+def tree_attention_mask(committed_len: jax.Array, ancestors: jax.Array, num_slots: int) -> jax.Array:
+  """bool [B, T, S]: node i sees the committed slots < L and the tree slots L + j of its ancestors j.
+
+  committed_len: int32 [B]; ancestors: bool [B, T, T] (tree nodes sit at slots L .. L+T-1).
+  """
+  t = ancestors.shape[1]
+  rel = jnp.arange(num_slots)[None, :] - committed_len[:, None]            # [B, S]
+  in_tree = (rel >= 0) & (rel < t)
+  anc = jnp.take_along_axis(ancestors, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
+  return (rel < 0)[:, None, :] | (in_tree[:, None, :] & anc)
+
+
+def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=()):
+  """The target over a tree (decoding verification and the VSD oracle share this call).
+
+  tokens, depths: int32 [B, T]; ancestors: bool [B, T, T]; committed_len: int32 [B] (the tree's root sits
+  at position/slot L). Writes the tree's keys/values at slots L .. L+T-1 of kv_cache.
+  Returns LlamaOutput: logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H].
+  """
+  mask = tree_attention_mask(committed_len, ancestors, kv_cache.num_slots)
+  return model.apply({"params": params}, tokens, positions=committed_len[:, None] + depths,
+                     attention_mask=mask, kv_cache=kv_cache, write_index=committed_len,
+                     hidden_layers=hidden_layers)
