@@ -1,0 +1,1 @@
+"""Training: train state and optimizer, the EAGLE-3 loss, VSD (E-step/M-step), trainer, checkpoints."""
