@@ -55,4 +55,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Logical axis -> mesh axes ("data,fsdp"; "" = replicated); see vsd_jax/parallel.py.
+  c.mesh.rules = ml_collections.ConfigDict(dict(
+      batch="data,fsdp", length="", embed="fsdp", heads="tensor", kv_heads="tensor", mlp="tensor",
+      vocab="tensor", norm="", layers=""))
+  # Multi-host: "auto" (initialise when the environment is a multi-process job), "on", "off";
+  # coordinator "host:port", num_processes / process_id (-1 = detect; TPU pods, SLURM, MPI).
+  c.mesh.distributed = "auto"
+  c.mesh.coordinator_address = ""
+  c.mesh.num_processes = -1
+  c.mesh.process_id = -1
+
+  # Optimisation and the training loop (vsd_jax/training/{state,trainer,checkpoints}.py).
+  c.train = ml_collections.ConfigDict()
+  c.train.lr = 1e-4                  # peak learning rate (AdamW)
+  c.train.warmup_steps = 100         # linear warmup from 0 to lr
+  c.train.total_steps = 10000        # cosine decay to lr * end_lr_ratio at this step; the loop stops here
+  c.train.end_lr_ratio = 0.0
+  c.train.weight_decay = 0.0         # decoupled; not applied to norm scales and biases
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 0.5            # global-norm clipping; 0 disables
+  c.train.log_every = 10             # metrics (mean over the interval) to metrics.jsonl + TensorBoard
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoint = True    # write checkpoints in a background thread
+  c.train.resume = True              # continue from the latest checkpoint in <workdir>/checkpoints
+  c.train.resume_fallback = False    # latest checkpoint corrupt: False = stop with an error, True = use
+                                     # the newest good one (corrupt ones move to checkpoints_corrupt/)
+  c.train.progress_bar = True
   return c

@@ -1,0 +1,244 @@
+"""The generic training machinery: one sharded jitted train step, and the loop around it.
+
+A method (EAGLE-3, VSD) supplies only
+
+    loss_fn(trainable_params, frozen, batch, rng) -> (loss float32 [], {name: scalar} metrics)
+    init_params(rng) -> trainable params (Flax-boxed leaves carry logical axis names)
+    frozen: pytree of arrays the loss reads but never trains (target weights, embedding, vocab maps)
+    make_batches(start_step) -> iterable of batches (dict of [B, ...] host arrays), beginning with the
+      batch of step `start_step`; it must depend only on the seed and start_step so that a resumed
+      run sees exactly the batches an uninterrupted one would. With several processes each yields
+      its own [B / process_count, ...] slice of the global batch.
+
+Steps are numbered from 1: step s applies the s-th update, using batch s-1 of make_batches(0) and
+rng fold_in(state.rng, s-1); checkpoint s holds the state after step s. The loop logs to
+<workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard), saves every train.checkpoint_every
+steps, resumes from the latest checkpoint, stops with NonFiniteLossError on a NaN/inf loss or gradient
+(without saving that state), and on SIGTERM saves the current step and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from vsd_jax import parallel
+from vsd_jax.training.checkpoints import Checkpoints
+from vsd_jax.training.metrics import MetricsWriter, mean_metrics
+from vsd_jax.training.state import TrainState, create_train_state, make_optimizer, state_shardings
+
+LossFn = Callable[[Any, Any, Any, jax.Array], tuple]
+
+
+class NonFiniteLossError(FloatingPointError):
+  def __init__(self, step: int, metrics: dict, last_checkpoint: Optional[int], directory: str):
+    self.step, self.metrics, self.last_checkpoint = step, metrics, last_checkpoint
+    kept = ("no checkpoint was saved yet" if last_checkpoint is None
+            else f"the last good checkpoint is step {last_checkpoint} in {directory}")
+    shown = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+    super().__init__(
+        f"non-finite loss or gradient at step {step} (batch {step - 1} of the data; {shown}); training "
+        f"stopped and this state was not saved; {kept}. Fix: lower train.lr, raise train.warmup_steps or "
+        f"check that batch; rerunning resumes from the last good checkpoint.")
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int             # steps completed
+  stopped: str          # "done", "preempted" (SIGTERM) or "data_exhausted"
+  metrics: dict         # the last logged metrics (host floats)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh, rules,
+                    shardings: TrainState, frozen_shardings: Any, batch_shardings: Any,
+                    lr_schedule: Optional[optax.Schedule] = None) -> Callable:
+  """One jitted, sharded update: (state, frozen, batch) -> (new state, metrics).
+
+  The state argument is donated. Metrics: the loss_fn's metrics plus "loss", "grad_norm" (before
+  clipping), "lr" (with lr_schedule) and "finite" (bool: loss and gradient norm are finite). When not
+  finite the returned state is the input state unchanged, so no NaN ever reaches the parameters.
+  Model code may use nn.with_logical_constraint: the step is traced under the mesh and `rules`.
+  """
+  replicated = parallel.replicated(mesh)
+
+  def step(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+    for k, v in aux.items():
+      if jnp.shape(v) != ():
+        raise ValueError(f"loss_fn metric {k!r} has shape {jnp.shape(v)}; metrics must be scalars "
+                         f"(reduce it in the loss function)")
+    if jnp.shape(loss) != ():
+      raise ValueError(f"loss_fn returned a loss of shape {jnp.shape(loss)}; it must be a scalar")
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+    metrics.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                   finite=finite)
+    if lr_schedule is not None:
+      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    return new, metrics
+
+  jitted = jax.jit(step, in_shardings=(shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+  def run(state: TrainState, frozen, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, frozen, batch)
+
+  run.jitted = jitted
+  return run
+
+
+class _SigtermFlag:
+  """Records SIGTERM instead of dying, so the loop can save and return (single process, main thread).
+
+  With several processes JAX's own preemption notifier owns SIGTERM and all processes agree on the
+  step to stop at through Checkpoints.reached_preemption, so no Python handler is installed.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    self.received = True
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(config) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(config.workdir, exist_ok=True)
+  with open(os.path.join(config.workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+            else json.dumps(dict(config), indent=2))
+
+
+def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
+               make_batches: Callable[[int], Iterable], *, mesh=None, frozen_shardings: Any = None,
+               stop_step: Optional[int] = None) -> TrainResult:
+  """Train until config.train.total_steps (or `stop_step`), resuming from <workdir>/checkpoints.
+
+  Args:
+    config: the run's ConfigDict (seed, workdir, mesh.*, train.*).
+    loss_fn, init_params, frozen, make_batches: see the module docstring.
+    mesh: default parallel.make_mesh(config).
+    frozen_shardings: NamedShardings for `frozen`; default: the shardings its arrays already have on
+      `mesh` (parallel.place them first to shard the target), replicated otherwise.
+    stop_step: stop after this step (a partial run); the lr schedule still spans train.total_steps.
+  Returns:
+    TrainResult. Raises NonFiniteLossError, checkpoints.CorruptCheckpointError (see
+    train.resume_fallback) or checkpoints.CheckpointMismatchError.
+  """
+  t = config.train
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  rules = parallel.logical_axis_rules(config)
+  tx, schedule = make_optimizer(t)
+  stop = int(t.total_steps if stop_step is None else stop_step)
+  abstract, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(config.seed), mesh, rules)
+
+  ckpt = Checkpoints.from_config(config)
+  restored = None
+  if bool(t.resume):
+    restored = ckpt.restore_latest(abstract, fallback=bool(t.resume_fallback))
+  elif ckpt.latest_step() is not None:
+    ckpt.close()
+    raise FileExistsError(f"train.resume=False but {ckpt.directory} holds checkpoints (steps "
+                          f"{ckpt.all_steps()}); use another workdir or delete them")
+  if restored is None:
+    state, start, last_saved = create_train_state(init_params, tx, jax.random.PRNGKey(config.seed),
+                                                  shardings), 0, None
+  else:
+    state, meta = restored
+    start = last_saved = int(meta["step"])
+    logging.info("resumed from %s at step %d", ckpt.step_dir(start), start)
+
+  if frozen_shardings is None:
+    frozen_shardings = parallel.shardings_of(frozen, mesh)
+  frozen = parallel.place(frozen, frozen_shardings)
+  _write_config(config)
+  writer = MetricsWriter(config.workdir, start_step=start)
+  log_every, ckpt_every = max(1, int(t.log_every)), max(1, int(t.checkpoint_every))
+
+  step, stopped, logged, history = start, "done", {}, []
+  step_fn, batch_sh = None, None
+  bar = tqdm(total=stop, initial=min(start, stop), desc="train", dynamic_ncols=True,
+             disable=not bool(t.progress_bar) or jax.process_index() != 0)
+  interval_start = time.time()
+  try:
+    with _SigtermFlag() as sigterm:
+      batches = iter(make_batches(start)) if step < stop else iter(())
+      while step < stop:
+        try:
+          host_batch = next(batches)
+        except StopIteration:
+          stopped = "data_exhausted"
+          logging.warning("make_batches(%d) ran out of data after step %d (train stops before %d)",
+                          start, step, stop)
+          break
+        if step_fn is None:
+          batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
+          step_fn = make_train_step(loss_fn, tx, mesh=mesh, rules=rules, shardings=shardings,
+                                    frozen_shardings=frozen_shardings, batch_shardings=batch_sh,
+                                    lr_schedule=schedule)
+        state, metrics = step_fn(state, frozen, parallel.shard_batch(host_batch, batch_sh))
+        if not bool(metrics["finite"]):
+          shown = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+          raise NonFiniteLossError(step + 1, shown, last_saved, ckpt.directory)
+        step += 1
+        history.append(metrics)
+        bar.update(1)
+        if step % log_every == 0 or step == stop:
+          logged = mean_metrics([{k: v for k, v in m.items() if k != "finite"}
+                                 for m in jax.device_get(history)])
+          now = time.time()
+          logged["steps_per_sec"] = len(history) / max(now - interval_start, 1e-9)
+          history, interval_start = [], now
+          writer.write(step, logged)
+          bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        if step % ckpt_every == 0 or step == stop:
+          ckpt.save(step, state)
+          last_saved = step
+        preempted = sigterm.received if jax.process_count() == 1 else ckpt.reached_preemption(step)
+        if preempted:
+          if last_saved != step:
+            ckpt.save(step, state)
+            last_saved = step
+          stopped = "preempted"
+          logging.warning("SIGTERM: saved step %d to %s; stopping", step, ckpt.step_dir(step))
+          break
+    if stopped == "data_exhausted" and step > start and last_saved != step:
+      ckpt.save(step, state)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return TrainResult(state=state, step=step, stopped=stopped, metrics=logged)
+
