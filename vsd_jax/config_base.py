@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.chat_template = ""          # "" = tokenizer's own; "vicuna" or a Jinja string
   c.data.max_length = 2048           # tokens per training sequence (prompt + response)
   c.data.length_policy = "truncate"  # sequences over max_length: "truncate" or "drop" (both counted)
+  # Padded training lengths: each distinct one compiles the train step once; the last must be >= max_length.
+  c.data.buckets = (512, 1024, 2048)
   c.data.cache_dir = ""              # regenerated responses + draft vocab; "" = <workdir>/data_cache
   c.data.draft_vocab_size = 32000    # top-N response tokens (EAGLE-3 d2t/t2d)
   # Response regeneration by the target (self-distillation).
@@ -66,8 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.num_processes = -1
   c.mesh.process_id = -1
 
+  # What is trained: "eagle3" (VSD_METHOD.md section 6).
+  c.method = "eagle3"
+  c.draft = ml_collections.ConfigDict()
+  c.draft.ttt_steps = 7              # training-time-test unroll
+  c.draft.step_decay = 0.8           # step k weighs step_decay**k
+
+  # Held-out report after training: prompts never trained on (EAGLE question.jsonl under data.root).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.heldout_path = "eval/eagle/mt_bench/question.jsonl"
+  c.eval.heldout_limit = -1
+
   # Optimisation and the training loop (vsd_jax/training/{state,trainer,checkpoints}.py).
   c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8             # sequences per step (global)
   c.train.lr = 1e-4                  # peak learning rate (AdamW)
   c.train.warmup_steps = 100         # linear warmup from 0 to lr
   c.train.total_steps = 10000        # cosine decay to lr * end_lr_ratio at this step; the loop stops here

@@ -1,0 +1,64 @@
+"""A tiny LLaMA target with a peaked (non-uniform) next-token distribution and an EAGLE-3 draft trained
+on it for a few seconds: small enough for statistical tests with tens of thousands of samples."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from vsd_jax.decoding.vanilla import generate
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_params
+from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vsd_jax.training.eagle3_loss import eagle3_loss, target_features
+
+
+def tiny_target(vocab=8, seed=0, scale=12.0):
+  """Random tiny target; the embedding is scaled up so that the next-token distributions are peaked."""
+  cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                    num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position_embeddings=512)
+  model = LlamaForCausalLM(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * scale
+  return model, params
+
+
+def vocab_maps(vocab, draft_ids):
+  """(d2t, t2d) of a draft vocabulary given its sorted target ids."""
+  draft_ids = np.asarray(sorted(draft_ids))
+  d2t = jnp.asarray(draft_ids - np.arange(len(draft_ids)), jnp.int32)
+  t2d = jnp.zeros((vocab,), bool).at[draft_ids].set(True)
+  return d2t, t2d
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_setup(vocab=8, draft_vocab=6, train_steps=150, seed=0):
+  """-> (target model, target params, draft module, trained draft params, random draft params, d2t, t2d)."""
+  model, params = tiny_target(vocab, seed)
+  d2t, t2d = vocab_maps(vocab, range(vocab - draft_vocab, vocab))  # drop the lowest ids: exercises d2t
+  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=draft_vocab)
+  draft = Eagle3Draft(dcfg)
+  embed = params["embed_tokens"]["embedding"]
+  random_params = init_draft_params(dcfg, jax.random.PRNGKey(seed + 1), embed)
+  # Training data: 256 sampled continuations of random 4-token prompts.
+  prompts = jax.random.randint(jax.random.PRNGKey(seed + 2), (256, 4), 0, vocab)
+  out = generate(model, params, prompts, jnp.full((256,), 4, jnp.int32), jax.random.PRNGKey(seed + 3), 0.7,
+                 max_new_tokens=28, cache_slots=64)
+  seqs = jnp.concatenate([prompts, out.tokens], axis=1)
+  feats, logits = target_features(model, params, seqs)
+  mask = jnp.arange(seqs.shape[1])[None, :] >= 4
+  tx = optax.adam(3e-3)
+
+  @jax.jit  # data as arguments, not closed-over constants (XLA would constant-fold them for minutes)
+  def step(p, opt, feats, seqs, logits, mask):
+    (loss, _), g = jax.value_and_grad(
+        lambda p_: eagle3_loss(p_, draft, embed, feats, seqs, logits, mask, t2d, d2t, num_steps=4), has_aux=True)(p)
+    upd, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, upd), opt, loss
+
+  trained, opt = random_params, tx.init(random_params)
+  for _ in range(train_steps):
+    trained, opt, _ = step(trained, opt, feats, seqs, logits, mask)
+  return model, params, draft, trained, random_params, d2t, t2d
