@@ -25,6 +25,7 @@ setup(
         "absl-py",
         "tqdm",
         "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
         # torch + accelerate: reference tests against transformers' PyTorch Llama only, never at run time.

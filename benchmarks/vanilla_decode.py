@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vsd_jax.config_base import DEFAULT_DATA_ROOT  # noqa: E402
 from vsd_jax.decoding.runner import check_capacity, pad_prompts  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
-from vsd_jax.generate import encode_prompt, read_prompt_file  # noqa: E402
+from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file  # noqa: E402
 from vsd_jax.weights import load_target  # noqa: E402
 
 

@@ -31,47 +31,13 @@ flags.DEFINE_integer("limit", None, "Use only the first N prompts.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-class PromptFileError(ValueError):
-  pass
-
-
-def read_prompt_file(path: str):
-  """-> list of (id, user message). EAGLE question.jsonl or plain text (one prompt per line)."""
-  if not os.path.isfile(path):
-    raise PromptFileError(f"prompt file not found: {path!r}")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  items = []
-  is_jsonl = path.endswith(".jsonl")
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    if is_jsonl:
-      try:
-        rec = json.loads(line)
-        items.append((rec.get("question_id", len(items)), rec["turns"][0]))
-      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-        raise PromptFileError(f"{path}:{n}: not an EAGLE question record with 'turns' ({e}); fix or remove "
-                              "the line, or pass a plain text file with one prompt per line.") from e
-    else:
-      items.append((len(items), line))
-  if not items:
-    raise PromptFileError(f"prompt file {path!r} has no prompts; it is empty or only blank lines.")
-  return items
-
-
-def encode_prompt(tokenizer, message: str, system_prompt: str = ""):
-  messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-      {"role": "user", "content": message}]
-  return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
-
-
 def main(_):
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
   from vsd_jax.decoding.runner import check_capacity, run_batches
+  from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax.weights import load_target
 

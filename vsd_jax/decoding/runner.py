@@ -53,11 +53,12 @@ class Generation:
   new_tokens: int
   rounds: int
   wall_time: float
+  accept_hist: Optional[list] = None  # speculative decoding: rounds that accepted m = 0..D draft tokens
 
 
 def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callable, pad_id: int,
                 progress: Optional[Callable] = None) -> list:
-  """Run `call(ids, lens) -> (tokens, num_new, rounds)` over batches of prompts sorted by length.
+  """Run `call(ids, lens) -> (tokens, num_new, rounds[, accept_hist])` over batches sorted by length.
 
   Each batch is called once to compile (not timed) and once timed, so wall_time excludes compilation.
   Returns a Generation per prompt, in the input order. The batch's wall time is given to each row.
@@ -76,11 +77,13 @@ def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callabl
       jax.block_until_ready(call(ids, lens))
       compiled.add(key)
     t0 = time.perf_counter()
-    tokens, num_new, rounds = jax.device_get(jax.block_until_ready(call(ids, lens)))
+    out = jax.device_get(jax.block_until_ready(call(ids, lens)))
     dt = time.perf_counter() - t0
+    tokens, num_new, rounds = out[:3]
     for row, i in enumerate(idx):
       n = int(num_new[row])
-      results[i] = Generation(list(prompts[i]), tokens[row, :n].tolist(), n, int(rounds[row]), dt)
+      hist = out[3][row].tolist() if len(out) > 3 else None
+      results[i] = Generation(list(prompts[i]), tokens[row, :n].tolist(), n, int(rounds[row]), dt, hist)
     if progress is not None:
       progress(len(idx))
   return results

@@ -1,0 +1,1 @@
+"""Evaluation: vanilla vs speculative decoding on the same prompts, in the same process."""

@@ -1,0 +1,147 @@
+"""Vanilla vs speculative decoding on the EAGLE evaluation sets, same process, same prompts.
+
+  python -m vsd_jax.evaluate --config configs/tiny.py --draft runs/tiny/draft \
+      --bench mt_bench,humaneval,gsm8k,alpaca,sum,qa --data_dir ../shared/data/eval/eagle \
+      --temperature 0,1 --num_prompts 10 --max_new_tokens 128 --output_dir runs/tiny/eval
+
+Per set and temperature: tau (new tokens / target forwards), n-alpha (acceptance by depth), tokens/s of
+both, speedup; at T=0 the outputs are compared token for token and any mismatch is explained by the
+target's logit gap at the first differing token. Writes results.json, results.md and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from vsd_jax.cli_config import define_config_flag, run_app
+
+_CONFIG = define_config_flag()
+flags.DEFINE_string("draft", None, "Trained draft directory (<workdir>/draft of `vsd_jax.train`).")
+flags.DEFINE_string("bench", "mt_bench,humaneval,gsm8k,alpaca,sum,qa", "Comma-separated EAGLE sets.")
+flags.DEFINE_string("data_dir", None, "Folder holding <bench>/question.jsonl (default <data.root>/eval/eagle).")
+flags.DEFINE_string("temperature", "0", "Comma-separated temperatures.")
+flags.DEFINE_integer("num_prompts", 10, "First N prompts of each set.")
+flags.DEFINE_integer("max_new_tokens", 128, "New tokens per prompt.")
+flags.DEFINE_integer("tree_depth", 5, "Draft tree depth.")
+flags.DEFINE_integer("top_k", 8, "Draft tree branching.")
+flags.DEFINE_integer("total_tokens", 32, "Draft tokens verified per round.")
+flags.DEFINE_string("mode", "tree", "tree | chain")
+flags.DEFINE_string("output_dir", None, "Where results go (default <workdir>/eval).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def first_mismatch_gap(target, prompt_ids, a, b):
+  """Target logit gap (top1 - top2) at the first position where outputs a and b differ."""
+  import jax.numpy as jnp
+  import numpy as np
+  i = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
+  seq = jnp.asarray([list(prompt_ids) + list(a[:i])], jnp.int32)
+  logits = np.asarray(target.model.apply({"params": target.params}, seq).logits[0, -1])
+  top2 = np.sort(logits)[-2:]
+  return dict(position=i, gap=float(top2[1] - top2[0]))
+
+
+def plot(results, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for key, r in results.items():
+    h = r["accept_hist"]
+    axes[0].plot(range(len(h)), [x / max(1, sum(h)) for x in h], marker="o", label=key)
+    axes[1].plot(range(1, len(r["n_alpha"]) + 1), r["n_alpha"], marker="o", label=key)
+  axes[0].set(xlabel="draft tokens accepted per round", ylabel="fraction of rounds", title="Accepted length")
+  axes[1].set(xlabel="depth", ylabel="acceptance rate", title="Acceptance by depth (n-alpha)", ylim=(0, 1))
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(_):
+  import jax
+  import jax.numpy as jnp
+
+  from vsd_jax.decoding.runner import PromptTooLongError, check_capacity, run_batches
+  from vsd_jax.decoding.speculative import required_slots, speculative_generate
+  from vsd_jax.decoding.tree import TreeConfig
+  from vsd_jax.decoding.vanilla import generate
+  from vsd_jax.eval.metrics import summarize
+  from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file
+  from vsd_jax.models.eagle3 import Eagle3Draft
+  from vsd_jax.weights import load_target
+  from vsd_jax.weights.draft_io import load_draft
+
+  cfg, F = _CONFIG.value, flags.FLAGS
+  if not F.draft:
+    sys.exit("error: --draft is required (the <workdir>/draft directory written by vsd_jax.train)")
+  tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=F.total_tokens, mode=F.mode)
+  data_dir = F.data_dir or os.path.join(cfg.data.root, "eval", "eagle")
+  out_dir = F.output_dir or os.path.join(cfg.workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
+  draft = Eagle3Draft(dcfg)
+  tok = target.tokenizer
+  eos = tuple(target.config.eos_token_ids)
+  n = F.max_new_tokens
+  max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
+  temps = [float(t) for t in F.temperature.split(",")]
+  results, mismatches = {}, {}
+  for bench in F.bench.split(","):
+    items = read_prompt_file(os.path.join(data_dir, bench, "question.jsonl"))[:F.num_prompts]
+    prompts = [encode_prompt(tok, m, cfg.generate.system_prompt) for _, m in items]
+    for p in prompts:
+      check_capacity([len(p)], n, max_pos, extra=required_slots(0, 0, tree_cfg))
+    for temp in temps:
+      key = jax.random.PRNGKey(F.seed)
+
+      def vcall(ids, lens):
+        o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
+                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=eos[0])
+        return o.tokens, o.num_new, o.rounds
+
+      def scall(ids, lens):
+        slots = required_slots(ids.shape[1], n, tree_cfg)
+        slots = -(-slots // 128) * 128
+        o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
+                                 jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
+                                 eos_ids=eos, temperature=temp, pad_id=eos[0])
+        return o.tokens, o.num_new, o.rounds, o.accept_hist
+
+      van = run_batches(prompts, 1, vcall, eos[0])
+      spec = run_batches(prompts, 1, scall, eos[0])
+      name = f"{bench}@T={temp:g}"
+      results[name] = summarize(van, spec)
+      if temp == 0:
+        mismatches[name] = [dict(question_id=items[i][0], **first_mismatch_gap(target, prompts[i], v.output_ids,
+                                                                              s.output_ids))
+                            for i, (v, s) in enumerate(zip(van, spec)) if v.output_ids != s.output_ids]
+      r = results[name]
+      print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
+            file=sys.stderr)
+  meta = dict(draft=F.draft, tree=dict(depth=F.tree_depth, top_k=F.top_k, total_tokens=F.total_tokens, mode=F.mode),
+              max_new_tokens=n, num_prompts=F.num_prompts, jax=jax.__version__, device=str(jax.devices()[0]))
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(dict(meta=meta, results=results, t0_mismatches=mismatches), f, indent=1)
+  lines = ["| set | T | tau | n-alpha (depth 1..) | vanilla tok/s | spec tok/s | speedup | identical |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    bench, temp = name.split("@T=")
+    alpha = " ".join(f"{a:.2f}" for a in r["n_alpha"])
+    lines.append(f"| {bench} | {temp} | {r['tau']:.2f} | {alpha} | {r['vanilla_tok_per_s']:.1f} | "
+                 f"{r['spec_tok_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical_outputs']}/{r['prompts']} |")
+  md = "\n".join(lines)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md + "\n")
+  plot(results, os.path.join(out_dir, "acceptance.png"))
+  print(md)
+  if any(mismatches.values()):
+    print("T=0 mismatches (first differing token, target logit gap):", json.dumps(mismatches), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  run_app(main)
