@@ -8,6 +8,9 @@ one prompt per line. The chat template is applied with the generation prompt. Ea
 question_id (or line index), prompt_ids, output_ids (new tokens, EOS included when produced), text,
 new_tokens, wall_time (seconds of the batch holding this prompt, compilation excluded) and rounds
 (target forward passes after prefill).
+
+With --draft DIR (from `vsd_jax.train`) decoding is speculative with a draft tree (--tree_depth, --top_k,
+--total_tokens, --mode); `rounds` then counts verification forwards, so tau = new_tokens / rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ flags.DEFINE_float("top_p", None, "Nucleus mass (default: config.generate.top_p)
 flags.DEFINE_integer("batch_size", None, "Prompts per batch (default: config.generate.batch_size).")
 flags.DEFINE_integer("limit", None, "Use only the first N prompts.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("draft", None, "Trained draft directory: decode speculatively (lossless) with it.")
+flags.DEFINE_integer("tree_depth", 5, "Draft tree depth (with --draft).")
+flags.DEFINE_integer("top_k", 4, "Draft tree branching (with --draft).")
+flags.DEFINE_integer("total_tokens", 12, "Draft tokens verified per round (with --draft).")
+flags.DEFINE_string("mode", "tree", "tree | chain (with --draft).")
 
 
 def main(_):
@@ -67,6 +75,27 @@ def main(_):
     out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), rng, temperature,
                    max_new_tokens=max_new, cache_slots=slots, eos_ids=eos, top_p=top_p, pad_id=pad_id)
     return out.tokens, out.num_new, out.rounds
+
+  if flags.FLAGS.draft:
+    from vsd_jax.decoding.speculative import required_slots, speculative_generate
+    from vsd_jax.decoding.tree import TreeConfig
+    from vsd_jax.models.eagle3 import Eagle3Draft
+    from vsd_jax.weights.draft_io import load_draft
+    F = flags.FLAGS
+    tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=F.total_tokens, mode=F.mode)
+    dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
+    draft = Eagle3Draft(dcfg)
+    extra = required_slots(0, 0, tree_cfg)
+    for i in range(len(prompts)):
+      check_capacity([len(prompts[i])], max_new, max_pos, extra=extra, names=[names[i]])
+
+    def call(ids, lens):  # noqa: F811  (speculative replaces vanilla)
+      slots = -(-required_slots(ids.shape[1], max_new, tree_cfg) // 128) * 128
+      out = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
+                                 jnp.asarray(lens), rng, tree_cfg=tree_cfg, max_new_tokens=max_new,
+                                 cache_slots=slots, eos_ids=eos, temperature=temperature, top_p=top_p,
+                                 pad_id=pad_id)
+      return out.tokens, out.num_new, out.rounds
 
   with tqdm(total=len(prompts), desc="generate", file=sys.stderr) as bar:
     results = run_batches(prompts, batch_size, call, pad_id, progress=bar.update)
