@@ -130,3 +130,40 @@ def test_statistical_test_has_power(tiny):
   flat = rng.choice(v ** 3, size=N_SAMPLES, p=biased.reshape(-1) / biased.sum())
   samples = np.stack([flat // (v * v), (flat // v) % v, flat % v], axis=1)
   assert _chi2_pvalue(samples, exact) < 1e-3
+
+
+def test_greedy_lossless_under_x64():
+  """In float64 (jax_enable_x64) there are no near-ties to excuse: outputs must be identical."""
+  import os
+  import subprocess
+  import sys
+  code = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np
+from flax import linen as nn
+from tests.tiny_models import tiny_target, vocab_maps
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_params
+from vsd_jax.decoding.speculative import required_slots, speculative_generate
+from vsd_jax.decoding.tree import TreeConfig
+from vsd_jax.decoding.vanilla import generate
+model, params = tiny_target(vocab=64)
+cfg = model.cfg.replace(dtype="float64", param_dtype="float64")
+model = type(model)(cfg)
+params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+dcfg = Eagle3Config.from_target(cfg, draft_vocab_size=48)
+d2t, _ = vocab_maps(64, range(16, 64))
+dp = init_draft_params(dcfg, jax.random.PRNGKey(1), params["embed_tokens"]["embedding"])
+prompts = jax.random.randint(jax.random.PRNGKey(2), (4, 6), 0, 64)
+lens = jnp.full((4,), 6, jnp.int32)
+tree = TreeConfig(depth=4, top_k=4, total_tokens=10)
+s = speculative_generate(model, params, Eagle3Draft(dcfg), dp, d2t, prompts, lens, jax.random.PRNGKey(0),
+                         tree_cfg=tree, max_new_tokens=48, cache_slots=required_slots(6, 48, tree))
+v = generate(model, params, prompts, lens, jax.random.PRNGKey(0), 0.0, max_new_tokens=48, cache_slots=64)
+assert s.tokens.dtype == jnp.int32 and params["embed_tokens"]["embedding"].dtype == jnp.float64
+print("MISMATCHES", int((np.asarray(s.tokens) != np.asarray(v.tokens)).sum()))
+"""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, PYTHONPATH=repo))
+  assert "MISMATCHES 0" in r.stdout, r.stdout[-1000:] + r.stderr[-3000:]

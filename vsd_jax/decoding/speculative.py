@@ -125,7 +125,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
     tcache = gather_slots(vout.kv_cache, length[:, None] + path, length)
 
     # Committed tokens this round: the accepted drafts then the bonus; cut at EOS and max_new_tokens.
-    idx = jnp.arange(width)[None, :]
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
     path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)
     new = jnp.where(idx < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
     new = jnp.where(idx <= m[:, None], new, pad_id)

@@ -73,7 +73,7 @@ def generate(model, params, prompt_ids, prompt_lens, rng, temperature=0.0, *, ma
     nxt = sample_token(out.logits[:, 0], sub, temperature, top_p)
     running = ~s["done"]
     nxt = jnp.where(running, nxt, pad_id)
-    tokens = jax.lax.dynamic_update_slice(s["tokens"], nxt[:, None], (0, s["i"]))
+    tokens = jax.lax.dynamic_update_slice(s["tokens"], nxt[:, None], (jnp.int32(0), s["i"]))
     return dict(i=s["i"] + 1, tokens=tokens, last=nxt, cache=out.kv_cache, rng=rng,
                 done=s["done"] | is_eos(nxt, eos_ids), num_new=s["num_new"] + running,
                 rounds=s["rounds"] + running)
