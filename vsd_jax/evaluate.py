@@ -28,7 +28,9 @@ flags.DEFINE_integer("num_prompts", 10, "First N prompts of each set.")
 flags.DEFINE_integer("max_new_tokens", 128, "New tokens per prompt.")
 flags.DEFINE_integer("tree_depth", 5, "Draft tree depth.")
 flags.DEFINE_integer("top_k", 8, "Draft tree branching.")
-flags.DEFINE_integer("total_tokens", 32, "Draft tokens verified per round.")
+flags.DEFINE_string("total_tokens", "12", "Draft tokens verified per round, or 'auto': time the target's "
+                    "verification forward here and take the largest size costing <= --auto_max_ratio decode steps.")
+flags.DEFINE_float("auto_max_ratio", 2.0, "Cost bound for --total_tokens=auto, in single-token decode steps.")
 flags.DEFINE_string("mode", "tree", "tree | chain")
 flags.DEFINE_string("output_dir", None, "Where results go (default <workdir>/eval).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -78,12 +80,21 @@ def main(_):
   cfg, F = _CONFIG.value, flags.FLAGS
   if not F.draft:
     sys.exit("error: --draft is required (the <workdir>/draft directory written by vsd_jax.train)")
-  tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=F.total_tokens, mode=F.mode)
   data_dir = F.data_dir or os.path.join(cfg.data.root, "eval", "eagle")
   out_dir = F.output_dir or os.path.join(cfg.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
   dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
+  tree_timing = None
+  if F.total_tokens == "auto":
+    from vsd_jax.eval.tree_size import pick_total_tokens
+    max_nodes = F.top_k + (F.tree_depth - 1) * F.top_k * F.top_k
+    cands = tuple(c for c in (4, 8, 12, 16, 24, 32, 48, 64) if c <= max_nodes) or (max_nodes,)
+    total, tree_timing = pick_total_tokens(target, cands, F.auto_max_ratio)
+    print(f"total_tokens=auto -> {total} (target forward seconds by tree size: {tree_timing})", file=sys.stderr)
+  else:
+    total = int(F.total_tokens)
+  tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode)
   draft = Eagle3Draft(dcfg)
   tok = target.tokenizer
   eos = tuple(target.config.eos_token_ids)
@@ -123,7 +134,8 @@ def main(_):
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
             file=sys.stderr)
-  meta = dict(draft=F.draft, tree=dict(depth=F.tree_depth, top_k=F.top_k, total_tokens=F.total_tokens, mode=F.mode),
+  meta = dict(draft=F.draft, tree=dict(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode),
+              tree_size_timing=tree_timing,
               max_new_tokens=n, num_prompts=F.num_prompts, jax=jax.__version__, device=str(jax.devices()[0]))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(dict(meta=meta, results=results, t0_mismatches=mismatches), f, indent=1)
