@@ -73,9 +73,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.draft = ml_collections.ConfigDict()
   c.draft.ttt_steps = 7              # training-time-test unroll
   c.draft.step_decay = 0.8           # step k weighs step_decay**k
-  # "target_lens": fc passes the layer L-3 feature through, norm + lm_head copied from the target (a
-  # head start: see training/eagle3_method.lens_init); "random": EAGLE-3's plain initialisation.
-  c.draft.init = "target_lens"
 
   # Held-out report after training: prompts never trained on (EAGLE question.jsonl under data.root).
   c.eval = ml_collections.ConfigDict()
