@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.decoding.sampling import sample_token
-from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
+from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_attention_mask, tree_forward
 from vsd_jax.decoding.vanilla import is_eos, prefill
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
 from vsd_jax.models.kv_cache import KVCache, gather_slots
@@ -96,12 +96,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
       rounds=jnp.zeros((b,), jnp.int32), hist=jnp.zeros((b, width), jnp.int32), rng=rng)
 
   def draft_fn(cache, toks, hidden, positions, scratch_mask, offset, length):
-    s, scratch = cache.num_slots, scratch_mask.shape[-1]
-    rel = jnp.arange(s)[None, :] - length[:, None]
-    in_scratch = (rel >= 0) & (rel < scratch)
-    seen = jnp.take_along_axis(scratch_mask, jnp.clip(rel, 0, scratch - 1)[:, None, :].repeat(toks.shape[1], 1),
-                               axis=2)
-    mask = (rel < 0)[:, None, :] | (in_scratch[:, None, :] & seen)
+    mask = tree_attention_mask(length, scratch_mask, cache.num_slots)
     o = draft_model.apply({"params": draft_params}, embed, toks, hidden, positions=positions, attention_mask=mask,
                           kv_cache=cache, write_index=length + offset)
     return o.logits, o.hidden, o.kv_cache

@@ -198,16 +198,17 @@ def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidde
               scores=jnp.zeros((b, t), jnp.float32), children=children, q_probs=q_probs), carry
 
 
-def tree_attention_mask(committed_len: jax.Array, ancestors: jax.Array, num_slots: int) -> jax.Array:
-  """bool [B, T, S]: node i sees the committed slots < L and the tree slots L + j of its ancestors j.
+def tree_attention_mask(committed_len: jax.Array, local_mask: jax.Array, num_slots: int) -> jax.Array:
+  """bool [B, T, S]: query i sees the committed slots < L and the slots L + j where local_mask[i, j].
 
-  committed_len: int32 [B]; ancestors: bool [B, T, T] (tree nodes sit at slots L .. L+T-1).
+  committed_len: int32 [B]; local_mask: bool [B, T, W] over slots L .. L+W-1 (the tree's ancestor mask,
+  or the draft's scratch mask during expansion).
   """
-  t = ancestors.shape[1]
+  t, w = local_mask.shape[1], local_mask.shape[2]
   rel = jnp.arange(num_slots)[None, :] - committed_len[:, None]            # [B, S]
-  in_tree = (rel >= 0) & (rel < t)
-  anc = jnp.take_along_axis(ancestors, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
-  return (rel < 0)[:, None, :] | (in_tree[:, None, :] & anc)
+  in_window = (rel >= 0) & (rel < w)
+  seen = jnp.take_along_axis(local_mask, jnp.clip(rel, 0, w - 1)[:, None, :].repeat(t, axis=1), axis=2)
+  return (rel < 0)[:, None, :] | (in_window[:, None, :] & seen)
 
 
 def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=()):
