@@ -59,7 +59,7 @@ def main(_):
   from vsd_jax import parallel
   from vsd_jax.data.dataset import iterate_batches
   from vsd_jax.data.pipeline import prepare_data
-  from vsd_jax.training.eagle3_method import build_eagle3
+  from vsd_jax.training.methods import METHODS, build_method
   from vsd_jax.training.trainer import train_loop
   from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import save_draft
@@ -67,8 +67,8 @@ def main(_):
   config = _CONFIG.value
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   parallel.maybe_initialize_distributed(config)
-  if config.method != "eagle3":
-    sys.exit(f"error: method={config.method!r} is not available in this build (available: 'eagle3')")
+  if config.method not in METHODS:
+    sys.exit(f"error: --config.method={config.method!r} is not a training method; use one of {METHODS}")
   os.makedirs(config.workdir, exist_ok=True)
   stages, t0 = {}, time.time()
 
@@ -79,7 +79,8 @@ def main(_):
   stages["data_s"] = time.time() - t
   logging.info("data: %s", json.dumps(data.stats))
 
-  draft, init_params, loss_fn, frozen = build_eagle3(config, target, data.draft_vocab)
+  method = build_method(config, target, data.draft_vocab)
+  draft, init_params, loss_fn, frozen = method.draft, method.init_params, method.loss_fn, method.frozen
   buckets = tuple(config.data.buckets)
   bs = int(config.train.batch_size)
   per_epoch = len(data.dataset) // bs
@@ -94,7 +95,7 @@ def main(_):
       epoch, skip = epoch + 1, 0
 
   t = time.time()
-  result = train_loop(config, loss_fn, init_params, frozen, make_batches)
+  result = train_loop(config, loss_fn, init_params, frozen, make_batches, method_state=method.method_state)
   stages["train_s"] = time.time() - t
   params = jax.device_get(result.state.params)
   draft_dir = save_draft(os.path.join(config.workdir, "draft"), draft.cfg, params, data.draft_vocab.d2t,

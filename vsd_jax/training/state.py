@@ -26,6 +26,8 @@ class TrainState:
   params: Any           # trainable parameters (unboxed pytree)
   opt_state: Any        # optax state of `params`
   rng: jax.Array        # uint32 [2]: base key; step s uses fold_in(rng, s)
+  # What a method carries from step to step besides parameters (VSD: per-depth acceptance EMA); {} = none.
+  method_state: Any = flax.struct.field(default_factory=dict)
 
 
 def lr_schedule(train_cfg) -> optax.Schedule:
@@ -56,25 +58,28 @@ def make_optimizer(train_cfg) -> tuple:
   return optax.chain(*parts), schedule
 
 
-def _state_fn(init_params: Callable, tx: optax.GradientTransformation, unbox: bool):
+def _state_fn(init_params: Callable, tx: optax.GradientTransformation, unbox: bool, method_state: Any = None):
+  method_state = {} if method_state is None else method_state
+
   def create(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = init_params(params_rng)
     if unbox:
       params = nn.unbox(params)
     # With boxed params the optimiser moments inherit the boxes, hence the parameters' logical axes.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                      method_state=jax.tree_util.tree_map(jnp.asarray, method_state))
   return create
 
 
 def state_shardings(init_params: Callable, tx: optax.GradientTransformation, rng: jax.Array, mesh,
-                    rules) -> tuple:
+                    rules, method_state: Any = None) -> tuple:
   """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings).
 
   `init_params(rng) -> params` may return Flax-boxed leaves (logical axis names); those are sharded by
   `rules`, the rest replicated. The abstract state is what a checkpoint restores into.
   """
-  boxed = jax.eval_shape(_state_fn(init_params, tx, unbox=False), rng)
+  boxed = jax.eval_shape(_state_fn(init_params, tx, unbox=False, method_state=method_state), rng)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
@@ -82,6 +87,6 @@ def state_shardings(init_params: Callable, tx: optax.GradientTransformation, rng
 
 
 def create_train_state(init_params: Callable, tx: optax.GradientTransformation, rng: jax.Array,
-                       shardings: TrainState) -> TrainState:
+                       shardings: TrainState, method_state: Any = None) -> TrainState:
   """A fresh state, initialised directly into its shardings (no full copy on one device)."""
-  return jax.jit(_state_fn(init_params, tx, unbox=True), out_shardings=shardings)(rng)
+  return jax.jit(_state_fn(init_params, tx, unbox=True, method_state=method_state), out_shardings=shardings)(rng)

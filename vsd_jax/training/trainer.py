@@ -3,6 +3,8 @@
 A method (EAGLE-3, VSD) supplies only
 
     loss_fn(trainable_params, frozen, batch, rng) -> (loss float32 [], {name: scalar} metrics)
+      or, for a method that carries state between steps (train_loop(method_state=initial pytree)),
+    loss_fn(trainable_params, frozen, batch, rng, method_state) -> (loss, (metrics, new method_state))
     init_params(rng) -> trainable params (Flax-boxed leaves carry logical axis names)
     frozen: pytree of arrays the loss reads but never trains (target weights, embedding, vocab maps)
     make_batches(start_step) -> iterable of batches (dict of [B, ...] host arrays), beginning with the
@@ -64,19 +66,25 @@ class TrainResult:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh, rules,
                     shardings: TrainState, frozen_shardings: Any, batch_shardings: Any,
-                    lr_schedule: Optional[optax.Schedule] = None) -> Callable:
+                    lr_schedule: Optional[optax.Schedule] = None, stateful: bool = False) -> Callable:
   """One jitted, sharded update: (state, frozen, batch) -> (new state, metrics).
 
   The state argument is donated. Metrics: the loss_fn's metrics plus "loss", "grad_norm" (before
   clipping), "lr" (with lr_schedule) and "finite" (bool: loss and gradient norm are finite). When not
   finite the returned state is the input state unchanged, so no NaN ever reaches the parameters.
   Model code may use nn.with_logical_constraint: the step is traced under the mesh and `rules`.
+  stateful: loss_fn takes state.method_state and returns (loss, (metrics, new method_state)).
   """
   replicated = parallel.replicated(mesh)
 
   def step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+    if stateful:
+      (loss, (aux, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, frozen, batch, rng, state.method_state)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+      method_state = state.method_state
     for k, v in aux.items():
       if jnp.shape(v) != ():
         raise ValueError(f"loss_fn metric {k!r} has shape {jnp.shape(v)}; metrics must be scalars "
@@ -87,7 +95,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                     method_state=method_state)
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
     metrics.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
@@ -142,7 +151,7 @@ def _write_config(config) -> None:
 
 def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
                make_batches: Callable[[int], Iterable], *, mesh=None, frozen_shardings: Any = None,
-               stop_step: Optional[int] = None) -> TrainResult:
+               stop_step: Optional[int] = None, method_state: Any = None) -> TrainResult:
   """Train until config.train.total_steps (or `stop_step`), resuming from <workdir>/checkpoints.
 
   Args:
@@ -152,6 +161,8 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
     frozen_shardings: NamedShardings for `frozen`; default: the shardings its arrays already have on
       `mesh` (parallel.place them first to shard the target), replicated otherwise.
     stop_step: stop after this step (a partial run); the lr schedule still spans train.total_steps.
+    method_state: initial state a stateful loss_fn carries between steps (checkpointed with the rest);
+      None = loss_fn has the 4-argument form.
   Returns:
     TrainResult. Raises NonFiniteLossError, checkpoints.CorruptCheckpointError (see
     train.resume_fallback) or checkpoints.CheckpointMismatchError.
@@ -161,7 +172,8 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
   rules = parallel.logical_axis_rules(config)
   tx, schedule = make_optimizer(t)
   stop = int(t.total_steps if stop_step is None else stop_step)
-  abstract, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(config.seed), mesh, rules)
+  abstract, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(config.seed), mesh, rules,
+                                        method_state)
 
   ckpt = Checkpoints.from_config(config)
   restored = None
@@ -173,7 +185,7 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
                           f"{ckpt.all_steps()}); use another workdir or delete them")
   if restored is None:
     state, start, last_saved = create_train_state(init_params, tx, jax.random.PRNGKey(config.seed),
-                                                  shardings), 0, None
+                                                  shardings, method_state), 0, None
   else:
     state, meta = restored
     start = last_saved = int(meta["step"])
@@ -206,7 +218,7 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
           batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
           step_fn = make_train_step(loss_fn, tx, mesh=mesh, rules=rules, shardings=shardings,
                                     frozen_shardings=frozen_shardings, batch_shardings=batch_sh,
-                                    lr_schedule=schedule)
+                                    lr_schedule=schedule, stateful=method_state is not None)
         state, metrics = step_fn(state, frozen, parallel.shard_batch(host_batch, batch_sh))
         if not bool(metrics["finite"]):
           shown = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
