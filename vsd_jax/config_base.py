@@ -68,11 +68,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.num_processes = -1
   c.mesh.process_id = -1
 
-  # What is trained: "eagle3" (VSD_METHOD.md section 6).
+  # What is trained: "eagle3" (VSD_METHOD.md section 6) or "vsd" (sections 1-5).
   c.method = "eagle3"
   c.draft = ml_collections.ConfigDict()
   c.draft.ttt_steps = 7              # training-time-test unroll
   c.draft.step_decay = 0.8           # step k weighs step_decay**k
+  c.draft.init_from = ""             # a trained draft directory (<workdir>/draft) to start from; "" = random
+
+  # VSD (method="vsd"): EM over draft paths; every switch of VSD_METHOD.md is a field here.
+  c.vsd = ml_collections.ConfigDict()
+  c.vsd.depth = 6                    # K: tokens per draft path
+  c.vsd.num_paths = 8                # S: proposals per anchor (E-step)
+  c.vsd.num_anchors = 16             # M: anchors per sequence
+  c.vsd.draft_temperature = 1.0      # q's sampling temperature for the proposals
+  c.vsd.accept_mode = "greedy"       # a_k: "greedy" (T=0 decoding) or "stochastic" (min(1, p^T/q))
+  c.vsd.accept_temperature = 1.0     # T of p^T in stochastic mode
+  c.vsd.utility = "expected_length"  # U = sum_k prod_{j<=k} a_j, or "full_accept" (prod_k a_k)
+  c.vsd.estep = "mcmc"               # "mcmc" (independence MH over the proposals) or "snis"
+  c.vsd.burn_in = 2                  # chain states dropped (mcmc)
+  c.vsd.arw = True                   # Adaptive Rejection Weighting; False = plain EM likelihood of the sample
+  c.vsd.eta = 0.5                    # unlikelihood strength: eta_k = eta * clip(c_k / (1 - c_k), 0, eta_max)
+  c.vsd.eta_max = 4.0
+  c.vsd.ema_decay = 0.9              # EMA of the per-depth acceptance c_k
+  c.vsd.rho0 = 0.0                   # weight of never-verified tokens k > L+1: rho0 * rho**(k-L-1)
+  c.vsd.rho = 1.0
+  c.vsd.gamma = 1.0                  # depth discount gamma**(k-1) of the ARW terms
+  c.vsd.lambda_car = 0.5             # Confidence-Aware Regularization weight (0 disables)
+  c.vsd.car_beta = 1.0               # confidence c(p) = max_v p(v) ** beta
+  c.vsd.mu = 1.0                     # weight of the EAGLE-3 TTT loss in the total
 
   # Held-out report after training: prompts never trained on (EAGLE question.jsonl under data.root).
   c.eval = ml_collections.ConfigDict()

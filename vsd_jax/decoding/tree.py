@@ -198,27 +198,41 @@ def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidde
               scores=jnp.zeros((b, t), jnp.float32), children=children, q_probs=q_probs), carry
 
 
-def tree_attention_mask(committed_len: jax.Array, local_mask: jax.Array, num_slots: int) -> jax.Array:
-  """bool [B, T, S]: query i sees the committed slots < L and the slots L + j where local_mask[i, j].
+def tree_attention_mask(committed_len: jax.Array, local_mask: jax.Array, num_slots: int,
+                        window_start=None) -> jax.Array:
+  """bool [B, T, S]: query i sees the committed slots < L and the window slots W0 + j where local_mask[i, j].
 
-  committed_len: int32 [B]; local_mask: bool [B, T, W] over slots L .. L+W-1 (the tree's ancestor mask,
-  or the draft's scratch mask during expansion).
+  committed_len: int32 [B], or [B, T] per query (the VSD oracle verifies paths of several anchors of one
+  sequence in one call: each sees its own prefix). local_mask: bool [B, T, W] over the window slots
+  W0 .. W0+W-1 (the tree's ancestor mask, or the draft's scratch mask during expansion).
+  window_start: int32 [B] slot W0 of the window; default committed_len (which must then be [B]).
   """
   t, w = local_mask.shape[1], local_mask.shape[2]
-  rel = jnp.arange(num_slots)[None, :] - committed_len[:, None]            # [B, S]
+  if window_start is None:
+    window_start = committed_len
+  if committed_len.ndim == 1:
+    committed_len = jnp.broadcast_to(committed_len[:, None], (committed_len.shape[0], t))
+  slots = jnp.arange(num_slots)
+  rel = slots[None, :] - window_start[:, None]                             # [B, S]
   in_window = (rel >= 0) & (rel < w)
   seen = jnp.take_along_axis(local_mask, jnp.clip(rel, 0, w - 1)[:, None, :].repeat(t, axis=1), axis=2)
-  return (rel < 0)[:, None, :] | (in_window[:, None, :] & seen)
+  committed = slots[None, None, :] < committed_len[:, :, None]             # [B, T, S]
+  return committed | (in_window[:, None, :] & seen)
 
 
-def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=()):
+def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=(),
+                 window_start=None):
   """The target over a tree (decoding verification and the VSD oracle share this call).
 
   tokens, depths: int32 [B, T]; ancestors: bool [B, T, T]; committed_len: int32 [B] (the tree's root sits
-  at position/slot L). Writes the tree's keys/values at slots L .. L+T-1 of kv_cache.
+  at position/slot L), or [B, T] per node (several trees over one sequence's prefixes: node i is at
+  position committed_len[i] + depths[i] and sees the slots < committed_len[i]).
+  window_start: int32 [B] slot of node 0 (default committed_len, which must then be [B]).
+  Writes the tree's keys/values at slots window_start .. window_start+T-1 of kv_cache.
   Returns LlamaOutput: logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H].
   """
-  mask = tree_attention_mask(committed_len, ancestors, kv_cache.num_slots)
-  return model.apply({"params": params}, tokens, positions=committed_len[:, None] + depths,
-                     attention_mask=mask, kv_cache=kv_cache, write_index=committed_len,
-                     hidden_layers=hidden_layers)
+  write = committed_len if window_start is None else window_start
+  mask = tree_attention_mask(committed_len, ancestors, kv_cache.num_slots, window_start)
+  positions = (committed_len[:, None] if committed_len.ndim == 1 else committed_len) + depths
+  return model.apply({"params": params}, tokens, positions=positions, attention_mask=mask, kv_cache=kv_cache,
+                     write_index=write, hidden_layers=hidden_layers)

@@ -25,7 +25,7 @@ maps draft id i to target id i + d2t[i].
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -161,22 +161,42 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
   return loss, metrics
 
 
-def target_features(target_model, target_params, input_ids: jax.Array,
-                    attention_mask: Optional[jax.Array] = None):
-  """Run the target once for EAGLE-3 training data. Pure and jittable (target_model static).
+class TargetPass(NamedTuple):
+  features: jax.Array           # [B, T, 3H] inputs of cfg.eagle3_layers, concatenated in that order
+  logits: jax.Array             # float32 [B, T, V]
+  kv_cache: Optional[KVCache]   # the sequence's keys/values at slots 0..T-1 (with cache_slots), else None
+
+
+def target_pass(target_model, target_params, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                cache_slots: int = 0) -> TargetPass:
+  """Run the target once over training sequences. Pure and jittable (target_model, cache_slots static).
 
   input_ids: int32 [B, T]; attention_mask: bool [B, T] valid tokens (left or right padding), default all.
-  Returns (features [B, T, 3H]: the inputs of layers cfg.eagle3_layers concatenated in that order,
-           logits float32 [B, T, V]), both under stop_gradient.
+  cache_slots: 0 = no KV cache; else >= T slots, the sequence written at 0..T-1 (VSD's oracle then
+  verifies draft paths against these keys/values). Everything returned is under stop_gradient.
   """
   cfg = target_model.cfg
   b, t = input_ids.shape
   valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-  mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+  slots = cache_slots or t
+  if slots < t:
+    raise ValueError(f"target_pass: cache_slots={cache_slots} is below the sequence length {t}")
+  key_valid = jnp.pad(valid, ((0, 0), (0, slots - t)))                        # [B, S]
+  mask = (jnp.arange(slots)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
+  cache = KVCache.zeros(cfg, b, slots) if cache_slots else None
   out = target_model.apply({"params": target_params}, input_ids, positions=positions_from_mask(valid),
-                           attention_mask=mask, hidden_layers=tuple(cfg.eagle3_layers))
+                           attention_mask=mask, kv_cache=cache,
+                           write_index=None if cache is None else jnp.zeros((b,), jnp.int32),
+                           hidden_layers=tuple(cfg.eagle3_layers))
   features = jnp.concatenate(list(out.hidden_states), axis=-1)
-  return jax.lax.stop_gradient(features), jax.lax.stop_gradient(out.logits)
+  return jax.lax.stop_gradient(TargetPass(features, out.logits, out.kv_cache if cache_slots else None))
+
+
+def target_features(target_model, target_params, input_ids: jax.Array,
+                    attention_mask: Optional[jax.Array] = None):
+  """(features [B, T, 3H], logits float32 [B, T, V]) of `target_pass` (no cache), for EAGLE-3 training."""
+  out = target_pass(target_model, target_params, input_ids, attention_mask)
+  return out.features, out.logits
 
 
 def validate_vocab_maps(t2d, d2t, vocab_size: int) -> None:

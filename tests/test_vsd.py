@@ -1,0 +1,290 @@
+"""VSD pieces against their definitions (VSD_METHOD.md): E-step chain, acceptance/utility, oracle, path
+sampling vs the decode-time unroll, gradients, the whole loss, exact EM on an enumerable toy."""
+
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.tiny_models import tiny_setup, tiny_target, vocab_maps
+from vsd_jax.config_base import base_config
+from vsd_jax.models.eagle3 import init_draft_cache
+from vsd_jax.models.kv_cache import KVCache
+from vsd_jax.training import vsd_estep, vsd_mstep, vsd_utility
+from vsd_jax.training.eagle3_loss import target_features, target_pass
+from vsd_jax.training.vsd_method import build_vsd, check_vsd_config
+from vsd_jax.training.vsd_oracle import oracle_logits, oracle_slots
+from vsd_jax.training.vsd_paths import choose_anchors, sample_draft_paths, score_draft_paths
+
+
+# ---------------------------------------------------------------- E-step
+def test_mh_chain_matches_oracle_filtered_posterior():
+  """Independence MH over proposals from q has stationary law q*U/Z (exact enumeration, TV <= 0.02)."""
+  q = np.array([0.30, 0.25, 0.2, 0.15, 0.07, 0.03])
+  util = np.array([0.0, 1.0, 3.0, 0.5, 2.0, 6.0])
+  target = q * util / np.sum(q * util)
+  s = 200_000
+  draws = jax.random.choice(jax.random.PRNGKey(0), 6, (1, s), p=jnp.asarray(q))
+  u = jnp.asarray(util, jnp.float32)[draws]
+  est = vsd_estep.mcmc_weights(u, jax.random.PRNGKey(1), burn_in=100)
+  hist = np.bincount(np.asarray(draws[0]), weights=np.asarray(est.weights[0]), minlength=6)
+  tv = 0.5 * np.abs(hist - target).sum()
+  assert tv <= 0.02, (hist, target)
+  # The zero-utility outcome is filtered out entirely; snis weights are consistent too.
+  assert hist[0] == 0
+  sn = vsd_estep.snis_weights(u)
+  tv_snis = 0.5 * np.abs(np.bincount(np.asarray(draws[0]), weights=np.asarray(sn.weights[0]), minlength=6)
+                         - target).sum()
+  assert tv_snis <= 0.02
+  assert 0.0 < float(est.accept_rate[0]) < 1.0
+
+
+def test_mh_chain_small_cases_by_hand():
+  u = jnp.array([[0.0, 0.0, 2.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+  states, moves = vsd_estep.mh_chain_states(u, jax.random.PRNGKey(0))
+  # Row 0 starts at proposal 2 (first U > 0) and must move to 3 (ratio 4/2 >= 1).
+  np.testing.assert_array_equal(np.asarray(states[:, 0]), [2, 2, 2, 3])
+  est = vsd_estep.mcmc_weights(u, jax.random.PRNGKey(0), burn_in=2)
+  np.testing.assert_allclose(np.asarray(est.weights), [[0, 0, 0.5, 0.5], [0, 0, 0, 0]])
+  assert list(np.asarray(est.supported)) == [True, False]
+  with pytest.raises(ValueError, match="burn_in"):
+    vsd_estep.mcmc_weights(u, jax.random.PRNGKey(0), burn_in=4)
+  # ELBO of snis weights = log mean U; of any other weights, lower.
+  sn = vsd_estep.snis_weights(u[:1])
+  np.testing.assert_allclose(float(vsd_estep.elbo_estimate(u[:1], sn.weights)[0]), np.log(6.0 / 4), rtol=1e-6)
+  assert float(vsd_estep.elbo_estimate(u[:1], est.weights[:1])[0]) < np.log(6.0 / 4)
+
+
+# ---------------------------------------------------------------- acceptance and utility
+def test_acceptance_and_utility_by_hand():
+  logits = jnp.log(jnp.array([[[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]]]))  # [1, K=3, V=3]
+  z = jnp.array([[1, 2, 2]])
+  q = jnp.array([[0.5, 0.6, 0.3]])
+  a_g = vsd_utility.acceptance(logits, z, q, "greedy")
+  np.testing.assert_array_equal(np.asarray(a_g), [[1, 0, 1]])
+  assert float(vsd_utility.expected_length(a_g)[0]) == 1.0
+  assert float(vsd_utility.full_acceptance(a_g)[0]) == 0.0
+  a_s = vsd_utility.acceptance(logits, z, q, "stochastic", 1.0)
+  np.testing.assert_allclose(np.asarray(a_s), [[1.0, 0.5, 1.0]], rtol=1e-6)
+  # U = 1 + 0.5 + 0.5 = 2.0; kappa = 0.5
+  np.testing.assert_allclose(float(vsd_utility.expected_length(a_s)[0]), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(float(vsd_utility.full_acceptance(a_s)[0]), 0.5, rtol=1e-6)
+  # Temperature 0.5 sharpens p: p^T(z) = softmax(log p / 0.5)
+  p_t = np.array([0.5, 0.2, 0.3]) ** 2 / np.sum(np.array([0.5, 0.2, 0.3]) ** 2)
+  a_t = vsd_utility.acceptance(logits, z, q, "stochastic", 0.5)
+  np.testing.assert_allclose(float(a_t[0, 1]), min(1.0, p_t[2] / 0.6), rtol=1e-5)
+  # Realised length with shared uniforms.
+  a = jnp.array([[1.0, 0.5, 1.0, 0.2]])
+  assert int(vsd_utility.accepted_length(a, jnp.array([[0.3, 0.4, 0.9, 0.1]]))[0]) == 4
+  assert int(vsd_utility.accepted_length(a, jnp.array([[0.3, 0.6, 0.0, 0.1]]))[0]) == 1
+  c, reach = vsd_utility.depth_acceptance(jnp.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), jnp.ones((3,)))
+  np.testing.assert_allclose(np.asarray(c), [2 / 3, 1 / 2])
+  np.testing.assert_allclose(np.asarray(reach), [3, 2])
+
+
+def test_arw_weights_by_hand():
+  a = jnp.array([[1.0, 1.0, 0.0, 1.0, 1.0]])
+  eta_k = jnp.array([0.1, 0.2, 0.3, 0.4, 0.5])
+  like, unlike = vsd_mstep.arw_token_weights(jnp.array([2]), a, eta_k, rho0=0.5, rho=0.5, gamma=1.0)
+  np.testing.assert_allclose(np.asarray(like), [[1, 1, 0, 0.5 * 0.5, 0.5 * 0.25]])
+  np.testing.assert_allclose(np.asarray(unlike), [[0, 0, 0.3, 0, 0]])
+  like, unlike = vsd_mstep.arw_token_weights(jnp.array([2]), a, eta_k, gamma=0.5)
+  np.testing.assert_allclose(np.asarray(like), [[1, 0.5, 0, 0, 0]])
+  np.testing.assert_allclose(np.asarray(unlike), [[0, 0, 0.3 * 0.25, 0, 0]])
+  # eta_k = eta * clip(c / (1 - c), 0, eta_max)
+  np.testing.assert_allclose(np.asarray(vsd_mstep.rejection_strength(jnp.array([0.5, 0.2, 0.99]), 0.5, 4.0)),
+                             [0.5, 0.5 * 0.25, 2.0], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- oracle and paths on a tiny target
+B, T, M, S, K = 2, 12, 3, 2, 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model, params, draft, trained, _, d2t, t2d = tiny_setup()
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 8, (B, T)), jnp.int32)
+  valid = jnp.asarray(np.arange(T)[None, :] < np.array([[T], [T - 3]]))
+  ids = ids * valid
+  loss_mask = valid & (jnp.arange(T)[None, :] >= 3)
+  return types.SimpleNamespace(model=model, params=params, draft=draft, dparams=trained, d2t=d2t, t2d=t2d,
+                               ids=ids, valid=valid, loss_mask=loss_mask)
+
+
+def _paths(tiny, anchors, rng=0):
+  tp = target_pass(tiny.model, tiny.params, tiny.ids, tiny.valid, cache_slots=oracle_slots(T, M, S, K))
+  embed = tiny.params["embed_tokens"]["embedding"]
+  paths = sample_draft_paths(tiny.dparams, tiny.draft, embed, tp.features, tiny.ids, tiny.valid, anchors, tiny.d2t,
+                             jax.random.PRNGKey(rng), num_paths=S, depth=K, temperature=1.0)
+  return tp, embed, paths
+
+
+def test_oracle_equals_plain_target_forward(tiny):
+  anchors = jnp.array([[2, 5, 11], [1, 4, 8]], jnp.int32)
+  tp, _, paths = _paths(tiny, anchors)
+  # The cached pass gives the features/logits of the plain pass.
+  f_plain, l_plain = target_features(tiny.model, tiny.params, tiny.ids, tiny.valid)
+  np.testing.assert_allclose(np.asarray(tp.logits)[0], np.asarray(l_plain)[0], atol=1e-5)
+  p = oracle_logits(tiny.model, tiny.params, tp.kv_cache, T, tp.logits, anchors, paths.tokens)
+  assert p.shape == (B, M, S, K, 8)
+  worst = 0.0
+  for b in range(B):
+    for m in range(M):
+      t = int(anchors[b, m])
+      for s in range(S):
+        seq = jnp.concatenate([tiny.ids[b, :t + 1], paths.tokens[b, m, s, :K - 1]])[None]
+        ref = tiny.model.apply({"params": tiny.params}, seq).logits[0, t:t + K]
+        worst = max(worst, float(jnp.max(jnp.abs(ref - p[b, m, s]))))
+  assert worst <= 1e-5, worst
+
+
+def test_sampled_paths_equal_decode_time_unroll_and_rescoring(tiny):
+  anchors = jnp.array([[3, 6, 9], [2, 5, 7]], jnp.int32)
+  tp, embed, paths = _paths(tiny, anchors, rng=3)
+  scored = score_draft_paths(tiny.dparams, tiny.draft, embed, tp.features, tiny.ids, tiny.valid, anchors,
+                             tiny.d2t, paths.draft_ids)
+  np.testing.assert_allclose(np.asarray(scored.logq), np.asarray(paths.logq), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(paths.tokens), np.asarray(paths.draft_ids + tiny.d2t[paths.draft_ids]))
+  # Reference: the decode-time chain, one cached draft call per token (as speculative decoding runs it).
+  cfg = tiny.draft.cfg
+  for b, m, s in [(0, 0, 0), (0, 2, 1), (1, 1, 0), (1, 2, 1)]:
+    t = int(anchors[b, m])
+    cache = init_draft_cache(cfg, 1, 32)
+    out = tiny.draft.apply({"params": tiny.dparams}, embed, tiny.ids[b:b + 1, 1:t + 1], tp.features[b:b + 1, :t],
+                           kv_cache=cache, write_index=jnp.zeros((1,), jnp.int32))
+    logits, hidden, cache = out.logits[:, -1], out.hidden[:, -1:], out.kv_cache
+    for k in range(K):
+      ref = jax.nn.log_softmax(logits[0])[paths.draft_ids[b, m, s, k]]
+      np.testing.assert_allclose(float(ref), float(paths.logq[b, m, s, k]), atol=1e-5)
+      out = tiny.draft.apply({"params": tiny.dparams}, embed, paths.tokens[b:b + 1, m, s, k:k + 1], hidden,
+                             kv_cache=cache, write_index=jnp.full((1,), t + k, jnp.int32))
+      logits, hidden, cache = out.logits[:, -1], out.hidden, out.kv_cache
+
+
+def test_sampled_paths_follow_q():
+  """z_1 samples are draws from q_1: chi-square-free check by frequency on many paths of one anchor."""
+  model, params, draft, trained, _, d2t, _ = tiny_setup()
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 8, (1, 10)), jnp.int32)
+  valid = jnp.ones((1, 10), bool)
+  feats, _ = target_features(model, params, ids, valid)
+  embed = params["embed_tokens"]["embedding"]
+  n = 4000
+  paths = sample_draft_paths(trained, draft, embed, feats, ids, valid, jnp.array([[5]]), d2t, jax.random.PRNGKey(7),
+                             num_paths=n, depth=1, temperature=1.0)
+  q1 = np.exp(np.asarray(paths.logits[0, 0, 0, 0]) - np.max(np.asarray(paths.logits[0, 0, 0, 0])))
+  q1 /= q1.sum()
+  freq = np.bincount(np.asarray(paths.draft_ids[0, 0, :, 0]), minlength=q1.size) / n
+  assert np.max(np.abs(freq - q1)) < 4 * np.sqrt(0.25 / n)
+
+
+def test_anchor_choice_respects_masks():
+  loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]], bool)
+  valid = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)
+  anchors, ok = choose_anchors(loss_mask, valid, 4, jax.random.PRNGKey(0))
+  a, o = np.asarray(anchors), np.asarray(ok)
+  assert sorted(a[0][o[0]]) == [2, 3, 4] and o[0].sum() == 3   # next token is a response token
+  assert sorted(a[1][o[1]]) == [1] and o[1].sum() == 1          # t >= 1
+
+
+# ---------------------------------------------------------------- the whole loss
+def _vsd_config(**vsd):
+  c = base_config()
+  c.draft.ttt_steps = 2
+  c.vsd.update(dict(depth=K, num_paths=S, num_anchors=M, burn_in=1))
+  c.vsd.update(vsd)
+  return c
+
+
+def test_vsd_gradients_reach_draft_parameters_only(tiny):
+  target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
+  vocab = types.SimpleNamespace(d2t=np.asarray(tiny.d2t), t2d=np.asarray(tiny.t2d))
+  method = build_vsd(_vsd_config(), target, vocab)
+  batch = dict(input_ids=tiny.ids, attention_mask=tiny.valid, loss_mask=tiny.loss_mask)
+  def loss(params, target_params):
+    return method.loss_fn(params, dict(method.frozen, target=target_params), batch, jax.random.PRNGKey(0),
+                          method.method_state)
+
+  (loss, (metrics, state)), (g_params, g_frozen) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      tiny.dparams, method.frozen["target"])
+  assert np.isfinite(float(loss))
+  for path, g in jax.tree_util.tree_leaves_with_path(g_frozen):
+    if jnp.issubdtype(g.dtype, jnp.floating):
+      assert float(jnp.max(jnp.abs(g))) == 0.0, jax.tree_util.keystr(path)
+  norms = {jax.tree_util.keystr(p): float(jnp.linalg.norm(g)) for p, g in jax.tree_util.tree_leaves_with_path(g_params)}
+  assert all(v > 0 for k, v in norms.items() if "lm_head" in k or "fc" in k or "q_proj" in k), norms
+  assert 0 < float(metrics["anchors"]) <= B * M
+  assert 0.0 <= float(metrics["mean_u"]) <= K
+  assert float(metrics["elbo"]) <= float(metrics["log_mean_u"]) + 1e-5 or float(metrics["supported"]) < 1
+  assert state["weight"].shape == (K,) and float(state["weight"][0]) > 0
+
+
+def test_vsd_loss_terms_switch_off(tiny):
+  """lambda_car = 0 and mu = 0 leave the ARW term alone; arw=False is the plain EM likelihood."""
+  target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
+  vocab = types.SimpleNamespace(d2t=np.asarray(tiny.d2t), t2d=np.asarray(tiny.t2d))
+  batch = dict(input_ids=tiny.ids, attention_mask=tiny.valid, loss_mask=tiny.loss_mask)
+  out = {}
+  for name, kw in dict(full={}, arw_only=dict(lambda_car=0.0, mu=0.0), em=dict(arw=False, lambda_car=0.0, mu=0.0),
+                       snis=dict(estep="snis")).items():
+    method = build_vsd(_vsd_config(**kw), target, vocab)
+    loss, (m, _) = jax.jit(method.loss_fn)(tiny.dparams, method.frozen, batch, jax.random.PRNGKey(0),
+                                           method.method_state)
+    out[name] = (float(loss), {k: float(v) for k, v in m.items()})
+  full, arw_only, em = out["full"], out["arw_only"], out["em"]
+  np.testing.assert_allclose(arw_only[0], full[1]["loss_arw"], rtol=1e-5)
+  np.testing.assert_allclose(full[0], full[1]["loss_arw"] + 0.5 * full[1]["loss_car"] + full[1]["loss_eagle3"],
+                             rtol=1e-5)
+  assert em[0] >= arw_only[0] - 1e-6 or em[0] != arw_only[0]  # different objective, same sample
+  assert out["snis"][1]["chain_accept"] == 1.0
+
+
+def test_vsd_config_errors_name_the_field():
+  c = _vsd_config(burn_in=S)
+  with pytest.raises(ValueError, match="vsd.burn_in"):
+    check_vsd_config(c.vsd)
+  with pytest.raises(ValueError, match="vsd.estep"):
+    check_vsd_config(_vsd_config(estep="gibbs").vsd)
+  with pytest.raises(ValueError, match="vsd.draft_temperature"):
+    check_vsd_config(_vsd_config(draft_temperature=0.0).vsd)
+
+
+# ---------------------------------------------------------------- exact EM on an enumerable toy
+def test_exact_em_increases_log_expected_utility():
+  """q: an autoregressive table over paths of K=3 tokens from a vocab of 3 (27 paths); U from greedy
+  acceptance against fixed target argmaxes. E-step: the exact posterior (snis over all paths weighted by q);
+  M-step: minimise the library's weighted path loss (like=1, unlike=0). J = log E_q[U] rises every time."""
+  v, k = 3, 3
+  paths = jnp.asarray(list(itertools.product(range(v), repeat=k)), jnp.int32)        # [27, 3]
+  target_argmax = jnp.array([[2, 0, 1], [1, 1, 0], [0, 2, 2]])  # argmax at step j given previous token
+  prev = jnp.concatenate([jnp.zeros((27, 1), jnp.int32), paths[:, :-1]], axis=1)
+  a = (paths == jnp.stack([target_argmax[j][prev[:, j]] for j in range(k)], axis=1)).astype(jnp.float32)
+  a = a.at[:, 0].set((paths[:, 0] == 1).astype(jnp.float32))
+  u = vsd_utility.expected_length(a)                                                 # [27]
+
+  def logq_tokens(theta):  # theta: [K, V, V] logits of z_j given z_{j-1} (z_0 := 0)
+    lp = jax.nn.log_softmax(theta, axis=-1)
+    return jnp.stack([lp[j][prev[:, j], paths[:, j]] for j in range(k)], axis=1)   # [27, K]
+
+  def log_j(theta):
+    return jax.scipy.special.logsumexp(jnp.sum(logq_tokens(theta), 1) + jnp.log(jnp.maximum(u, 1e-30)))
+
+  theta = jax.random.normal(jax.random.PRNGKey(0), (k, v, v))
+  tx = optax.adam(0.1)
+  js = [float(log_j(theta))]
+  for _ in range(6):
+    w = vsd_estep.snis_weights((jnp.exp(jnp.sum(logq_tokens(theta), 1)) * u)[None]).weights[0]  # exact posterior
+    loss = lambda th: vsd_mstep.weighted_path_loss(logq_tokens(th)[None], jnp.ones((1, 27, k)),
+                                                   jnp.zeros((1, 27, k)), w[None])
+    opt = tx.init(theta)
+    step = jax.jit(lambda th, o: (lambda g: (optax.apply_updates(th, tx.update(g, o)[0]), tx.update(g, o)[1]))(
+        jax.grad(loss)(th)))
+    for _ in range(300):
+      theta, opt = step(theta, opt)
+    js.append(float(log_j(theta)))
+  assert all(b > a_ + 1e-6 for a_, b in zip(js, js[1:])), js
+  assert js[-1] > js[0] + 0.5

@@ -1,0 +1,145 @@
+"""Draft paths for VSD: the draft's own decode-time unroll from M anchors per sequence, S paths each.
+
+Anchor t of a sequence s (context x = s[<=t]; 1 <= t): the draft's row t-1 (target features of s[t-1],
+token s[t]) gives q_1, the distribution of z_1 (a candidate for s[t+1]); step k > 1 feeds z_{k-1} and the
+draft's own output hidden state of step k-1, at RoPE position positions[t-1] + k - 1, exactly as tree
+expansion does at decode time (`vsd_jax.decoding.tree`) and EAGLE-3's TTT step k-1 does in training.
+
+Attention goes through the draft's ordinary cached call: slots 0..T-1 hold the sequence (step 0, causal),
+the M*S path rows of step k write window slots T + (k-2)*M*S + i, and a path row sees the sequence slots
+< t of its anchor plus its own earlier steps (`tree_attention_mask` with per-query committed lengths).
+Depth is a `jax.lax.scan`, so the unroll compiles once for any K.
+
+One function samples (E-step proposals, under stop_gradient params) and re-scores given paths (the
+M-step's differentiable log-probabilities): the two share every line.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from vsd_jax.decoding.tree import tree_attention_mask
+from vsd_jax.models.eagle3 import Eagle3Draft, init_draft_cache
+from vsd_jax.training.eagle3_loss import positions_from_mask, shift_left
+
+
+class DraftPaths(NamedTuple):
+  draft_ids: jax.Array  # int32 [B, M, S, K] draft-vocabulary ids of z_1..z_K
+  tokens: jax.Array     # int32 [B, M, S, K] the same as target-vocabulary ids
+  logits: jax.Array     # float32 [B, M, S, K, N] the draft's raw logits of q_1..q_K along each path
+  logq: jax.Array       # float32 [B, M, S, K] log q_k(z_k) at the sampling temperature
+
+
+def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x [B, T, ...], rows int32 [B, M] -> [B, M, ...]."""
+  return jax.vmap(lambda a, r: a[r])(x, rows)
+
+
+def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
+                       input_ids: jax.Array, attention_mask: jax.Array, anchors: jax.Array, d2t: jax.Array,
+                       *, num_paths: int, depth: int, temperature: float = 1.0,
+                       rng: Optional[jax.Array] = None, draft_ids: Optional[jax.Array] = None) -> DraftPaths:
+  """Sample S draft paths of depth K per anchor (draft_ids=None), or score the given ones.
+
+  Args:
+    draft_params: the draft's params; draft_module: Eagle3Draft (static).
+    embed_matrix: [V, H] the target embedding. features: [B, T, 3H] target features of the sequences.
+    input_ids: int32 [B, T]; attention_mask: bool [B, T] valid tokens (right padding).
+    anchors: int32 [B, M], each in [1, T-1]: the context of anchor t is s[<=t].
+    d2t: int32 [N] draft id -> target id offsets.
+    num_paths (S), depth (K): static. temperature: > 0, the draft's sampling temperature (q = softmax of
+      logits / temperature). rng: PRNG key (sampling). draft_ids: int32 [B, M, S, K] paths to score.
+  Returns:
+    DraftPaths; when scoring, draft_ids/tokens are the given paths and logits/logq carry gradients.
+  """
+  if temperature <= 0:
+    raise ValueError(f"draft path sampling needs a temperature > 0 (got {temperature}); VSD's E-step "
+                     "draws proposals from q")
+  b, t = input_ids.shape
+  m = anchors.shape[1]
+  s, k_max = num_paths, depth
+  ms = m * s
+  cfg = draft_module.cfg
+  valid = attention_mask.astype(bool)
+  positions = positions_from_mask(valid)
+  window = max(k_max - 1, 1) * ms
+  num_slots = t + window
+  to_target = lambda ids: ids + d2t[ids]
+
+  # Step 0: the sequence itself (rows 0..T-1 at slots 0..T-1, causal over valid tokens).
+  causal = (jnp.arange(num_slots)[None, :] <= jnp.arange(t)[:, None])[None]
+  mask0 = causal & jnp.pad(valid, ((0, 0), (0, window)))[:, None, :]
+  out0 = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
+                            positions, mask0, init_draft_cache(cfg, b, num_slots), jnp.zeros((b,), jnp.int32))
+  row = anchors - 1                                                        # [B, M]
+  logits1 = jnp.repeat(_gather_rows(out0.logits, row), s, axis=1)          # [B, MS, N]
+  hidden1 = jnp.repeat(_gather_rows(out0.hidden, row), s, axis=1)          # [B, MS, H]
+  pos1 = jnp.repeat(jnp.take_along_axis(positions, row, axis=1), s, axis=1)  # [B, MS]
+  committed = jnp.repeat(anchors, s, axis=1)                               # [B, MS]: sees slots < t
+  given = None if draft_ids is None else draft_ids.reshape(b, ms, k_max)
+
+  def pick(logits, j, key):
+    if given is not None:
+      return given[:, :, j]
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+  keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, k_max)
+  z1 = pick(logits1, 0, keys[0])
+
+  def step(carry, j):
+    """Feed z_j (j = 1..K-1) at depth j; returns the logits of q_{j+1} and z_{j+1}."""
+    cache, prev, hidden = carry
+    rows = jnp.arange(ms)
+    cols = jnp.arange(window)
+    # Window slot c = (i - 1) * MS + r holds the key of z_i on path row r: row r sees it for i <= j.
+    local = (cols[None, :] % ms == rows[:, None]) & (cols[None, :] // ms < j)
+    local = jnp.broadcast_to(local[None], (b, ms, window))
+    mask = tree_attention_mask(committed, local, num_slots, window_start=jnp.full((b,), t, jnp.int32))
+    out = draft_module.apply({"params": draft_params}, embed_matrix, to_target(prev), hidden, pos1 + j, mask,
+                             cache, jnp.full((b,), t, jnp.int32) + (j - 1) * ms)
+    z = pick(out.logits, j, jax.random.fold_in(keys[1], j))
+    return (out.kv_cache, z, out.hidden), (out.logits, z)
+
+  if k_max > 1:
+    _, (later_logits, later_z) = jax.lax.scan(step, (out0.kv_cache, z1, hidden1), jnp.arange(1, k_max))
+    logits = jnp.concatenate([logits1[None], later_logits], axis=0)       # [K, B, MS, N]
+    ids = jnp.concatenate([z1[None], later_z], axis=0)                    # [K, B, MS]
+  else:
+    logits, ids = logits1[None], z1[None]
+  logits = jnp.moveaxis(logits, 0, 2).reshape(b, m, s, k_max, -1)
+  ids = jnp.moveaxis(ids, 0, 2).reshape(b, m, s, k_max)
+  logq = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature, axis=-1), ids[..., None], axis=-1)[..., 0]
+  return DraftPaths(draft_ids=ids, tokens=to_target(ids), logits=logits, logq=logq)
+
+
+def sample_draft_paths(draft_params, draft_module, embed_matrix, features, input_ids, attention_mask, anchors,
+                       d2t, rng, *, num_paths: int, depth: int, temperature: float = 1.0) -> DraftPaths:
+  """E-step proposals: S paths of depth K per anchor from the draft (parameters under stop_gradient).
+  Shapes as `unroll_draft_paths`. Jit with draft_module, num_paths, depth, temperature static."""
+  return jax.lax.stop_gradient(unroll_draft_paths(
+      jax.lax.stop_gradient(draft_params), draft_module, embed_matrix, features, input_ids, attention_mask,
+      anchors, d2t, num_paths=num_paths, depth=depth, temperature=temperature, rng=rng))
+
+
+def score_draft_paths(draft_params, draft_module, embed_matrix, features, input_ids, attention_mask, anchors,
+                      d2t, draft_ids, *, temperature: float = 1.0) -> DraftPaths:
+  """The draft's logits and log q_k(z_k) along given paths draft_ids [B, M, S, K]; differentiable."""
+  _, _, s, k = draft_ids.shape
+  return unroll_draft_paths(draft_params, draft_module, embed_matrix, features, input_ids, attention_mask,
+                            anchors, d2t, num_paths=s, depth=k, temperature=temperature, draft_ids=draft_ids)
+
+
+def choose_anchors(loss_mask: jax.Array, attention_mask: jax.Array, num_anchors: int, rng: jax.Array):
+  """M anchors per sequence, uniformly without replacement among positions t >= 1 whose next token is a
+  response token. loss_mask, attention_mask: [B, T]. Returns (anchors int32 [B, M], ok bool [B, M]);
+  a sequence with fewer eligible positions gets ok=False entries (pointing at position 1)."""
+  b, t = loss_mask.shape
+  nxt = shift_left(loss_mask.astype(bool) & attention_mask.astype(bool), 1)
+  eligible = nxt & (jnp.arange(t)[None, :] >= 1) & attention_mask.astype(bool)
+  score = jnp.where(eligible, jax.random.gumbel(rng, (b, t)), -jnp.inf)
+  top, idx = jax.lax.top_k(score, num_anchors)
+  ok = jnp.isfinite(top)
+  return jnp.where(ok, idx, 1).astype(jnp.int32), ok
