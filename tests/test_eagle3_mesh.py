@@ -53,3 +53,36 @@ def test_eagle3_step_is_mesh_invariant(tmp_path):
   assert len(ref) == 3 and np.all(np.isfinite(ref)) and ref[2] < ref[0]
   for shape, l in losses.items():
     np.testing.assert_allclose(l, ref, rtol=1e-4, err_msg=str(shape))
+
+
+@needs_8_devices
+def test_vsd_step_is_mesh_invariant(tmp_path):
+  """The VSD step (path sampling, oracle, MH E-step, ARW + CAR + EAGLE-3) on the same meshes."""
+  from vsd_jax.training.vsd_method import build_vsd
+
+  model, params = tiny_target()
+  target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
+  d2t, t2d = vocab_maps(8, range(2, 8))
+  vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
+  losses = {}
+  for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    c = base_config()
+    c.workdir = str(tmp_path / "x".join(map(str, shape)))
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+    c.method = "vsd"
+    c.draft.ttt_steps = 2
+    c.vsd.update(dict(depth=3, num_paths=4, num_anchors=2, burn_in=1))
+    c.train.update(dict(lr=3e-3, warmup_steps=1, total_steps=3, log_every=1, checkpoint_every=10,
+                        progress_bar=False, batch_size=B))
+    method = build_vsd(c, target, vocab)
+    mesh = parallel.make_mesh(c, jax.devices()[:int(np.prod(shape))])
+    res = train_loop(c, method.loss_fn, method.init_params, method.frozen, _batches, mesh=mesh,
+                     method_state=method.method_state)
+    assert res.step == 3
+    with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(l) for l in f]
+    losses[shape] = np.array([[r["loss"], r["loss_arw"], r["mean_u"]] for r in rows])
+  ref = losses[(1, 1, 1)]
+  assert ref.shape == (3, 3) and np.all(np.isfinite(ref))
+  for shape, l in losses.items():
+    np.testing.assert_allclose(l, ref, rtol=1e-4, atol=1e-6, err_msg=str(shape))

@@ -288,3 +288,25 @@ def test_exact_em_increases_log_expected_utility():
     js.append(float(log_j(theta)))
   assert all(b > a_ + 1e-6 for a_, b in zip(js, js[1:])), js
   assert js[-1] > js[0] + 0.5
+
+
+def test_init_from_a_trained_draft(tiny, tmp_path):
+  """draft.init_from starts either method from an exported draft; another draft vocabulary is refused."""
+  from vsd_jax.training.methods import build_method
+  from vsd_jax.weights.draft_io import DraftMismatchError, save_draft
+
+  target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
+  vocab = types.SimpleNamespace(d2t=np.asarray(tiny.d2t), t2d=np.asarray(tiny.t2d))
+  save_draft(str(tmp_path / "d"), tiny.draft.cfg, tiny.dparams, tiny.d2t, tiny.t2d, tiny.model.cfg)
+  for name in ("eagle3", "vsd"):
+    c = _vsd_config()
+    c.method = name
+    c.draft.init_from = str(tmp_path / "d")
+    import flax.linen as nn
+    got = nn.unbox(jax.jit(build_method(c, target, vocab).init_params)(jax.random.PRNGKey(5)))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(tiny.dparams)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  d2t, t2d = vocab_maps(8, range(1, 7))
+  other = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
+  with pytest.raises(DraftMismatchError, match="draft vocabulary"):
+    build_method(c, target, other)

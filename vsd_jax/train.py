@@ -24,33 +24,52 @@ from vsd_jax.cli_config import define_config_flag, run_app
 _CONFIG = define_config_flag()
 
 
-def heldout_report(config, target, draft, params, frozen, loss_fn) -> dict:
-  """Per-step top-1 agreement and simulated tau on the held-out prompts (their own response cache)."""
+def heldout_report(config, target, vocab, params) -> dict:
+  """Held-out report on prompts never trained on (their own response cache), the same for every method:
+  EAGLE-3's per-step top-1 agreement and simulated tau (teacher forcing), and the draft's own chains as VSD
+  sees them: E_q[U] and per-depth acceptance c_k of config.vsd.depth-token paths sampled from the draft
+  and verified by the target (config.vsd.accept_mode)."""
   import jax
   import numpy as np
 
   from vsd_jax.data.dataset import iterate_batches
   from vsd_jax.data.pipeline import prepare_data
+  from vsd_jax.training.eagle3_method import build_eagle3
+  from vsd_jax.training.vsd_method import initial_method_state, make_vsd_loss
 
   ev = copy.deepcopy(config)
   with ev.unlocked():
     ev.data.sources = dict(heldout=dict(type="eagle", path=config.eval.heldout_path, limit=int(config.eval.heldout_limit)))
+    ev.vsd.lambda_car, ev.vsd.mu = 0.0, 0.0  # only the E-step's monitors are read
   data = prepare_data(ev, target)
   ds = data.dataset
   bs = min(int(config.train.batch_size), len(ds))
-  fn = jax.jit(loss_fn)
-  sums, weights = {}, 0.0
-  for batch in iterate_batches(ds, bs, seed=0, buckets=tuple(config.data.buckets), drop_last=False):
-    _, m = fn(params, frozen, batch, jax.random.PRNGKey(0))
+  draft, _, eagle_loss, frozen = build_eagle3(ev, target, vocab)
+  eagle_fn = jax.jit(eagle_loss)
+  chain_fn = jax.jit(make_vsd_loss(ev, target, draft))
+  state = initial_method_state(int(ev.vsd.depth))
+  sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0
+  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(config.data.buckets), drop_last=False)):
+    _, m = eagle_fn(params, frozen, batch, jax.random.PRNGKey(0))
     w = float(m["num_tokens"])
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v) * w
     weights += w
+    _, (cm, _) = chain_fn(params, frozen, batch, jax.random.PRNGKey(i), state)
+    a = float(cm["anchors"])
+    for k, v in cm.items():
+      chain_sums[k] = chain_sums.get(k, 0.0) + float(v) * a
+    anchors += a
   mean = {k: v / max(weights, 1.0) for k, v in sums.items()}
+  chain = {k: v / max(anchors, 1.0) for k, v in chain_sums.items()}
   steps = int(config.draft.ttt_steps)
   acc = [mean[f"acc_{k}"] for k in range(steps)]
+  depth = int(ev.vsd.depth)
   return dict(heldout=config.eval.heldout_path, sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
-              step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))))
+              step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
+              chain=dict(accept_mode=str(ev.vsd.accept_mode), depth=depth, anchors=int(anchors),
+                         tau_chain=1.0 + chain.get("mean_u", 0.0),
+                         c_k=[chain.get(f"c_{k + 1}", 0.0) for k in range(depth)]))
 
 
 def main(_):
@@ -103,7 +122,7 @@ def main(_):
   report = dict(stopped=result.stopped, steps=int(result.step), draft=draft_dir, data=data.stats)
   if result.stopped == "done" and jax.process_index() == 0:
     t = time.time()
-    report["heldout"] = heldout_report(config, target, draft, params, frozen, loss_fn)
+    report["heldout"] = heldout_report(config, target, data.draft_vocab, params)
     stages["heldout_s"] = time.time() - t
   stages["total_s"] = time.time() - t0
   report["stages"] = stages

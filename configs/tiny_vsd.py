@@ -1,0 +1,29 @@
+"""VSD on the embedded default target: configs/tiny.py with method="vsd", sized for a 2-core CPU.
+
+  python -m vsd_jax.train --config configs/tiny_vsd.py
+  python -m vsd_jax.train --config configs/tiny_vsd.py --config.draft.init_from=runs/tiny/draft  # EM refinement
+
+Same data (and response cache: runs/tiny/data_cache) as configs/tiny.py, so VSD and EAGLE-3 runs compare
+on the same sequences. Paper-scale VSD defaults (K=6, S=8, M=16) are in config_base.py; here K matches the
+tree depth the tiny draft is evaluated with.
+"""
+
+import importlib.util
+import os
+
+from vsd_jax.config_base import REPO_ROOT
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(os.path.dirname(__file__), "tiny.py"))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  c = tiny.get_config()
+  c.workdir = os.path.join(REPO_ROOT, "runs", "tiny_vsd")
+  c.data.cache_dir = os.path.join(REPO_ROOT, "runs", "tiny", "data_cache")
+  c.method = "vsd"
+  c.vsd.depth = 4
+  c.vsd.num_paths = 4
+  c.vsd.num_anchors = 8
+  c.vsd.burn_in = 1
+  return c
