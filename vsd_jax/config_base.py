@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Optimisation and the training loop (vsd_jax/training/{state,trainer,checkpoints}.py).
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8             # sequences per step (global)
+  # EAGLE-3's target outputs: "in_step" (the target runs inside each jitted step) or "precomputed" (one
+  # pass over the data first, float16 memmaps in the data cache; pays off once sequences are seen again).
+  c.train.target_features = "in_step"
   c.train.lr = 1e-4                  # peak learning rate (AdamW)
   c.train.warmup_steps = 100         # linear warmup from 0 to lr
   c.train.total_steps = 10000        # cosine decay to lr * end_lr_ratio at this step; the loop stops here

@@ -77,7 +77,9 @@ def main(_):
 
   from vsd_jax import parallel
   from vsd_jax.data.dataset import iterate_batches
-  from vsd_jax.data.pipeline import prepare_data
+  from vsd_jax.data.pipeline import data_cache_dir, model_id, prepare_data
+  from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
+  from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.training.methods import METHODS, build_method
   from vsd_jax.training.trainer import train_loop
   from vsd_jax.weights import load_target
@@ -88,6 +90,12 @@ def main(_):
   parallel.maybe_initialize_distributed(config)
   if config.method not in METHODS:
     sys.exit(f"error: --config.method={config.method!r} is not a training method; use one of {METHODS}")
+  mode = str(config.train.target_features)
+  if mode not in FEATURE_MODES:
+    sys.exit(f"error: --config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
+  if mode == "precomputed" and config.method != "eagle3":
+    sys.exit(f"error: train.target_features='precomputed' serves method 'eagle3' only; method "
+             f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
   os.makedirs(config.workdir, exist_ok=True)
   stages, t0 = {}, time.time()
 
@@ -104,11 +112,22 @@ def main(_):
   bs = int(config.train.batch_size)
   per_epoch = len(data.dataset) // bs
 
+  cache = None
+  if mode == "precomputed":
+    t = time.time()
+    key = cache_key(data.dataset, model_id(target), data.draft_vocab.d2t)
+    cache = build_feature_cache(target, data.dataset, data.draft_vocab.d2t, data.draft_vocab.t2d,
+                                os.path.join(data_cache_dir(config), f"features-{key}"), bs, buckets)
+    stages["features_s"] = time.time() - t
+
   def make_batches(start_step):
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-      for i, b in enumerate(iterate_batches(data.dataset, bs, seed=config.seed, epoch=epoch, buckets=buckets,
-                                            sort_window=bs * 8)):
+      batches = iterate_batches(data.dataset, bs, seed=config.seed, epoch=epoch, buckets=buckets,
+                                sort_window=bs * 8, with_index=cache is not None)
+      if cache is not None:
+        batches = with_cached_targets(batches, cache, data.draft_vocab.t2d)
+      for i, b in enumerate(batches):
         if i >= skip:
           yield b
       epoch, skip = epoch + 1, 0

@@ -102,13 +102,13 @@ def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad
 
 def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch: int = 0,
                     buckets: Optional[Sequence[int]] = None, pad_id: int = 0, drop_last: bool = True,
-                    sort_window: int = 0) -> Iterator[dict]:
+                    sort_window: int = 0, with_index: bool = False) -> Iterator[dict]:
   """Shuffled, padded batches; deterministic given (seed, epoch).
 
   buckets: allowed T values (default bucket_lengths(longest sequence)). drop_last keeps B static by
   dropping the final partial batch (otherwise it is padded with all-zero-mask rows). sort_window > 0
   sorts each window of that many shuffled sequences by length before batching (and then shuffles the
-  batch order), to cut padding.
+  batch order), to cut padding. with_index adds "index": int32 [B], each row's dataset index (-1 = pad row).
   """
   if len(dataset) == 0:
     raise ValueError("the dataset is empty; there is nothing to batch.")
@@ -135,4 +135,6 @@ def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch:
       extra = batch_size - len(idx)
       batch = {k: np.concatenate([v, np.full((extra, length), pad_id if k == "input_ids" else 0, np.int32)])
                for k, v in batch.items()}
+    if with_index:
+      batch["index"] = np.asarray(idx + [-1] * (batch_size - len(idx)), np.int32)
     yield batch

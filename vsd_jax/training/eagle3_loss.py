@@ -62,6 +62,24 @@ def ttt_attention_mask(seq_len: int, step: int, key_valid: Optional[jax.Array] =
   return jnp.concatenate([causal] + [diag] * step, axis=-1)
 
 
+class SoftLabels(NamedTuple):
+  """What EAGLE-3's loss reads from the target's logits: storable per token instead of [V] logits."""
+  draft_logits: jax.Array   # [B, T, N] the target's logits at the draft-vocabulary ids
+  target_top: jax.Array     # int32 [B, T] the target's argmax (target id)
+  top_in_draft: jax.Array   # bool [B, T] that argmax is in the draft vocabulary
+
+
+def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> SoftLabels:
+  """[B, T, V] target logits -> SoftLabels over the draft vocabulary (t2d bool [V], d2t int32 [N])."""
+  if t2d.shape != target_logits.shape[2:]:
+    raise ValueError(f"eagle3_loss: target_logits {target_logits.shape} and t2d {t2d.shape} disagree on the "
+                     "target vocabulary (expected [B, T, V] and [V])")
+  target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
+  top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+  draft_to_target = jnp.arange(d2t.shape[0], dtype=jnp.int32) + d2t.astype(jnp.int32)
+  return SoftLabels(jnp.take(target_logits, draft_to_target, axis=-1), top, t2d.astype(bool)[top])
+
+
 def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                input_ids: jax.Array, num_steps: int = 7, attention_mask: Optional[jax.Array] = None,
                step_fn: Optional[Callable] = None) -> list:
@@ -101,6 +119,8 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
                 attention_mask: Optional[jax.Array] = None):
   """EAGLE-3 TTT loss: sum_k decay^k * (soft cross-entropy of step k vs the target). Pure and jittable.
 
+  target_logits may be the full [B, T, V] logits or their `SoftLabels` (precomputed features mode).
+
   Args:
     draft_params: the draft's "params" collection (the only thing differentiated).
     draft_module: Eagle3Draft (static).
@@ -125,16 +145,14 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
   if n != draft_module.cfg.draft_vocab_size:
     raise ValueError(f"eagle3_loss: d2t has {n} entries but the draft vocabulary has "
                      f"{draft_module.cfg.draft_vocab_size}; build both from the same draft vocab")
-  if target_logits.shape[:2] != (b, t) or t2d.shape != target_logits.shape[2:]:
-    raise ValueError(f"eagle3_loss: target_logits {target_logits.shape} / t2d {t2d.shape} do not match "
-                     f"input_ids {input_ids.shape} (expected [B, T, V] and [V])")
+  labels = target_logits if isinstance(target_logits, SoftLabels) else soft_labels(target_logits, t2d, d2t)
+  if labels.draft_logits.shape != (b, t, n):
+    raise ValueError(f"eagle3_loss: target labels {labels.draft_logits.shape} do not match input_ids "
+                     f"{input_ids.shape} and the {n}-token draft vocabulary")
   valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
   d2t = d2t.astype(jnp.int32)
-  target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
-  target_top = jnp.argmax(target_logits, axis=-1)                                        # [B, T]
-  top_in_draft = t2d.astype(bool)[target_top]                                             # [B, T]
-  draft_to_target = jnp.arange(n, dtype=jnp.int32) + d2t                                 # [N]
-  target_p = jax.nn.softmax(jnp.take(target_logits, draft_to_target, axis=-1), axis=-1)  # [B, T, N]
+  target_top, top_in_draft = labels.target_top, labels.top_in_draft
+  target_p = jax.nn.softmax(jax.lax.stop_gradient(labels.draft_logits.astype(jnp.float32)), axis=-1)  # [B, T, N]
   is_loss_token = loss_mask.astype(bool) & valid
 
   def step_stats(k, logits):

@@ -17,7 +17,7 @@ def build_eagle3(config, target, vocab):
   import jax.numpy as jnp
 
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
-  from vsd_jax.training.eagle3_loss import eagle3_loss, target_features, validate_vocab_maps
+  from vsd_jax.training.eagle3_loss import SoftLabels, eagle3_loss, target_features, validate_vocab_maps
 
   dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]))
   draft = Eagle3Draft(dcfg)
@@ -32,7 +32,11 @@ def build_eagle3(config, target, vocab):
   def loss_fn(params, frozen, batch, rng):
     del rng
     valid = batch["attention_mask"].astype(bool)
-    feats, logits = target_features(target.model, frozen["target"], batch["input_ids"], valid)
+    if "features" in batch:  # train.target_features="precomputed" (vsd_jax/training/feature_cache.py)
+      feats = batch["features"]
+      logits = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
+    else:
+      feats, logits = target_features(target.model, frozen["target"], batch["input_ids"], valid)
     loss, m = eagle3_loss(params, draft, frozen["target"]["embed_tokens"]["embedding"], feats, batch["input_ids"],
                           logits, batch["loss_mask"], frozen["t2d"], frozen["d2t"],
                           num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),

@@ -1,0 +1,84 @@
+"""EAGLE-3 target features in the step vs precomputed: which is faster here (configs/tiny.py data).
+
+  python benchmarks/feature_modes.py --config configs/tiny.py [--sequences 64] [--steps 3]
+
+Times (1) the precompute pass (vsd_jax.training.feature_cache) over the first --sequences sequences, per
+sequence; (2) the jitted EAGLE-3 train step in both modes on the same batches, interleaved, after a compile
+step each. Then: a step saves (in_step - precomputed) seconds for batch_size sequences, so precomputing pays
+off once each sequence is seen more than pass_per_sequence / (saving / batch_size) times (epochs).
+Prints one JSON line.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from vsd_jax.cli_config import define_config_flag, run_app  # noqa: E402
+
+_CONFIG = define_config_flag()
+flags.DEFINE_integer("sequences", 64, "Sequences in the timed precompute pass.")
+flags.DEFINE_integer("steps", 3, "Timed steps per mode.")
+
+
+def main(_):
+  import jax
+
+  from vsd_jax import parallel
+  from vsd_jax.data.dataset import SequenceDataset, iterate_batches
+  from vsd_jax.data.pipeline import prepare_data
+  from vsd_jax.training.feature_cache import build_feature_cache, with_cached_targets
+  from vsd_jax.training.methods import build_method
+  from vsd_jax.training.state import create_train_state, make_optimizer, state_shardings
+  from vsd_jax.training.trainer import make_train_step
+  from vsd_jax.weights import load_target
+
+  config, F = _CONFIG.value, flags.FLAGS
+  target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  data = prepare_data(config, target)
+  bs, buckets = int(config.train.batch_size), tuple(config.data.buckets)
+  full = data.dataset
+  sub = SequenceDataset(full.input_ids[:F.sequences], full.loss_mask[:F.sequences])
+  vocab = data.draft_vocab
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    cache = build_feature_cache(target, sub, vocab.d2t, vocab.t2d, os.path.join(tmp, "f"), bs, buckets)
+    pass_s = time.perf_counter() - t0
+    plain = list(iterate_batches(sub, bs, seed=0, buckets=(max(buckets),)))[:F.steps + 1]
+    cached = list(with_cached_targets(iterate_batches(sub, bs, seed=0, buckets=(max(buckets),), with_index=True),
+                                      cache, vocab.t2d))[:F.steps + 1]
+    method = build_method(config, target, vocab)
+    mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
+    tx, schedule = make_optimizer(config.train)
+    _, sh = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), mesh, rules)
+    frozen_sh = parallel.shardings_of(method.frozen, mesh)
+    frozen = parallel.place(method.frozen, frozen_sh)
+    runs = {}
+    for name, batches in (("in_step", plain), ("precomputed", cached)):
+      bsh = parallel.batch_shardings(batches[0], mesh, rules)
+      step = make_train_step(method.loss_fn, tx, mesh=mesh, rules=rules, shardings=sh, frozen_shardings=frozen_sh,
+                             batch_shardings=bsh, lr_schedule=schedule)
+      state = create_train_state(method.init_params, tx, jax.random.PRNGKey(0), sh)
+      state, m = step(state, frozen, parallel.shard_batch(batches[0], bsh))
+      jax.block_until_ready(m)
+      runs[name] = dict(step=step, state=state, bsh=bsh, batches=batches, times=[])
+    for i in range(1, F.steps + 1):
+      for name, r in runs.items():
+        t0 = time.perf_counter()
+        r["state"], m = r["step"](r["state"], frozen, parallel.shard_batch(r["batches"][i], r["bsh"]))
+        jax.block_until_ready(m)
+        r["times"].append(time.perf_counter() - t0)
+  step_s = {name: sum(r["times"]) / len(r["times"]) for name, r in runs.items()}
+  per_seq_pass = pass_s / len(sub)
+  saving_per_seq = (step_s["in_step"] - step_s["precomputed"]) / bs
+  print(json.dumps(dict(sequences=len(sub), batch=[bs, max(buckets)], pass_s=pass_s, pass_s_per_sequence=per_seq_pass,
+                        step_s=step_s, breakeven_epochs=per_seq_pass / saving_per_seq if saving_per_seq > 0 else None)))
+
+
+if __name__ == "__main__":
+  run_app(main)
