@@ -1,4 +1,4 @@
-"""The EAGLE-3 train step (tiny target + draft) on 8 CPU devices: meshes give the single-device losses."""
+"""The EAGLE-3 and VSD train steps (tiny target + draft) on 8 CPU devices: meshes give the single-device losses."""
 
 from tests.multidevice import needs_8_devices  # before jax: sets XLA_FLAGS
 
@@ -12,10 +12,11 @@ import numpy as np
 from tests.tiny_models import tiny_target, vocab_maps
 from vsd_jax import parallel
 from vsd_jax.config_base import base_config
-from vsd_jax.training.eagle3_method import build_eagle3
+from vsd_jax.training.methods import build_method
 from vsd_jax.training.trainer import train_loop
 
 B, T = 8, 16
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
 def _batches(start_step):
@@ -29,60 +30,52 @@ def _batches(start_step):
     yield dict(input_ids=ids * valid, loss_mask=loss_mask.astype(np.int32), attention_mask=valid)
 
 
-@needs_8_devices
-def test_eagle3_step_is_mesh_invariant(tmp_path):
+def _metrics_by_mesh(tmp_path, configure, keys):
+  """3 steps of config.method on each mesh -> {mesh shape: [3, len(keys)] logged metrics}."""
   model, params = tiny_target()
   target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
   d2t, t2d = vocab_maps(8, range(2, 8))
   vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
-  losses = {}
-  for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+  out = {}
+  for shape in MESHES:
     c = base_config()
     c.workdir = str(tmp_path / "x".join(map(str, shape)))
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
-    c.draft.ttt_steps = 3
     c.train.update(dict(lr=3e-3, warmup_steps=1, total_steps=3, log_every=1, checkpoint_every=10,
                         progress_bar=False, batch_size=B))
-    _, init_params, loss_fn, frozen = build_eagle3(c, target, vocab)
-    mesh = parallel.make_mesh(c, jax.devices()[:int(np.prod(shape))])
-    res = train_loop(c, loss_fn, init_params, frozen, _batches, mesh=mesh)
-    assert res.step == 3
-    with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
-      losses[shape] = np.array([json.loads(l)["loss"] for l in f])
-  ref = losses[(1, 1, 1)]
-  assert len(ref) == 3 and np.all(np.isfinite(ref)) and ref[2] < ref[0]
-  for shape, l in losses.items():
-    np.testing.assert_allclose(l, ref, rtol=1e-4, err_msg=str(shape))
-
-
-@needs_8_devices
-def test_vsd_step_is_mesh_invariant(tmp_path):
-  """The VSD step (path sampling, oracle, MH E-step, ARW + CAR + EAGLE-3) on the same meshes."""
-  from vsd_jax.training.vsd_method import build_vsd
-
-  model, params = tiny_target()
-  target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
-  d2t, t2d = vocab_maps(8, range(2, 8))
-  vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
-  losses = {}
-  for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-    c = base_config()
-    c.workdir = str(tmp_path / "x".join(map(str, shape)))
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
-    c.method = "vsd"
-    c.draft.ttt_steps = 2
-    c.vsd.update(dict(depth=3, num_paths=4, num_anchors=2, burn_in=1))
-    c.train.update(dict(lr=3e-3, warmup_steps=1, total_steps=3, log_every=1, checkpoint_every=10,
-                        progress_bar=False, batch_size=B))
-    method = build_vsd(c, target, vocab)
+    configure(c)
+    method = build_method(c, target, vocab)
     mesh = parallel.make_mesh(c, jax.devices()[:int(np.prod(shape))])
     res = train_loop(c, method.loss_fn, method.init_params, method.frozen, _batches, mesh=mesh,
                      method_state=method.method_state)
     assert res.step == 3
     with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(l) for l in f]
-    losses[shape] = np.array([[r["loss"], r["loss_arw"], r["mean_u"]] for r in rows])
-  ref = losses[(1, 1, 1)]
-  assert ref.shape == (3, 3) and np.all(np.isfinite(ref))
+      out[shape] = np.array([[json.loads(line)[k] for k in keys] for line in f])
+  return out
+
+
+@needs_8_devices
+def test_eagle3_step_is_mesh_invariant(tmp_path):
+  def configure(c):
+    c.draft.ttt_steps = 3
+
+  losses = _metrics_by_mesh(tmp_path, configure, ["loss"])
+  ref = losses[(1, 1, 1)][:, 0]
+  assert len(ref) == 3 and np.all(np.isfinite(ref)) and ref[2] < ref[0]
   for shape, l in losses.items():
-    np.testing.assert_allclose(l, ref, rtol=1e-4, atol=1e-6, err_msg=str(shape))
+    np.testing.assert_allclose(l[:, 0], ref, rtol=1e-4, err_msg=str(shape))
+
+
+@needs_8_devices
+def test_vsd_step_is_mesh_invariant(tmp_path):
+  """The VSD step (path sampling, oracle, MH E-step, ARW + CAR + EAGLE-3) on the same meshes."""
+  def configure(c):
+    c.method = "vsd"
+    c.draft.ttt_steps = 2
+    c.vsd.update(dict(depth=3, num_paths=4, num_anchors=2, burn_in=1))
+
+  metrics = _metrics_by_mesh(tmp_path, configure, ["loss", "loss_arw", "mean_u"])
+  ref = metrics[(1, 1, 1)]
+  assert ref.shape == (3, 3) and np.all(np.isfinite(ref))
+  for shape, m in metrics.items():
+    np.testing.assert_allclose(m, ref, rtol=1e-4, atol=1e-6, err_msg=str(shape))
