@@ -1,7 +1,7 @@
 """Vicuna v1.3 targets (lmsys/vicuna-{7b,13b}-v1.3 from the hub), EAGLE-3's paper-scale setting.
 
   python -m vsd_jax.train --config configs/vicuna.py               # 7B on a TPU v5p-32 slice (16 chips)
-  python -m vsd_jax.train --config configs/vicuna.py:13b           # 13B, same slice
+  python -m vsd_jax.train --config configs/vicuna.py:13b           # 13B on a TPU v5p-64 slice (32 chips)
   python -m vsd_jax.train --config configs/vicuna.py --dry_run     # compile here, print per-chip memory
   launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-32 -- --config configs/vicuna.py
   python -m vsd_jax.generate --config configs/vicuna.py --prompts question.jsonl --output out.jsonl
@@ -55,12 +55,13 @@ def get_config(size="7b"):
   c.train.checkpoint_every = 2000
   c.train.log_every = 50
   c.draft.ttt_steps = 7
-  # TPU v5p-32: 16 chips x 95 GiB. FSDP over all chips shards the target, draft and optimiser 16 ways and
-  # gives each chip one sequence of the batch. The dry run puts the step at ~81 GiB per chip (the TTT
-  # attention over 7 x 2048 keys dominates), so a v4-32 (32 GiB chips) does not fit at 2048 tokens.
-  c.mesh.slice = "v5p-32"
+  # 7B: TPU v5p-32, 16 chips x 95 GiB: FSDP 8 x tensor 2. The TTT attention over 7 x 2048 keys dominates
+  # the activations, and splitting heads (tensor) cuts them more than splitting sequences: the dry run gives
+  # ~51 GiB per chip here against ~81 GiB for FSDP 16 alone. A v4-32 (32 GiB chips) does not fit at 2048
+  # tokens. 13B: v5p-64 (32 chips), FSDP 16 x tensor 2 (~36 GiB per chip; ~91 GiB on a v5p-32).
+  c.mesh.slice = "v5p-32" if size == "7b" else "v5p-64"
   c.mesh.device_memory_gib = 0.0  # 0 = the slice's chip (v5p: 95 GiB); see vsd_jax/dry_run.py
   c.mesh.data = 1
-  c.mesh.fsdp = 16
-  c.mesh.tensor = 1
+  c.mesh.fsdp = 8 if size == "7b" else 16
+  c.mesh.tensor = 2
   return c

@@ -3,6 +3,7 @@
 cannot fit)."""
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -135,11 +136,10 @@ def test_paper_configs_describe_their_slices():
   from vsd_jax.cli_config import _load_file
 
   for path, want in [("configs/vicuna.py", ("vicuna-7b-v1.3", "v5p-32", 16)),
-                     ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-32", 16)),
+                     ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-64", 32)),
                      ("configs/llama3.py", ("llama-3.1-8b-instruct", "v5p-32", 16)),
                      ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32))]:
     file, _, arg = path.partition(":")
-    import importlib.util
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, file))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

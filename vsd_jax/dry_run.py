@@ -255,8 +255,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
         f"{report['model']} ({report['method']}) does not fit: {total_b / GIB:.2f} GiB per device on mesh "
         f"{report['mesh']} exceeds the {limit:g} GiB of a device (config.mesh.device_memory_gib or slice) "
         f"({format_report(report)}). Fix: a larger slice or mesh.fsdp/tensor (shards params and target), a smaller "
-        f"train.batch_size or data.buckets, or model.param_dtype=bfloat16",
-    )
+        f"train.batch_size or data.buckets" + ("" if report["dtype"] == "bfloat16" else ", or model.param_dtype=bfloat16"))
   return report
 
 

@@ -107,6 +107,8 @@ def main(_):
   config = _CONFIG.value
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   parallel.maybe_initialize_distributed(config)
+  if jax.process_index() != 0:  # one log for the job: the other hosts report only warnings and errors
+    logging.getLogger().setLevel(logging.WARNING)
   if config.method not in METHODS:
     sys.exit(f"error: --config.method={config.method!r} is not a training method; use one of {METHODS}")
   mode = str(config.train.target_features)
