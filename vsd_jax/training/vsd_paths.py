@@ -16,6 +16,7 @@ M-step's differentiable log-probabilities): the two share every line.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -115,15 +116,17 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   return DraftPaths(draft_ids=ids, tokens=to_target(ids), logits=logits, logq=logq)
 
 
+@functools.partial(jax.jit, static_argnames=("draft_module", "num_paths", "depth", "temperature"))
 def sample_draft_paths(draft_params, draft_module, embed_matrix, features, input_ids, attention_mask, anchors,
                        d2t, rng, *, num_paths: int, depth: int, temperature: float = 1.0) -> DraftPaths:
   """E-step proposals: S paths of depth K per anchor from the draft (parameters under stop_gradient).
-  Shapes as `unroll_draft_paths`. Jit with draft_module, num_paths, depth, temperature static."""
+  Shapes as `unroll_draft_paths`; jitted with draft_module, num_paths, depth, temperature static."""
   return jax.lax.stop_gradient(unroll_draft_paths(
       jax.lax.stop_gradient(draft_params), draft_module, embed_matrix, features, input_ids, attention_mask,
       anchors, d2t, num_paths=num_paths, depth=depth, temperature=temperature, rng=rng))
 
 
+@functools.partial(jax.jit, static_argnames=("draft_module", "temperature"))
 def score_draft_paths(draft_params, draft_module, embed_matrix, features, input_ids, attention_mask, anchors,
                       d2t, draft_ids, *, temperature: float = 1.0) -> DraftPaths:
   """The draft's logits and log q_k(z_k) along given paths draft_ids [B, M, S, K]; differentiable."""
