@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.models.eagle3 import Eagle3Draft, init_draft_cache
 from vsd_jax.models.kv_cache import KVCache
 
@@ -38,6 +39,13 @@ from vsd_jax.models.kv_cache import KVCache
 def positions_from_mask(valid: jax.Array) -> jax.Array:
   """RoPE positions int32 [B, T] of a (left- or right-) padded batch: index among the valid tokens."""
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def sequence_mask(valid: jax.Array, num_slots: int) -> jax.Array:
+  """bool [B, T, S]: a sequence at slots 0..T-1 of S >= T slots, causal over its valid tokens. valid: [B, T]."""
+  t = valid.shape[1]
+  key_valid = jnp.pad(valid.astype(bool), ((0, 0), (0, num_slots - t)))          # [B, S]
+  return (jnp.arange(num_slots)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
 
 
 def shift_left(x: jax.Array, n: int) -> jax.Array:
@@ -76,8 +84,8 @@ def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> Sof
                      "target vocabulary (expected [B, T, V] and [V])")
   target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
   top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
-  draft_to_target = jnp.arange(d2t.shape[0], dtype=jnp.int32) + d2t.astype(jnp.int32)
-  return SoftLabels(jnp.take(target_logits, draft_to_target, axis=-1), top, t2d.astype(bool)[top])
+  ids = draft_to_target(jnp.arange(d2t.shape[0], dtype=jnp.int32), d2t.astype(jnp.int32))
+  return SoftLabels(jnp.take(target_logits, ids, axis=-1), top, t2d.astype(bool)[top])
 
 
 def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
@@ -199,8 +207,7 @@ def target_pass(target_model, target_params, input_ids: jax.Array, attention_mas
   slots = cache_slots or t
   if slots < t:
     raise ValueError(f"target_pass: cache_slots={cache_slots} is below the sequence length {t}")
-  key_valid = jnp.pad(valid, ((0, 0), (0, slots - t)))                        # [B, S]
-  mask = (jnp.arange(slots)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
+  mask = sequence_mask(valid, slots)
   cache = KVCache.zeros(cfg, b, slots) if cache_slots else None
   out = target_model.apply({"params": target_params}, input_ids, positions=positions_from_mask(valid),
                            attention_mask=mask, kv_cache=cache,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.training import vsd_estep, vsd_mstep, vsd_utility
 from vsd_jax.training.eagle3_loss import eagle3_loss, target_pass
 from vsd_jax.training.eagle3_method import _scalar_metrics, build_eagle3
@@ -103,9 +104,9 @@ def make_vsd_loss(config, target, draft):
     loss_car = jnp.zeros(())
     if float(v.lambda_car) > 0:
       visited = (jnp.arange(1, k_max + 1)[None, None, :] <= realised[..., None] + 1) * okf[:, None, None]
-      draft_to_target = jnp.arange(d2t.shape[0], dtype=jnp.int32) + d2t
       loss_car = vsd_mstep.car_loss(scored.logits.reshape(n, s, k_max, -1), p_logits.reshape(n, s, k_max, -1),
-                                    draft_to_target, visited, float(v.car_beta))
+                                    draft_to_target(jnp.arange(d2t.shape[0], dtype=jnp.int32), d2t), visited,
+                                    float(v.car_beta))
       total = total + float(v.lambda_car) * loss_car
     loss_e3 = jnp.zeros(())
     if float(v.mu) > 0:

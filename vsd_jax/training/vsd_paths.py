@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from vsd_jax.decoding.tree import tree_attention_mask
 from vsd_jax.models.eagle3 import Eagle3Draft, init_draft_cache
-from vsd_jax.training.eagle3_loss import positions_from_mask, shift_left
+from vsd_jax.data.draft_vocab import draft_to_target
+from vsd_jax.training.eagle3_loss import positions_from_mask, sequence_mask, shift_left
 
 
 class DraftPaths(NamedTuple):
@@ -68,11 +69,10 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   positions = positions_from_mask(valid)
   window = max(k_max - 1, 1) * ms
   num_slots = t + window
-  to_target = lambda ids: ids + d2t[ids]
+  to_target = lambda ids: draft_to_target(ids, d2t)
 
   # Step 0: the sequence itself (rows 0..T-1 at slots 0..T-1, causal over valid tokens).
-  causal = (jnp.arange(num_slots)[None, :] <= jnp.arange(t)[:, None])[None]
-  mask0 = causal & jnp.pad(valid, ((0, 0), (0, window)))[:, None, :]
+  mask0 = sequence_mask(valid, num_slots)
   out0 = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
                             positions, mask0, init_draft_cache(cfg, b, num_slots), jnp.zeros((b,), jnp.int32))
   row = anchors - 1                                                        # [B, M]
