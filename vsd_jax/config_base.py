@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.draft.ttt_steps = 7              # training-time-test unroll
   c.draft.step_decay = 0.8           # step k weighs step_decay**k
   c.draft.init_from = ""             # a trained draft directory (<workdir>/draft) to start from; "" = random
+  c.draft.init_head = "random"       # lm_head + final norm: "random", or "target" (the target's output rows of
+                                     # the draft-vocabulary tokens and its final norm)
 
   # VSD (method="vsd"): EM over draft paths; every switch of VSD_METHOD.md is a field here.
   c.vsd = ml_collections.ConfigDict()

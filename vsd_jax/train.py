@@ -10,7 +10,6 @@ and simulated tau on prompts never trained on, default EAGLE's mt_bench).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -27,54 +26,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the c
 _DRY_RUN_SEQ_LEN = flags.DEFINE_integer("dry_run_seq_len", 0, "Batch length T for --dry_run (0 = last data bucket).")
 _DRY_RUN_MEMORY = flags.DEFINE_float("dry_run_device_memory_gib", 0.0, "Per-device memory --dry_run checks against "
                                      "(0 = config.mesh.device_memory_gib, else the chip of config.mesh.slice).")
-
-
-def heldout_report(config, target, vocab, params) -> dict:
-  """Held-out report on prompts never trained on (their own response cache), the same for every method:
-  EAGLE-3's per-step top-1 agreement and simulated tau (teacher forcing), and the draft's own chains as VSD
-  sees them: E_q[U] and per-depth acceptance c_k of config.vsd.depth-token paths sampled from the draft
-  and verified by the target (config.vsd.accept_mode)."""
-  import jax
-  import numpy as np
-
-  from vsd_jax.data.dataset import iterate_batches
-  from vsd_jax.data.pipeline import prepare_data
-  from vsd_jax.training.eagle3_method import build_eagle3
-  from vsd_jax.training.vsd_method import initial_method_state, make_vsd_loss
-
-  ev = copy.deepcopy(config)
-  with ev.unlocked():
-    ev.data.sources = dict(heldout=dict(type="eagle", path=config.eval.heldout_path, limit=int(config.eval.heldout_limit)))
-    ev.vsd.lambda_car, ev.vsd.mu = 0.0, 0.0  # only the E-step's monitors are read
-  data = prepare_data(ev, target)
-  ds = data.dataset
-  bs = min(int(config.train.batch_size), len(ds))
-  draft, _, eagle_loss, frozen = build_eagle3(ev, target, vocab)
-  eagle_fn = jax.jit(eagle_loss)
-  chain_fn = jax.jit(make_vsd_loss(ev, target, draft))
-  state = initial_method_state(int(ev.vsd.depth))
-  sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0
-  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(config.data.buckets), drop_last=False)):
-    _, m = eagle_fn(params, frozen, batch, jax.random.PRNGKey(0))
-    w = float(m["num_tokens"])
-    for k, v in m.items():
-      sums[k] = sums.get(k, 0.0) + float(v) * w
-    weights += w
-    _, (cm, _) = chain_fn(params, frozen, batch, jax.random.PRNGKey(i), state)
-    a = float(cm["anchors"])
-    for k, v in cm.items():
-      chain_sums[k] = chain_sums.get(k, 0.0) + float(v) * a
-    anchors += a
-  mean = {k: v / max(weights, 1.0) for k, v in sums.items()}
-  chain = {k: v / max(anchors, 1.0) for k, v in chain_sums.items()}
-  steps = int(config.draft.ttt_steps)
-  acc = [mean[f"acc_{k}"] for k in range(steps)]
-  depth = int(ev.vsd.depth)
-  return dict(heldout=config.eval.heldout_path, sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
-              step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
-              chain=dict(accept_mode=str(ev.vsd.accept_mode), depth=depth, anchors=int(anchors),
-                         tau_chain=1.0 + chain.get("mean_u", 0.0),
-                         c_k=[chain.get(f"c_{k + 1}", 0.0) for k in range(depth)]))
 
 
 def run_dry_run(config) -> None:
@@ -98,6 +49,7 @@ def main(_):
   from vsd_jax.data.dataset import iterate_batches
   from vsd_jax.data.pipeline import data_cache_dir, model_id, prepare_data
   from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
+  from vsd_jax.training.heldout import heldout_report
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.training.methods import METHODS, build_method
   from vsd_jax.training.trainer import train_loop

@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.decoding.sampling import warp_logits
 
 _TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed
@@ -123,7 +124,7 @@ def expand_tree(cfg: TreeConfig, draft_fn, carry, d2t, root_token, root_logits, 
                          temperature, top_p)
   b = root_token.shape[0]
   k, depth = cfg.top_k, cfg.depth
-  to_target = lambda ids: ids + d2t[ids]
+  to_target = lambda ids: draft_to_target(ids, d2t)
   logp = jax.nn.log_softmax(root_logits, axis=-1)
   score, ids = jax.lax.top_k(logp, k)                         # [B, k]
   pool_tok, pool_score = [to_target(ids)], [score - _TIE_EPS]
@@ -178,7 +179,7 @@ def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidde
     q = jnp.exp(logq)
     sampled = jax.random.categorical(sub, logq, axis=-1)
     ids = jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
-    toks.append(ids + d2t[ids])
+    toks.append(draft_to_target(ids, d2t))
     # Greedy chain: the point mass on the argmax is the proposal distribution.
     qs.append(jnp.where(temperature > 0, q, jax.nn.one_hot(ids, q.shape[-1])))
     if d < depth:

@@ -172,7 +172,7 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     num = jnp.sum(counted)
     step_loss = jnp.sum(jnp.where(counted, ce, 0.0)) / jnp.maximum(num, 1)
     pred = jnp.argmax(logits, axis=-1)
-    hit = predicts_loss_token & (pred + d2t[pred] == top)
+    hit = predicts_loss_token & (draft_to_target(pred, d2t) == top)
     step_acc = jnp.sum(hit) / jnp.maximum(jnp.sum(predicts_loss_token), 1)
     return step_loss, jax.lax.stop_gradient(step_acc), num
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 METHODS = ("eagle3", "vsd")
+INIT_HEADS = ("random", "target")  # config.draft.init_head
 
 
 @dataclasses.dataclass
@@ -29,9 +30,52 @@ def build_method(config, target, vocab) -> Method:
     method = build_vsd(config, target, vocab)
   else:
     raise ValueError(f"config.method={name!r} is not a training method; use one of {METHODS}")
+  head = str(config.draft.get("init_head", "random"))
+  if head not in INIT_HEADS:
+    raise ValueError(f"config.draft.init_head={head!r}; use one of {INIT_HEADS}")
+  if head == "target":
+    method.init_params = _head_from_target(method.init_params, target, vocab)
   if config.draft.get("init_from", ""):
     method.init_params = _init_from(str(config.draft.init_from), method.init_params, target, vocab)
   return method
+
+
+def _replace_boxed(tree, path: tuple, value):
+  """tree (Flax params, maybe boxed) with the leaf at `path` (dict keys) replaced by `value`, keeping its box."""
+  import flax.linen as nn
+  node = tree
+  for k in path[:-1]:
+    node = node[k]
+  leaf = node[path[-1]]
+  boxed = isinstance(leaf, nn.meta.AxisMetadata)
+  shape = (leaf.unbox() if boxed else leaf).shape
+  if shape != value.shape:
+    raise ValueError(f"{'/'.join(path)}: shape {shape}, replacement {value.shape}")
+  node[path[-1]] = leaf.replace_boxed(value) if boxed else value
+  return tree
+
+
+def _head_from_target(init_params: Callable, target, vocab) -> Callable:
+  """init_params whose lm_head rows are the target's output rows of the draft-vocabulary tokens and whose final
+  norm is the target's: the draft starts reading its hidden state the way the target reads its own, so it
+  only has to learn to produce that state (not also the map from states to tokens)."""
+  import jax
+  import jax.numpy as jnp
+
+  from vsd_jax.data.draft_vocab import draft_to_target
+
+  tp = target.params
+  out = tp["embed_tokens"]["embedding"] if target.config.tie_word_embeddings else tp["lm_head"]["kernel"].T
+  ids = draft_to_target(jnp.arange(len(vocab.d2t), dtype=jnp.int32), jnp.asarray(vocab.d2t, jnp.int32))
+  kernel, scale = jnp.take(out, ids, axis=0).T, tp["norm"]["scale"]
+
+  def init(rng):
+    params = init_params(rng)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    params = _replace_boxed(params, ("lm_head", "kernel"), kernel.astype(dtype))
+    return _replace_boxed(params, ("norm", "scale"), scale.astype(dtype))
+
+  return init
 
 
 def _init_from(directory: str, init_params: Callable, target, vocab) -> Callable:

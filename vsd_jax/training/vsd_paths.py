@@ -87,7 +87,7 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
       return given[:, :, j]
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
-  keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, k_max)
+  keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng)  # z_1, then fold_in(keys[1], j)
   z1 = pick(logits1, 0, keys[0])
 
   def step(carry, j):

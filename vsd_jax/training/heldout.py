@@ -1,0 +1,62 @@
+"""Held-out report after training: how well the draft predicts the target on prompts never trained on."""
+
+from __future__ import annotations
+
+import copy
+
+
+def heldout_config(config):
+  """config with data.sources = the held-out prompts (config.eval) only. Its VSD loss carries EAGLE-3's term
+  (mu = 1, so one target pass gives both metric sets) and no CAR; only metrics are read from it."""
+  ev = copy.deepcopy(config)
+  with ev.unlocked():
+    ev.data.sources = dict(heldout=dict(type="eagle", path=config.eval.heldout_path, limit=int(config.eval.heldout_limit)))
+    ev.vsd.lambda_car, ev.vsd.mu = 0.0, 1.0
+  return ev
+
+
+def heldout_report(config, target, vocab, params) -> dict:
+  """Held-out report on prompts never trained on (their own response cache), the same for every method:
+  EAGLE-3's per-step top-1 agreement and simulated tau (teacher forcing), and the draft's own chains as VSD
+  sees them: E_q[U] and per-depth acceptance c_k of config.vsd.depth-token paths sampled from the draft
+  and verified by the target (config.vsd.accept_mode)."""
+  from vsd_jax.data.pipeline import prepare_data
+
+  ev = heldout_config(config)
+  return heldout_metrics(ev, target, vocab, params, prepare_data(ev, target).dataset)
+
+
+def heldout_metrics(ev, target, vocab, params, ds) -> dict:
+  """The report's figures for the SequenceDataset `ds` under `ev` (a heldout_config); see heldout_report."""
+  import jax
+  import numpy as np
+
+  from vsd_jax.data.dataset import iterate_batches
+  from vsd_jax.training.eagle3_method import build_eagle3
+  from vsd_jax.training.vsd_method import initial_method_state, make_vsd_loss
+
+  bs = min(int(ev.train.batch_size), len(ds))
+  draft, _, _, frozen = build_eagle3(ev, target, vocab)
+  metrics_fn = jax.jit(make_vsd_loss(ev, target, draft))  # one target pass: EAGLE-3's and the chains' metrics
+  state = initial_method_state(int(ev.vsd.depth))
+  sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0
+  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(ev.data.buckets), drop_last=False)):
+    _, (cm, _) = metrics_fn(params, frozen, batch, jax.random.PRNGKey(i), state)
+    w = float(cm["num_tokens"])
+    for k in [f"acc_{j}" for j in range(int(ev.draft.ttt_steps))]:
+      sums[k] = sums.get(k, 0.0) + float(cm[k]) * w
+    weights += w
+    a = float(cm["anchors"])
+    for k, v in cm.items():
+      chain_sums[k] = chain_sums.get(k, 0.0) + float(v) * a
+    anchors += a
+  mean = {k: v / max(weights, 1.0) for k, v in sums.items()}
+  chain = {k: v / max(anchors, 1.0) for k, v in chain_sums.items()}
+  steps = int(ev.draft.ttt_steps)
+  acc = [mean[f"acc_{k}"] for k in range(steps)]
+  depth = int(ev.vsd.depth)
+  return dict(heldout=ev.eval.heldout_path, sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
+              step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
+              chain=dict(accept_mode=str(ev.vsd.accept_mode), depth=depth, anchors=int(anchors),
+                         tau_chain=1.0 + chain.get("mean_u", 0.0),
+                         c_k=[chain.get(f"c_{k + 1}", 0.0) for k in range(depth)]))
