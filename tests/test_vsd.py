@@ -10,10 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from tests.tiny_models import tiny_setup, tiny_target, vocab_maps
+from tests.tiny_models import tiny_setup, vocab_maps
 from vsd_jax.config_base import base_config
 from vsd_jax.models.eagle3 import init_draft_cache
-from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.training import vsd_estep, vsd_mstep, vsd_utility
 from vsd_jax.training.eagle3_loss import target_features, target_pass
 from vsd_jax.training.vsd_method import build_vsd, check_vsd_config

@@ -67,7 +67,7 @@ def main(_):
   import jax
   import jax.numpy as jnp
 
-  from vsd_jax.decoding.runner import PromptTooLongError, check_capacity, run_batches
+  from vsd_jax.decoding.runner import check_capacity, run_batches
   from vsd_jax.decoding.speculative import required_slots, speculative_generate
   from vsd_jax.decoding.tree import TreeConfig
   from vsd_jax.decoding.vanilla import generate

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from vsd_jax.decoding.sampling import sample_token
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_attention_mask, tree_forward
-from vsd_jax.decoding.vanilla import is_eos, prefill
+from vsd_jax.decoding.vanilla import is_eos
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
 from vsd_jax.models.kv_cache import KVCache, gather_slots
 
