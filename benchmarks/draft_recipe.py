@@ -46,8 +46,7 @@ def main(_):
   from vsd_jax.training.heldout import heldout_config
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.training.methods import build_method
-  from vsd_jax.training.state import create_train_state, make_optimizer, state_shardings
-  from vsd_jax.training.trainer import make_train_step
+  from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 
   config, F = _CONFIG.value, flags.FLAGS
@@ -81,40 +80,31 @@ def main(_):
       cfg.train.warmup_steps = max(1, steps // 10)
       cfg.draft.init_head = "target" if v["head"] else "random"
     method = build_method(cfg, target, vocab)
-    tx, schedule = make_optimizer(cfg.train)
-    _, sh = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), mesh, rules)
-    frozen_sh = parallel.shardings_of(method.frozen, mesh)
-    frozen = parallel.place(method.frozen, frozen_sh)
-    state = create_train_state(method.init_params, tx, jax.random.PRNGKey(cfg.seed), sh)
-    step_fns, t0, done, epoch = {}, time.perf_counter(), 0, 0
+    steps_fn = MethodSteps(cfg, method, mesh, rules, seed=cfg.seed)
+    t0, done, epoch = time.perf_counter(), 0, 0
     while done < steps:
       for b in with_cached_targets(iterate_batches(train, v["batch"], seed=0, epoch=epoch, buckets=buckets,
                                                    with_index=True), caches["train"], vocab.t2d):
-        t = b["input_ids"].shape[1]
-        if t not in step_fns:
-          bsh = parallel.batch_shardings(b, mesh, rules)
-          step_fns[t] = (make_train_step(method.loss_fn, tx, mesh=mesh, rules=rules, shardings=sh,
-                                         frozen_shardings=frozen_sh, batch_shardings=bsh, lr_schedule=schedule), bsh)
-        fn, bsh = step_fns[t]
-        state, m = fn(state, frozen, parallel.shard_batch(b, bsh))
+        last = steps_fn(b)
         done += 1
         if done >= steps:
           break
       epoch += 1
+    state = steps_fn.state
     jax.block_until_ready(state.params)
     train_s = time.perf_counter() - t0
     eval_fn = jax.jit(method.loss_fn)
     sums, weight = {}, 0.0
     for b in with_cached_targets(iterate_batches(heldout, 8, seed=0, buckets=buckets, drop_last=False,
                                                  with_index=True), caches["heldout"], vocab.t2d):
-      _, m = eval_fn(state.params, frozen, b, jax.random.PRNGKey(0))
+      _, m = eval_fn(state.params, steps_fn.frozen, b, jax.random.PRNGKey(0))
       w = float(m["num_tokens"])
       for k, x in m.items():
         sums[k] = sums.get(k, 0.0) + float(x) * w
       weight += w
     acc = [sums[f"acc_{k}"] / weight for k in range(int(cfg.draft.ttt_steps))]
     results.append(dict(variant=name, steps=steps, train_s=train_s, heldout_acc=acc,
-                        tau_simulated=float(1 + np.sum(np.cumprod(acc))), last_train_acc0=float(m["acc_0"])))
+                        tau_simulated=float(1 + np.sum(np.cumprod(acc))), last_train_acc0=float(last["acc_0"])))
     print(json.dumps(results[-1]), flush=True)
   print(f"\nfeature pass {pass_s:.0f} s; {len(train)} train sequences, {len(heldout)} held-out; "
         f"ttt_steps={config.draft.ttt_steps}, {F.visits} visits per variant\n")

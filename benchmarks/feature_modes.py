@@ -34,8 +34,7 @@ def main(_):
   from vsd_jax.data.pipeline import prepare_data
   from vsd_jax.training.feature_cache import build_feature_cache, with_cached_targets
   from vsd_jax.training.methods import build_method
-  from vsd_jax.training.state import create_train_state, make_optimizer, state_shardings
-  from vsd_jax.training.trainer import make_train_step
+  from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 
   config, F = _CONFIG.value, flags.FLAGS
@@ -54,24 +53,15 @@ def main(_):
                                       cache, vocab.t2d))[:F.steps + 1]
     method = build_method(config, target, vocab)
     mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
-    tx, schedule = make_optimizer(config.train)
-    _, sh = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), mesh, rules)
-    frozen_sh = parallel.shardings_of(method.frozen, mesh)
-    frozen = parallel.place(method.frozen, frozen_sh)
     runs = {}
     for name, batches in (("in_step", plain), ("precomputed", cached)):
-      bsh = parallel.batch_shardings(batches[0], mesh, rules)
-      step = make_train_step(method.loss_fn, tx, mesh=mesh, rules=rules, shardings=sh, frozen_shardings=frozen_sh,
-                             batch_shardings=bsh, lr_schedule=schedule)
-      state = create_train_state(method.init_params, tx, jax.random.PRNGKey(0), sh)
-      state, m = step(state, frozen, parallel.shard_batch(batches[0], bsh))
-      jax.block_until_ready(m)
-      runs[name] = dict(step=step, state=state, bsh=bsh, batches=batches, times=[])
+      steps = MethodSteps(config, method, mesh, rules)
+      jax.block_until_ready(steps(batches[0]))  # compiles
+      runs[name] = dict(steps=steps, batches=batches, times=[])
     for i in range(1, F.steps + 1):
       for name, r in runs.items():
         t0 = time.perf_counter()
-        r["state"], m = r["step"](r["state"], frozen, parallel.shard_batch(r["batches"][i], r["bsh"]))
-        jax.block_until_ready(m)
+        jax.block_until_ready(r["steps"](r["batches"][i]))
         r["times"].append(time.perf_counter() - t0)
   step_s = {name: sum(r["times"]) / len(r["times"]) for name, r in runs.items()}
   per_seq_pass = pass_s / len(sub)

@@ -31,8 +31,7 @@ def main(_):
   from vsd_jax.data.dataset import iterate_batches
   from vsd_jax.data.pipeline import prepare_data
   from vsd_jax.training.methods import build_method
-  from vsd_jax.training.state import create_train_state, make_optimizer, state_shardings
-  from vsd_jax.training.trainer import make_train_step
+  from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 
   config = _CONFIG.value
@@ -46,26 +45,14 @@ def main(_):
   for name in ("eagle3", "vsd"):
     c = copy.deepcopy(config)
     c.method = name
-    method = build_method(c, target, data.draft_vocab)
-    tx, schedule = make_optimizer(c.train)
-    _, shardings = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), mesh, rules, method.method_state)
-    state = create_train_state(method.init_params, tx, jax.random.PRNGKey(0), shardings, method.method_state)
-    frozen_sh = parallel.shardings_of(method.frozen, mesh)
-    batch_sh = parallel.batch_shardings(batches[0], mesh, rules)
-    step = make_train_step(method.loss_fn, tx, mesh=mesh, rules=rules, shardings=shardings,
-                           frozen_shardings=frozen_sh, batch_shardings=batch_sh, lr_schedule=schedule,
-                           stateful=method.method_state is not None)
-    frozen = parallel.place(method.frozen, frozen_sh)
+    steps = MethodSteps(c, build_method(c, target, data.draft_vocab), mesh, rules)
     t0 = time.perf_counter()
-    state, m = step(state, frozen, parallel.shard_batch(batches[0], batch_sh))
-    jax.block_until_ready(m)
-    runs[name] = dict(step=step, state=state, frozen=frozen, batch_sh=batch_sh, times=[],
-                      compile_s=time.perf_counter() - t0)
+    jax.block_until_ready(steps(batches[0]))
+    runs[name] = dict(steps=steps, times=[], compile_s=time.perf_counter() - t0)
   for b in batches[1:]:
     for name, r in runs.items():
       t0 = time.perf_counter()
-      r["state"], m = r["step"](r["state"], r["frozen"], parallel.shard_batch(b, r["batch_sh"]))
-      jax.block_until_ready(m)
+      jax.block_until_ready(r["steps"](b))
       r["times"].append(time.perf_counter() - t0)
   out = {name: dict(step_s=sum(r["times"]) / len(r["times"]), first_step_s=r["compile_s"]) for name, r in runs.items()}
   out["vsd_over_eagle3"] = out["vsd"]["step_s"] / out["eagle3"]["step_s"]

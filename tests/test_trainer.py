@@ -175,6 +175,22 @@ def test_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
 
 
 @needs_8_devices
+def test_method_steps_reproduce_the_train_loop(tmp_path_factory):
+  """The step driver benchmarks use (trainer.MethodSteps) trains exactly like train_loop."""
+  from vsd_jax.training.methods import Method
+  from vsd_jax.training.trainer import MethodSteps
+
+  ref_params, ref_metrics = reference_40(tmp_path_factory)
+  c = make_config(tmp_path_factory.mktemp("unused"))
+  steps = MethodSteps(c, Method(None, init_params, loss_fn, frozen_embedding()), seed=c.seed)
+  batches = make_batches(0)
+  losses = [float(steps(next(batches))["loss"]) for _ in range(40)]
+  assert int(steps.state.step) == 40 and len(steps._steps) == 1  # compiled once
+  assert max_abs_diff(steps.state.params, ref_params) <= 1e-6
+  np.testing.assert_allclose(losses, [r["loss"] for r in ref_metrics], rtol=1e-6)
+
+
+@needs_8_devices
 def test_resume_onto_another_mesh(tmp_path, tmp_path_factory):
   """A checkpoint written on a (8,1,1) mesh restores into (2,2,2) shardings and trains on."""
   train_loop(mesh_config(make_config(tmp_path), 8, 1, 1), loss_fn, init_params, frozen_embedding(),

@@ -116,6 +116,36 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh, 
   return run
 
 
+class MethodSteps:
+  """A fresh train state for a training method (methods.Method) and its jitted step, for benchmarks and
+  experiments that drive steps themselves (no checkpoints, no logging): `metrics = steps(host_batch)`."""
+
+  def __init__(self, config, method, mesh=None, rules=None, seed: int = 0):
+    self.mesh = parallel.make_mesh(config) if mesh is None else mesh
+    self.rules = parallel.logical_axis_rules(config) if rules is None else rules
+    tx, schedule = make_optimizer(config.train)
+    _, shardings = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), self.mesh, self.rules,
+                                   method.method_state)
+    self.state = create_train_state(method.init_params, tx, jax.random.PRNGKey(seed), shardings,
+                                    method.method_state)
+    frozen_sh = parallel.shardings_of(method.frozen, self.mesh)
+    self.frozen = parallel.place(method.frozen, frozen_sh)
+    self._make = lambda batch_sh: make_train_step(
+        method.loss_fn, tx, mesh=self.mesh, rules=self.rules, shardings=shardings, frozen_shardings=frozen_sh,
+        batch_shardings=batch_sh, lr_schedule=schedule, stateful=method.method_state is not None)
+    self._steps = {}
+
+  def __call__(self, host_batch: dict) -> dict:
+    """One update on a host batch; returns the step's metrics (device arrays). Compiles once per batch shape."""
+    key = tuple(sorted((k, v.shape) for k, v in host_batch.items()))
+    if key not in self._steps:
+      batch_sh = parallel.batch_shardings(host_batch, self.mesh, self.rules)
+      self._steps[key] = (self._make(batch_sh), batch_sh)
+    step, batch_sh = self._steps[key]
+    self.state, metrics = step(self.state, self.frozen, parallel.shard_batch(host_batch, batch_sh))
+    return metrics
+
+
 class _SigtermFlag:
   """Records SIGTERM instead of dying, so the loop can save and return (single process, main thread).
 
