@@ -59,7 +59,7 @@ def main(_):
   with ev.unlocked():
     ev.eval.heldout_limit = F.heldout
     ev.data.sources.heldout.limit = F.heldout
-  heldout = prepare_data(ev, target, progress=False).dataset
+  heldout = prepare_data(ev, target, progress=False, draft_vocab=False).dataset
   root = os.path.join(config.workdir, "recipe")
   caches = {}
   t0 = time.perf_counter()

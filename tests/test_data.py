@@ -341,8 +341,9 @@ def test_prepare_data_end_to_end(target, data_root, tmp_path):
   def must_not_generate(ids, lens):
     raise AssertionError("the cached responses should have been reused")
 
-  again = prepare_data(c, target, call=must_not_generate, progress=False)
+  again = prepare_data(c, target, call=must_not_generate, progress=False, draft_vocab=False)
   assert again.dataset.fingerprint() == ds.fingerprint()
+  assert again.draft_vocab is None and again.stats["draft_vocab_coverage"] is None  # held-out data: no vocab
   c.data.regen.temperature = 1.0  # other settings -> another cache file
   fake = FakeGenerate()
   prepare_data(c, target, call=fake, progress=False)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class TrainingData:
   dataset: SequenceDataset
-  draft_vocab: DraftVocab
+  draft_vocab: Optional[DraftVocab]  # None when prepared with draft_vocab=False (held-out data)
   stats: dict           # counts of every stage (prompts per source, dropped, truncated, unfinished, ...)
   response_cache: str   # path of the regenerated-response cache
 
@@ -42,11 +42,13 @@ def model_id(target) -> str:
   return f"{target.source}|{target.config.dtype}|{target.config.param_dtype}"
 
 
-def prepare_data(config, target, call: Optional[Callable] = None, progress: bool = True) -> TrainingData:
+def prepare_data(config, target, call: Optional[Callable] = None, progress: bool = True,
+                 draft_vocab: bool = True) -> TrainingData:
   """Build (or reuse from cache) the training sequences and draft vocab described by config.data.
 
   target: a loaded Target (tokenizer, model, params). call: override of the generation call (tests);
-  default make_target_call (vanilla.generate through run_batches).
+  default make_target_call (vanilla.generate through run_batches). draft_vocab=False skips building a draft
+  vocabulary (held-out data is scored with the training run's).
   """
   d, tok = config.data, target.tokenizer
   prompts, source_stats = load_prompts(d, d.system_prompt)
@@ -84,10 +86,13 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
                      "data.length_policy='truncate'.")
   dataset = SequenceDataset.from_pairs(pairs)
-  vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))
+  vocab = None
+  if draft_vocab:
+    vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))
   stats = dict(sources={k: dataclasses.asdict(s) for k, s in source_stats.items()}, prompts=len(prompts),
                prompt_too_long=len(too_long), unfinished=unfinished, length=dataclasses.asdict(length_stats),
-               sequences=len(dataset), loss_tokens=dataset.num_loss_tokens(), draft_vocab_coverage=vocab.coverage)
-  log.info("training data: %d sequences, %d response tokens, draft vocab coverage %.2f%%", len(dataset),
-           stats["loss_tokens"], 100 * vocab.coverage)
+               sequences=len(dataset), loss_tokens=dataset.num_loss_tokens(),
+               draft_vocab_coverage=None if vocab is None else vocab.coverage)
+  log.info("training data: %d sequences, %d response tokens%s", len(dataset), stats["loss_tokens"],
+           "" if vocab is None else f", draft vocab coverage {100 * vocab.coverage:.2f}%")
   return TrainingData(dataset, vocab, stats, path)

@@ -23,7 +23,7 @@ def heldout_report(config, target, vocab, params) -> dict:
   from vsd_jax.data.pipeline import prepare_data
 
   ev = heldout_config(config)
-  return heldout_metrics(ev, target, vocab, params, prepare_data(ev, target).dataset)
+  return heldout_metrics(ev, target, vocab, params, prepare_data(ev, target, draft_vocab=False).dataset)
 
 
 def heldout_metrics(ev, target, vocab, params, ds) -> dict:
