@@ -133,16 +133,15 @@ class MethodSteps:
     self._make = lambda batch_sh: make_train_step(
         method.loss_fn, tx, mesh=self.mesh, rules=self.rules, shardings=shardings, frozen_shardings=frozen_sh,
         batch_shardings=batch_sh, lr_schedule=schedule, stateful=method.method_state is not None)
-    self._steps = {}
+    self.step_fn, self._batch_sh = None, None
 
   def __call__(self, host_batch: dict) -> dict:
-    """One update on a host batch; returns the step's metrics (device arrays). Compiles once per batch shape."""
-    key = tuple(sorted((k, v.shape) for k, v in host_batch.items()))
-    if key not in self._steps:
-      batch_sh = parallel.batch_shardings(host_batch, self.mesh, self.rules)
-      self._steps[key] = (self._make(batch_sh), batch_sh)
-    step, batch_sh = self._steps[key]
-    self.state, metrics = step(self.state, self.frozen, parallel.shard_batch(host_batch, batch_sh))
+    """One update on a host batch; returns the step's metrics (device arrays). Built on the first batch, as
+    train_loop does: batch shardings depend only on each array's rank, and jit compiles once per shape."""
+    if self.step_fn is None:
+      self._batch_sh = parallel.batch_shardings(host_batch, self.mesh, self.rules)
+      self.step_fn = self._make(self._batch_sh)
+    self.state, metrics = self.step_fn(self.state, self.frozen, parallel.shard_batch(host_batch, self._batch_sh))
     return metrics
 
 
