@@ -45,7 +45,7 @@ def main(_):
   from vsd_jax.data.pipeline import model_id, prepare_data
   from vsd_jax.training.heldout import heldout_config
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
   from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 

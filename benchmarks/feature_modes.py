@@ -33,7 +33,7 @@ def main(_):
   from vsd_jax.data.dataset import SequenceDataset, iterate_batches
   from vsd_jax.data.pipeline import prepare_data
   from vsd_jax.training.feature_cache import build_feature_cache, with_cached_targets
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
   from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 

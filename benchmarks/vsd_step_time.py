@@ -2,7 +2,7 @@
 
   python benchmarks/vsd_step_time.py --config configs/tiny_vsd.py [--steps 3] [--config.vsd.num_paths=4 ...]
 
-Builds both methods with vsd_jax.training.methods.build_method, jits one sharded train step each
+Builds both methods with vsd_jax.methods.build_method, jits one sharded train step each
 (trainer.make_train_step on the configured mesh), compiles on the first batch, then times --steps
 steps of each on the same batches, interleaved. Prints a JSON line with seconds per step and the ratio.
 """
@@ -30,7 +30,7 @@ def main(_):
   from vsd_jax import parallel
   from vsd_jax.data.dataset import iterate_batches
   from vsd_jax.data.pipeline import prepare_data
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
   from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 

@@ -13,8 +13,21 @@ import pytest
 from vsd_jax.models.eagle3 import (Eagle3Config, Eagle3Draft, init_draft_cache, init_draft_params,
                                    target_embedding)
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM, dot_product_attention
-from vsd_jax.training.eagle3_loss import (eagle3_loss, shift_left, target_features, ttt_attention_mask, ttt_unroll,
-                                          validate_vocab_maps)
+from vsd_jax.methods.eagle3.loss import eagle3_loss, ttt_unroll, validate_vocab_maps
+from vsd_jax.models.draft_unroll import chain_slots, shift_left
+from vsd_jax.models.features import target_features
+from vsd_jax.models.masks import chain_attention_mask, sequence_mask
+
+
+def ttt_mask(t, step, key_valid):
+  """The mask TTT step `step` runs with: step 0 the sequence, later steps one chain per row (R = T) over
+  a cache of chain_slots(T, T, depth) slots; here depth = 4."""
+  slots = chain_slots(t, t, 4)
+  if step == 0:
+    return sequence_mask(key_valid, slots)
+  b = key_valid.shape[0]
+  return chain_attention_mask(jnp.broadcast_to(jnp.arange(1, t + 1), (b, t)), t, 4, step, slots,
+                              jnp.full((b,), t, jnp.int32), key_valid)
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=6, num_heads=4, num_kv_heads=2,
                    head_dim=8, rope_theta=500.0, max_position_embeddings=256)
@@ -74,15 +87,15 @@ def test_ttt_mask_matches_definition():
   key_valid = np.ones((2, t), bool)
   key_valid[1, :2] = False  # a left-padded row
   for step in range(4):
-    got = np.asarray(ttt_attention_mask(t, step, jnp.asarray(key_valid)))
-    chex.assert_shape(got, (2, t, (step + 1) * t))
+    got = np.asarray(ttt_mask(t, step, jnp.asarray(key_valid)))
+    chex.assert_shape(got, (2, t, 4 * t))
     want = np.zeros_like(got)
     for b in range(2):
       for q in range(t):
         for j in range(t):  # step-0 keys: causal over valid tokens
           want[b, q, j] = j <= q and key_valid[b, j]
-        for i in range(1, step + 1):  # one diagonal entry per earlier step (and this one)
-          want[b, q, i * t + q] = True
+        for i in range(1, step + 1):  # one entry per earlier chain step (and this one): slot T + (i-1)*T + q
+          want[b, q, t + (i - 1) * t + q] = True
     np.testing.assert_array_equal(got, want)
 
 
@@ -91,11 +104,11 @@ def test_ttt_attention_equals_brute_force():
   b, t, n, kv, d, step = 2, 6, 4, 2, 8, 3
   rng = np.random.default_rng(0)
   q = rng.normal(size=(b, t, n, d)).astype(np.float32)
-  ks = rng.normal(size=(step + 1, b, kv, t, d)).astype(np.float32)  # keys of steps 0..step
-  vs = rng.normal(size=(step + 1, b, kv, t, d)).astype(np.float32)
+  ks = rng.normal(size=(4, b, kv, t, d)).astype(np.float32)  # keys of steps 0..3 (the window of depth 4)
+  vs = rng.normal(size=(4, b, kv, t, d)).astype(np.float32)
   keys, vals = np.concatenate(list(ks), axis=2), np.concatenate(list(vs), axis=2)
   out = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(vals),
-                                         ttt_attention_mask(t, step, jnp.ones((b, t), bool))))
+                                         ttt_mask(t, step, jnp.ones((b, t), bool))))
   for bi in range(b):
     for qi in range(t):
       for h in range(n):
@@ -137,7 +150,7 @@ def test_ttt_unroll_equals_chained_decoding(tiny):
   and the chain's own slots."""
   draft, p, emb, ids, feats = tiny["draft"], tiny["dparams"], tiny["emb"], tiny["ids"], tiny["feats"]
   steps = 4
-  ttt = [np.asarray(x) for x in ttt_unroll(p, draft, emb, feats, ids, steps)]
+  ttt = np.asarray(ttt_unroll(p, draft, emb, feats, ids, steps))
   slots = T + steps
   ctx = draft.apply({"params": p}, emb, shift_left(ids, 1), feats, kv_cache=init_draft_cache(tiny["dcfg"], B, slots))
   np.testing.assert_allclose(ttt[0], ctx.logits, atol=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 from tests.tiny_models import tiny_target, vocab_maps
 from vsd_jax import parallel
 from vsd_jax.config_base import base_config
-from vsd_jax.training.methods import build_method
+from vsd_jax.methods import build_method
 from vsd_jax.training.trainer import train_loop
 
 B, T = 8, 16

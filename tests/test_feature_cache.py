@@ -9,7 +9,7 @@ import numpy as np
 from tests.tiny_models import tiny_target, vocab_maps
 from vsd_jax.config_base import base_config
 from vsd_jax.data.dataset import SequenceDataset, iterate_batches
-from vsd_jax.training.eagle3_method import build_eagle3
+from vsd_jax.methods import eagle3
 from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
 
 
@@ -30,7 +30,8 @@ def test_precomputed_loss_equals_in_step_loss(tmp_path):
   vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
   c = base_config()
   c.draft.ttt_steps = 3
-  _, init_params, loss_fn, frozen = build_eagle3(c, target, vocab)
+  m = eagle3.build(c, target, vocab)
+  init_params, loss_fn, frozen = m.init_params, m.loss_fn, m.frozen
   import flax.linen as nn
   draft_params = nn.unbox(init_params(jax.random.PRNGKey(0)))
   ds = _dataset()

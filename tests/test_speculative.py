@@ -118,7 +118,7 @@ def test_statistical_test_has_power(tiny):
   model, params, draft, trained, _, d2t, _ = tiny
   exact = _exact_three_token_distribution(tiny)
   # Exact draft distribution for x2 given (prompt, x1): q over the draft vocab mapped to target ids.
-  from vsd_jax.training.eagle3_loss import target_features
+  from vsd_jax.models.features import target_features
   v = model.cfg.vocab_size
   seqs = jnp.asarray([PROMPT + [x] for x in range(v)], jnp.int32)
   feats, _ = target_features(model, params, seqs)

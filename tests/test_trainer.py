@@ -177,7 +177,7 @@ def test_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
 @needs_8_devices
 def test_method_steps_reproduce_the_train_loop(tmp_path_factory):
   """The step driver benchmarks use (trainer.MethodSteps) trains exactly like train_loop."""
-  from vsd_jax.training.methods import Method
+  from vsd_jax.methods import Method
   from vsd_jax.training.trainer import MethodSteps
 
   ref_params, ref_metrics = reference_40(tmp_path_factory)

@@ -13,11 +13,11 @@ import pytest
 from tests.tiny_models import tiny_setup, vocab_maps
 from vsd_jax.config_base import base_config
 from vsd_jax.models.eagle3 import init_draft_cache
-from vsd_jax.training import vsd_estep, vsd_mstep, vsd_utility
-from vsd_jax.training.eagle3_loss import target_features, target_pass
-from vsd_jax.training.vsd_method import build_vsd, check_vsd_config
-from vsd_jax.training.vsd_oracle import oracle_logits, oracle_slots
-from vsd_jax.training.vsd_paths import choose_anchors, sample_draft_paths, score_draft_paths
+from vsd_jax.methods.vsd import estep as vsd_estep, mstep as vsd_mstep, utility as vsd_utility
+from vsd_jax.models.features import target_features, target_pass
+from vsd_jax.methods.vsd import build as build_vsd, check_config as check_vsd_config
+from vsd_jax.methods.vsd.oracle import oracle_logits, oracle_slots
+from vsd_jax.methods.vsd.paths import choose_anchors, sample_draft_paths, score_draft_paths
 
 
 # ---------------------------------------------------------------- E-step
@@ -291,7 +291,7 @@ def test_exact_em_increases_log_expected_utility():
 
 def test_init_from_a_trained_draft(tiny, tmp_path):
   """draft.init_from starts either method from an exported draft; another draft vocabulary is refused."""
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
   from vsd_jax.weights.draft_io import DraftMismatchError, save_draft
 
   target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
@@ -316,7 +316,7 @@ def test_init_head_from_target(tiny):
   the final norm is the target's, everything else is the random init; an unknown value is refused."""
   import flax.linen as nn
 
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
 
   target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
   vocab = types.SimpleNamespace(d2t=np.asarray(tiny.d2t), t2d=np.asarray(tiny.t2d))
@@ -339,7 +339,7 @@ def test_init_head_from_target(tiny):
 def test_heldout_metrics_equal_the_eagle3_loss(tiny):
   """The held-out report's one pass (VSD loss with mu=1) gives EAGLE-3's own per-step agreement."""
   from vsd_jax.data.dataset import SequenceDataset
-  from vsd_jax.training.eagle3_method import build_eagle3
+  from vsd_jax.methods import eagle3
   from vsd_jax.training.heldout import heldout_config, heldout_metrics
 
   target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
@@ -351,7 +351,8 @@ def test_heldout_metrics_equal_the_eagle3_loss(tiny):
   c.train.batch_size, c.data.buckets = B, (T,)
   ev = heldout_config(c)
   got = heldout_metrics(ev, target, vocab, tiny.dparams, ds)
-  _, _, eagle_loss, frozen = build_eagle3(ev, target, vocab)
+  base = eagle3.build(ev, target, vocab)
+  eagle_loss, frozen = base.loss_fn, base.frozen
   batch = dict(input_ids=tiny.ids, attention_mask=tiny.valid.astype(jnp.int32), loss_mask=tiny.loss_mask)
   _, m = eagle_loss(tiny.dparams, frozen, batch, None)
   want = [float(m[f"acc_{k}"]) for k in range(c.draft.ttt_steps)]

@@ -12,7 +12,8 @@ from flax import linen as nn
 from vsd_jax.decoding.vanilla import generate
 from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_params
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from vsd_jax.training.eagle3_loss import eagle3_loss, target_features
+from vsd_jax.methods.eagle3.loss import eagle3_loss
+from vsd_jax.models.features import target_features
 
 
 def tiny_target(vocab=8, seed=0, scale=12.0):

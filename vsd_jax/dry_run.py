@@ -169,7 +169,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
 
   from vsd_jax import parallel
   from vsd_jax.models.llama import LlamaForCausalLM
-  from vsd_jax.training.methods import build_method
+  from vsd_jax.methods import build_method
   from vsd_jax.training.state import make_optimizer, state_shardings
   from vsd_jax.training.trainer import make_train_step
 

@@ -51,7 +51,7 @@ def main(_):
   from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.training.heldout import heldout_report
-  from vsd_jax.training.methods import METHODS, build_method
+  from vsd_jax.methods import METHODS, build_method
   from vsd_jax.training.trainer import train_loop
   from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import save_draft

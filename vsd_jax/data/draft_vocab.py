@@ -29,8 +29,8 @@ class DraftVocab:
 
   @property
   def target_ids(self) -> np.ndarray:
-    """int32 [N], ascending."""
-    return np.arange(self.size, dtype=np.int32) + self.d2t
+    """int32 [N], ascending: the target id of each draft id."""
+    return draft_vocab_ids(self.d2t)
 
   def save(self, path: str) -> None:
     np.savez(path, d2t=self.d2t, t2d=self.t2d, counts=self.counts, coverage=np.float64(self.coverage))
@@ -102,8 +102,14 @@ def _xp(x):
 
 
 def draft_to_target(ids, d2t):
-  """Draft indices [...] -> target ids [...]; numpy or jax arrays (jit-safe)."""
+  """Draft indices [...] -> target ids [...]; numpy or jax arrays (jit-safe). The one draft -> target map."""
   return ids + d2t[ids]
+
+
+def draft_vocab_ids(d2t):
+  """int32 [N]: the target id of every draft id 0..N-1 (d2t: [N]); numpy or jax arrays (jit-safe)."""
+  xp = _xp(d2t)
+  return draft_to_target(xp.arange(d2t.shape[0], dtype=xp.int32), d2t.astype(xp.int32))
 
 
 def target_to_draft(ids, t2d, missing: int = -1):

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.decoding.sampling import sample_token
-from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_attention_mask, tree_forward
+from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
 from vsd_jax.decoding.vanilla import is_eos
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
+from vsd_jax.data.draft_vocab import draft_vocab_ids
+from vsd_jax.models.draft_unroll import draft_fn_of
+from vsd_jax.models.features import fuse_features
 from vsd_jax.models.kv_cache import KVCache, gather_slots
 
 
@@ -32,12 +35,6 @@ class SpeculativeOutput:
 def required_slots(prompt_len: int, max_new_tokens: int, tree_cfg: TreeConfig) -> int:
   """Cache slots a generation needs: prompt + new tokens + one round's tree and draft scratch."""
   return prompt_len + max_new_tokens + tree_cfg.num_nodes + tree_cfg.depth + tree_cfg.scratch_slots + 2
-
-
-def _features(hidden_states):
-  """[3, B, T, H] layer inputs -> [B, T, 3H] fused-feature input of the draft."""
-  n, b, t, h = hidden_states.shape
-  return hidden_states.transpose(1, 2, 0, 3).reshape(b, t, n * h)
 
 
 def _write_rows(buf, new, start):
@@ -71,7 +68,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
   depth = tree_cfg.depth
   width = depth + 1                      # most tokens one round commits (accepted + bonus)
   embed = target_params["embed_tokens"]["embedding"]
-  draft_target_ids = (jnp.arange(d2t.shape[0]) + d2t).astype(jnp.int32)
+  draft_target_ids = draft_vocab_ids(d2t)
 
   # Prefill the target; its first token is the first root.
   tcache = KVCache.zeros(tcfg, b, cache_slots)
@@ -85,7 +82,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
   shifted = jnp.concatenate([prompt_ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
   draft_in = jnp.where(jnp.arange(p)[None, :] == (prompt_lens - 1)[:, None], root[:, None], shifted)
   dcache = KVCache.zeros(draft_model.cfg.layer_config, b, cache_slots)
-  dout = draft_model.apply({"params": draft_params}, embed, draft_in, _features(out.hidden_states),
+  dout = draft_model.apply({"params": draft_params}, embed, draft_in, fuse_features(out.hidden_states),
                            kv_cache=dcache, write_index=jnp.zeros_like(prompt_lens))
   pick = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
   state = dict(
@@ -95,11 +92,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
       num_new=jnp.ones((b,), jnp.int32), done=is_eos(root, eos_ids) | (max_new_tokens <= 1),
       rounds=jnp.zeros((b,), jnp.int32), hist=jnp.zeros((b, width), jnp.int32), rng=rng)
 
-  def draft_fn(cache, toks, hidden, positions, scratch_mask, offset, length):
-    mask = tree_attention_mask(length, scratch_mask, cache.num_slots)
-    o = draft_model.apply({"params": draft_params}, embed, toks, hidden, positions=positions, attention_mask=mask,
-                          kv_cache=cache, write_index=length + offset)
-    return o.logits, o.hidden, o.kv_cache
+  draft_fn = draft_fn_of(draft_model, draft_params, embed)
 
   def cond(s):
     return ~jnp.all(s["done"])
@@ -107,7 +100,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
   def body(s):
     rng, k_tree, k_verify = jax.random.split(s["rng"], 3)
     length = s["length"]
-    tree, dcache = expand_tree(tree_cfg, functools.partial(draft_fn, length=length), s["dcache"], d2t, s["root"],
+    tree, dcache = expand_tree(tree_cfg, draft_fn, s["dcache"], d2t, s["root"],
                                s["root_logits"], s["root_hidden"], length, k_tree, temperature, top_p)
     vout = tree_forward(target_model, target_params, s["tcache"], tree.tokens, tree.depths, tree.ancestors,
                         length, hidden_layers=layers)
@@ -135,7 +128,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
     done = s["done"] | (first_eos < width) | (num_new >= max_new_tokens)
 
     # The draft consumes the committed tokens with the target's features of the nodes before them.
-    feats = _features(vout.hidden_states)
+    feats = fuse_features(vout.hidden_states)
     feats = jnp.take_along_axis(feats, path[:, :, None], axis=1)
     dout = draft_model.apply({"params": draft_params}, embed, new, feats, kv_cache=dcache, write_index=length)
     new_length = length + m + 1

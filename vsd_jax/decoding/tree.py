@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.decoding.sampling import warp_logits
+from vsd_jax.models.draft_unroll import unroll_chain
+from vsd_jax.models.masks import tree_attention_mask
 
 _TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed
 
@@ -111,9 +113,9 @@ def expand_tree(cfg: TreeConfig, draft_fn, carry, d2t, root_token, root_logits, 
 
   Args:
     cfg: TreeConfig (static). draft_fn(carry, tokens [B,k] target ids, hidden [B,k,H], positions [B,k],
-      scratch_mask [B,k,scratch] bool, write_offset int) -> (logits [B,k,Vd], hidden [B,k,H], carry);
-      it attends to committed slots < committed_len plus the scratch slots in scratch_mask and writes
-      at scratch slot write_offset + arange(k). `carry` is the draft's KV cache, threaded through.
+      mask bool [B,k,S], write_index int32 [B]) -> (logits [B,k,Vd], hidden [B,k,H], carry)
+      (`draft_unroll.draft_fn_of`); `carry` is the draft's KV cache (S slots), threaded through. Expansion
+      attends to the committed slots < committed_len plus scratch slots past it, and writes there.
     d2t: int32 [Vd] draft id -> target id offset. root_token: int32 [B]. root_logits: float32 [B, Vd].
     root_hidden: [B, H]. committed_len: int32 [B]. rng/temperature/top_p: chain mode sampling.
   Returns:
@@ -137,9 +139,9 @@ def expand_tree(cfg: TreeConfig, draft_fn, carry, d2t, root_token, root_logits, 
   base = k
   for d in range(1, depth):
     own = jax.nn.one_hot((d - 1) * k + jnp.arange(k), scratch, dtype=bool)  # [k, scratch]
-    mask = front_anc | own[None]
+    mask = tree_attention_mask(committed_len, front_anc | own[None], carry.num_slots)
     positions = committed_len[:, None] + d - 1 + jnp.zeros((1, k), jnp.int32)
-    logits, hidden, carry = draft_fn(carry, front_tok, front_hidden, positions, mask, (d - 1) * k)
+    logits, hidden, carry = draft_fn(carry, front_tok, front_hidden, positions, mask, committed_len + (d - 1) * k)
     child_logp = jax.nn.log_softmax(logits, axis=-1)          # [B, k, Vd]
     c_score, c_ids = jax.lax.top_k(child_logp, k)             # [B, k, k]
     c_score = front_score[:, :, None] + c_score - _TIE_EPS
@@ -168,57 +170,34 @@ def expand_tree(cfg: TreeConfig, draft_fn, carry, d2t, root_token, root_logits, 
 
 def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidden, committed_len, rng, temperature,
                   top_p):
-  """Chain mode: sample z_1..z_D from the draft (temperature/top_p warped), keeping each q_k."""
+  """Chain mode: z_1..z_D from the draft (temperature/top_p warped, or argmax at T=0), keeping each q_k.
+  The draft's chain recursion is `draft_unroll.unroll_chain`, the one TTT and VSD's paths run."""
   b = root_token.shape[0]
-  depth, scratch = cfg.depth, cfg.scratch_slots
-  toks, qs = [], []
-  logits, hidden = root_logits, root_hidden
-  for d in range(1, depth + 1):
-    rng, sub = jax.random.split(rng)
-    logq = warp_logits(logits, temperature, top_p)
-    q = jnp.exp(logq)
-    sampled = jax.random.categorical(sub, logq, axis=-1)
+  depth = cfg.depth
+
+  def choose(i, logits, key):
+    logq = warp_logits(logits, temperature, top_p)                     # [B, 1, Vd]
+    sampled = jax.random.categorical(key, logq, axis=-1)
     ids = jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
-    toks.append(draft_to_target(ids, d2t))
     # Greedy chain: the point mass on the argmax is the proposal distribution.
-    qs.append(jnp.where(temperature > 0, q, jax.nn.one_hot(ids, q.shape[-1])))
-    if d < depth:
-      mask = jnp.broadcast_to(jnp.arange(scratch) < d, (b, 1, scratch))
-      positions = committed_len[:, None] + d - 1
-      lg, hd, carry = draft_fn(carry, toks[-1][:, None], hidden[:, None], positions, mask, d - 1)
-      logits, hidden = lg[:, 0], hd[:, 0]
+    q = jnp.where(temperature > 0, jnp.exp(logq), jax.nn.one_hot(ids, logits.shape[-1]))
+    tok = draft_to_target(ids, d2t)
+    return tok, (tok, q)
+
+  chain = unroll_chain(draft_fn, carry, root_logits[:, None], root_hidden[:, None], (committed_len - 1)[:, None],
+                       committed_len, committed_len, depth=depth, choose=choose, rng=rng,
+                       reduce=lambda i, logits: None)
+  toks, qs = chain.records                                              # [D, B, 1], [D, B, 1, Vd]
   t = depth + 1
-  tokens = jnp.concatenate([root_token[:, None]] + [x[:, None] for x in toks], axis=1)
+  tokens = jnp.concatenate([root_token[:, None], toks[:, :, 0].T], axis=1)
   parents = jnp.broadcast_to(jnp.maximum(jnp.arange(t) - 1, 0), (b, t)).astype(jnp.int32)
   depths = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   anc = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
   children = jnp.broadcast_to(jnp.where(jnp.arange(t) < depth, jnp.arange(t) + 1, -1)[:, None],
                               (b, t, 1)).astype(jnp.int32)
-  q_probs = jnp.concatenate([jnp.zeros_like(qs[0])[:, None]] + [q[:, None] for q in qs], axis=1)
+  q_probs = jnp.concatenate([jnp.zeros_like(qs[0]), jnp.moveaxis(qs[:, :, 0], 0, 1)], axis=1)
   return Tree(tokens=tokens, parents=parents, depths=depths, ancestors=anc,
-              scores=jnp.zeros((b, t), jnp.float32), children=children, q_probs=q_probs), carry
-
-
-def tree_attention_mask(committed_len: jax.Array, local_mask: jax.Array, num_slots: int,
-                        window_start=None) -> jax.Array:
-  """bool [B, T, S]: query i sees the committed slots < L and the window slots W0 + j where local_mask[i, j].
-
-  committed_len: int32 [B], or [B, T] per query (the VSD oracle verifies paths of several anchors of one
-  sequence in one call: each sees its own prefix). local_mask: bool [B, T, W] over the window slots
-  W0 .. W0+W-1 (the tree's ancestor mask, or the draft's scratch mask during expansion).
-  window_start: int32 [B] slot W0 of the window; default committed_len (which must then be [B]).
-  """
-  t, w = local_mask.shape[1], local_mask.shape[2]
-  if window_start is None:
-    window_start = committed_len
-  if committed_len.ndim == 1:
-    committed_len = jnp.broadcast_to(committed_len[:, None], (committed_len.shape[0], t))
-  slots = jnp.arange(num_slots)
-  rel = slots[None, :] - window_start[:, None]                             # [B, S]
-  in_window = (rel >= 0) & (rel < w)
-  seen = jnp.take_along_axis(local_mask, jnp.clip(rel, 0, w - 1)[:, None, :].repeat(t, axis=1), axis=2)
-  committed = slots[None, None, :] < committed_len[:, :, None]             # [B, T, S]
-  return committed | (in_window[:, None, :] & seen)
+              scores=jnp.zeros((b, t), jnp.float32), children=children, q_probs=q_probs), chain.cache
 
 
 def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=(),

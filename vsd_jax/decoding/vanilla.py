@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from vsd_jax.decoding.sampling import sample_token
 from vsd_jax.models.kv_cache import KVCache
+from vsd_jax.models.masks import decode_mask
 
 
 @flax.struct.dataclass
@@ -67,7 +68,7 @@ def generate(model, params, prompt_ids, prompt_lens, rng, temperature=0.0, *, ma
   def body(s):
     pos = prompt_lens + s["i"] - 1  # slot/position of the token being fed
     out = model.apply({"params": params}, s["last"][:, None], positions=pos[:, None],
-                      attention_mask=(jnp.arange(cache_slots)[None, :] <= pos[:, None])[:, None, :],
+                      attention_mask=decode_mask(pos, cache_slots),
                       kv_cache=s["cache"], write_index=pos)
     rng, sub = jax.random.split(s["rng"])
     nxt = sample_token(out.logits[:, 0], sub, temperature, top_p)

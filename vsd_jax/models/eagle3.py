@@ -29,7 +29,7 @@ Decoding (slot == position in the draft cache `init_draft_cache(cfg, B, S)`, as 
   - Tree node at depth d >= 1 (its token is a candidate for x_{m+d}): input_ids = its token,
     hidden = its parent's output hidden [.., H], position m-1+d, written at a free slot >= m; its mask row
     allows slots 0..m-1, the slots of its ancestors and its own slot. Its logits rank its children.
-  This is exactly what training unrolls (`vsd_jax.training.eagle3_loss`): TTT step k at row t is the
+  This is exactly what training unrolls (`vsd_jax.methods.eagle3.loss`): TTT step k at row t is the
   depth-k node of a chain anchored at row t.
 
 Shapes: B batch, T rows, S cache slots, V target vocab, N draft vocab, H hidden, K kv heads, D head dim.
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.models.kv_cache import KVCache
-from vsd_jax.models.llama import MLP, Attention, LlamaConfig, RMSNorm, default_mask
+from vsd_jax.models.llama import MLP, Attention, LlamaConfig, RMSNorm
+from vsd_jax.models.masks import causal_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,7 @@ class Eagle3Draft(nn.Module):
         The width picks the case (static).
       positions: int32 [B, T] RoPE positions; default write_index + arange(T) (0.. without a cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
-        default causal with slot == position (llama.default_mask).
+        default causal with slot == position (`masks.causal_mask`).
       kv_cache: optional draft KVCache, k and v of [1, B, K, S, D] (`init_draft_cache`); this call's
         keys/values are written at slots write_index[b] + arange(T) before attending.
       write_index: int32 [B], slot of each row's first new key; default zeros.
@@ -186,7 +187,7 @@ class Eagle3Draft(nn.Module):
     if positions is None:
       positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if attention_mask is None:
-      attention_mask = default_mask(input_ids, kv_cache, write_index)
+      attention_mask = causal_mask(b, t, None if kv_cache is None else kv_cache.num_slots, write_index)
     emb = jnp.take(jax.lax.stop_gradient(embed_matrix), input_ids, axis=0).astype(cfg.jnp_dtype)
     cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
     out, cache = Eagle3Layer(cfg, name="midlayer")(

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.models.kv_cache import KVCache, write_layer
+from vsd_jax.models.masks import causal_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,16 +204,6 @@ class DecoderLayer(nn.Module):
     return (y, cache), (x if self.collect_hidden else None)
 
 
-def default_mask(input_ids: jax.Array, kv_cache: Optional[KVCache], write_index) -> jax.Array:
-  """Causal mask when slot index == position: token i of row b sees slots <= write_index[b] + i."""
-  b, t = input_ids.shape
-  if kv_cache is None:
-    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  s = kv_cache.num_slots
-  q_slot = write_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
-  return jnp.arange(s)[None, None, :] <= q_slot[:, :, None]
-
-
 class LlamaForCausalLM(nn.Module):
   cfg: LlamaConfig
 
@@ -225,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
       input_ids: int32 [B, T].
       positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
-        default causal (see `default_mask`).
+        default causal with slot == position (`masks.causal_mask`).
       kv_cache: optional KVCache with k, v of [L, B, K, S, D]; new keys/values are written at slots
         write_index[b] + arange(T) and the updated cache is returned.
       write_index: int32 [B]; default zeros.
@@ -241,7 +232,7 @@ class LlamaForCausalLM(nn.Module):
     if positions is None:
       positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if attention_mask is None:
-      attention_mask = default_mask(input_ids, kv_cache, write_index)
+      attention_mask = causal_mask(b, t, None if kv_cache is None else kv_cache.num_slots, write_index)
     embed = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from vsd_jax.data.dataset import SequenceDataset, iterate_batches
-from vsd_jax.training.eagle3_loss import soft_labels, target_pass
+from vsd_jax.methods.eagle3.loss import soft_labels
+from vsd_jax.models.features import target_pass
 
 MODES = ("in_step", "precomputed")
 

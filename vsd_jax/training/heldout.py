@@ -32,11 +32,13 @@ def heldout_metrics(ev, target, vocab, params, ds) -> dict:
   import numpy as np
 
   from vsd_jax.data.dataset import iterate_batches
-  from vsd_jax.training.eagle3_method import build_eagle3
-  from vsd_jax.training.vsd_method import initial_method_state, make_vsd_loss
+  from vsd_jax.methods import eagle3
+  from vsd_jax.methods.vsd import initial_method_state
+  from vsd_jax.methods.vsd.loss import make_vsd_loss
 
   bs = min(int(ev.train.batch_size), len(ds))
-  draft, _, _, frozen = build_eagle3(ev, target, vocab)
+  base = eagle3.build(ev, target, vocab)
+  draft, frozen = base.draft, base.frozen
   metrics_fn = jax.jit(make_vsd_loss(ev, target, draft))  # one target pass: EAGLE-3's and the chains' metrics
   state = initial_method_state(int(ev.vsd.depth))
   sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from vsd_jax import parallel
 from vsd_jax.training.checkpoints import Checkpoints
-from vsd_jax.training.metrics import MetricsWriter, mean_metrics
+from vsd_jax.training.metrics_writer import MetricsWriter, mean_metrics
 from vsd_jax.training.state import TrainState, create_train_state, make_optimizer, state_shardings
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple]

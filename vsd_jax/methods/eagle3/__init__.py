@@ -1,10 +1,12 @@
-"""EAGLE-3 as a training method for the generic trainer: draft module, params init, loss, frozen inputs."""
+"""EAGLE-3 as a training method: the draft head trained with the training-time-test loss (`loss.py`)."""
 
 from __future__ import annotations
 
+from vsd_jax.methods.base import Method
 
-def _scalar_metrics(metrics: dict) -> dict:
-  """Loss metrics -> the flat scalars the trainer logs (per-step arrays become step{k} entries)."""
+
+def scalar_metrics(metrics: dict) -> dict:
+  """`loss.eagle3_loss` metrics -> the flat scalars the trainer logs (per-step arrays become acc_k / loss_k)."""
   out = {"tau": metrics["tau"], "num_tokens": metrics["num_tokens"]}
   for k in range(metrics["step_acc"].shape[0]):
     out[f"acc_{k}"] = metrics["step_acc"][k]
@@ -12,12 +14,14 @@ def _scalar_metrics(metrics: dict) -> dict:
   return out
 
 
-def build_eagle3(config, target, vocab):
-  """-> (draft module, init_params(rng) boxed, loss_fn(params, frozen, batch, rng), frozen)."""
+def build(config, target, vocab) -> Method:
+  """Method for config.method == "eagle3": draft module, init_params(rng) (boxed), loss_fn(params, frozen,
+  batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on."""
   import jax.numpy as jnp
 
+  from vsd_jax.methods.eagle3.loss import SoftLabels, eagle3_loss, validate_vocab_maps
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
-  from vsd_jax.training.eagle3_loss import SoftLabels, eagle3_loss, target_features, validate_vocab_maps
+  from vsd_jax.models.features import target_features
 
   dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]))
   draft = Eagle3Draft(dcfg)
@@ -41,6 +45,6 @@ def build_eagle3(config, target, vocab):
                           logits, batch["loss_mask"], frozen["t2d"], frozen["d2t"],
                           num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),
                           attention_mask=valid)
-    return loss, _scalar_metrics(m)
+    return loss, scalar_metrics(m)
 
-  return draft, init_params, loss_fn, frozen
+  return Method(draft, init_params, loss_fn, frozen)

@@ -7,8 +7,8 @@ expansion does at decode time (`vsd_jax.decoding.tree`) and EAGLE-3's TTT step k
 
 Attention goes through the draft's ordinary cached call: slots 0..T-1 hold the sequence (step 0, causal),
 the M*S path rows of step k write window slots T + (k-2)*M*S + i, and a path row sees the sequence slots
-< t of its anchor plus its own earlier steps (`tree_attention_mask` with per-query committed lengths).
-Depth is a `jax.lax.scan`, so the unroll compiles once for any K.
+< t of its anchor plus its own earlier steps. Depth is `vsd_jax.models.draft_unroll.unroll_chain` (one
+`jax.lax.scan`, the recursion TTT and chain decoding run), so the unroll compiles once for any K.
 
 One function samples (E-step proposals, under stop_gradient params) and re-scores given paths (the
 M-step's differentiable log-probabilities): the two share every line.
@@ -22,10 +22,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.decoding.tree import tree_attention_mask
-from vsd_jax.models.eagle3 import Eagle3Draft, init_draft_cache
 from vsd_jax.data.draft_vocab import draft_to_target
-from vsd_jax.training.eagle3_loss import positions_from_mask, sequence_mask, shift_left
+from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, gather_rows, sequence_step, shift_left,
+                                         unroll_chain)
+from vsd_jax.models.eagle3 import Eagle3Draft
+from vsd_jax.models.masks import positions_from_mask
 
 
 class DraftPaths(NamedTuple):
@@ -33,11 +34,6 @@ class DraftPaths(NamedTuple):
   tokens: jax.Array     # int32 [B, M, S, K] the same as target-vocabulary ids
   logits: jax.Array     # float32 [B, M, S, K, N] the draft's raw logits of q_1..q_K along each path
   logq: jax.Array       # float32 [B, M, S, K] log q_k(z_k) at the sampling temperature
-
-
-def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-  """x [B, T, ...], rows int32 [B, M] -> [B, M, ...]."""
-  return jax.vmap(lambda a, r: a[r])(x, rows)
 
 
 def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
@@ -64,56 +60,30 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   m = anchors.shape[1]
   s, k_max = num_paths, depth
   ms = m * s
-  cfg = draft_module.cfg
   valid = attention_mask.astype(bool)
-  positions = positions_from_mask(valid)
-  window = max(k_max - 1, 1) * ms
-  num_slots = t + window
-  to_target = lambda ids: draft_to_target(ids, d2t)
-
-  # Step 0: the sequence itself (rows 0..T-1 at slots 0..T-1, causal over valid tokens).
-  mask0 = sequence_mask(valid, num_slots)
-  out0 = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
-                            positions, mask0, init_draft_cache(cfg, b, num_slots), jnp.zeros((b,), jnp.int32))
-  row = anchors - 1                                                        # [B, M]
-  logits1 = jnp.repeat(_gather_rows(out0.logits, row), s, axis=1)          # [B, MS, N]
-  hidden1 = jnp.repeat(_gather_rows(out0.hidden, row), s, axis=1)          # [B, MS, H]
-  pos1 = jnp.repeat(jnp.take_along_axis(positions, row, axis=1), s, axis=1)  # [B, MS]
-  committed = jnp.repeat(anchors, s, axis=1)                               # [B, MS]: sees slots < t
+  out0 = sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid,
+                       chain_slots(t, ms, k_max))
+  row = anchors - 1                                                        # [B, M]: q_1 of anchor t is row t-1
+  rep = lambda x: jnp.repeat(x, s, axis=1)
   given = None if draft_ids is None else draft_ids.reshape(b, ms, k_max)
+  key0 = jax.random.PRNGKey(0) if rng is None else rng
 
-  def pick(logits, j, key):
+  def choose(i, logits, key):
+    """z_{i+1} from q_{i+1} (or the given path): (target ids to feed, draft ids to record)."""
     if given is not None:
-      return given[:, :, j]
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+      z = jax.lax.dynamic_index_in_dim(given, i, axis=2, keepdims=False)
+    else:
+      z = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    return draft_to_target(z, d2t), z
 
-  keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng)  # z_1, then fold_in(keys[1], j)
-  z1 = pick(logits1, 0, keys[0])
-
-  def step(carry, j):
-    """Feed z_j (j = 1..K-1) at depth j; returns the logits of q_{j+1} and z_{j+1}."""
-    cache, prev, hidden = carry
-    rows = jnp.arange(ms)
-    cols = jnp.arange(window)
-    # Window slot c = (i - 1) * MS + r holds the key of z_i on path row r: row r sees it for i <= j.
-    local = (cols[None, :] % ms == rows[:, None]) & (cols[None, :] // ms < j)
-    local = jnp.broadcast_to(local[None], (b, ms, window))
-    mask = tree_attention_mask(committed, local, num_slots, window_start=jnp.full((b,), t, jnp.int32))
-    out = draft_module.apply({"params": draft_params}, embed_matrix, to_target(prev), hidden, pos1 + j, mask,
-                             cache, jnp.full((b,), t, jnp.int32) + (j - 1) * ms)
-    z = pick(out.logits, j, jax.random.fold_in(keys[1], j))
-    return (out.kv_cache, z, out.hidden), (out.logits, z)
-
-  if k_max > 1:
-    _, (later_logits, later_z) = jax.lax.scan(step, (out0.kv_cache, z1, hidden1), jnp.arange(1, k_max))
-    logits = jnp.concatenate([logits1[None], later_logits], axis=0)       # [K, B, MS, N]
-    ids = jnp.concatenate([z1[None], later_z], axis=0)                    # [K, B, MS]
-  else:
-    logits, ids = logits1[None], z1[None]
-  logits = jnp.moveaxis(logits, 0, 2).reshape(b, m, s, k_max, -1)
-  ids = jnp.moveaxis(ids, 0, 2).reshape(b, m, s, k_max)
+  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache,
+                       rep(gather_rows(out0.logits, row)), rep(gather_rows(out0.hidden, row)),
+                       rep(jnp.take_along_axis(positions_from_mask(valid), row, axis=1)), rep(anchors),
+                       jnp.full((b,), t, jnp.int32), depth=k_max, choose=choose, rng=key0)
+  logits = jnp.moveaxis(chain.reduced, 0, 2).reshape(b, m, s, k_max, -1)   # [K, B, MS, N] -> [B, M, S, K, N]
+  ids = jnp.moveaxis(chain.records, 0, 2).reshape(b, m, s, k_max)
   logq = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature, axis=-1), ids[..., None], axis=-1)[..., 0]
-  return DraftPaths(draft_ids=ids, tokens=to_target(ids), logits=logits, logq=logq)
+  return DraftPaths(draft_ids=ids, tokens=draft_to_target(ids, d2t), logits=logits, logq=logq)
 
 
 @functools.partial(jax.jit, static_argnames=("draft_module", "num_paths", "depth", "temperature"))

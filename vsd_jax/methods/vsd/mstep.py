@@ -1,6 +1,6 @@
 """VSD M-step losses (VSD_METHOD.md section 5): ARW on the E-step sample, CAR on the visited positions.
 
-Paths are flattened to [N, S, K] (N anchors, S proposals, K depth); E-step weights w [N, S] (zero rows drop
+Paths are flattened to [A, S, K] (A anchor rows, S proposals, K depth); E-step weights w [A, S] (zero rows drop
 an anchor). Depth k is 1-based in the formulas and 0-based in arrays.
 """
 
@@ -41,7 +41,7 @@ def arw_token_weights(accepted_len: jax.Array, a: jax.Array, eta_k: jax.Array, *
 def weighted_path_loss(logq: jax.Array, like_w: jax.Array, unlike_w: jax.Array, path_w: jax.Array) -> jax.Array:
   """sum over samples of w * sum_k [like_w * (-log q(z_k)) + unlike_w * (-log(1 - q(z_k)))] / #anchors.
 
-  logq: [N, S, K] log q_psi(z_k) (differentiable); like_w, unlike_w: [N, S, K]; path_w: [N, S].
+  logq: [A, S, K] log q_psi(z_k) (differentiable); like_w, unlike_w: [A, S, K]; path_w: [A, S].
   Anchors count when their weights are nonzero. With like_w = 1, unlike_w = 0 this is the exact EM
   M-step objective -E_r[log q(z)] for the E-step distribution r = w.
   """

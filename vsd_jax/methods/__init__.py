@@ -1,35 +1,33 @@
-"""Training methods by name (config.method): each builds the pieces the generic trainer runs."""
+"""Training methods, one package each, found by name (config.method).
+
+Every method package `vsd_jax.methods.<name>` exposes `build(config, target, vocab) -> Method`
+(`vsd_jax.methods.base.Method`): the draft module, its params init, the loss the generic trainer
+(`vsd_jax.training.trainer`) differentiates, the frozen inputs and the state carried between steps.
+
+    eagle3/  EAGLE-3's training-time-test (TTT) loss                  (loss.py)
+    vsd/     Variational Speculative Decoding: draft paths, oracle, utility, E-step, M-step, loss
+
+`build_method` adds what is common to all: config.draft.init_head and config.draft.init_from.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Optional
+import importlib
+from typing import Callable
+
+from vsd_jax.methods.base import Method
 
 METHODS = ("eagle3", "vsd")
 INIT_HEADS = ("random", "target")  # config.draft.init_head
-
-
-@dataclasses.dataclass
-class Method:
-  draft: Any                   # the draft module (Eagle3Draft)
-  init_params: Callable        # rng -> boxed trainable params
-  loss_fn: Callable            # (params, frozen, batch, rng[, method_state]) -> (loss, metrics[, new state])
-  frozen: Any                  # target weights, vocab maps: read by the loss, never trained
-  method_state: Optional[Any] = None  # carried between steps (VSD's per-depth acceptance EMA); None = none
 
 
 def build_method(config, target, vocab) -> Method:
   """config.method -> Method for `target` and the draft vocabulary `vocab` (data.draft_vocab); with
   config.draft.init_from, the draft starts from that trained draft instead of a random init."""
   name = str(config.method)
-  if name == "eagle3":
-    from vsd_jax.training.eagle3_method import build_eagle3
-    method = Method(*build_eagle3(config, target, vocab))
-  elif name == "vsd":
-    from vsd_jax.training.vsd_method import build_vsd
-    method = build_vsd(config, target, vocab)
-  else:
+  if name not in METHODS:
     raise ValueError(f"config.method={name!r} is not a training method; use one of {METHODS}")
+  method = importlib.import_module(f"vsd_jax.methods.{name}").build(config, target, vocab)
   head = str(config.draft.get("init_head", "random"))
   if head not in INIT_HEADS:
     raise ValueError(f"config.draft.init_head={head!r}; use one of {INIT_HEADS}")
@@ -62,11 +60,11 @@ def _head_from_target(init_params: Callable, target, vocab) -> Callable:
   import jax
   import jax.numpy as jnp
 
-  from vsd_jax.data.draft_vocab import draft_to_target
+  from vsd_jax.data.draft_vocab import draft_vocab_ids
 
   tp = target.params
   out = tp["embed_tokens"]["embedding"] if target.config.tie_word_embeddings else tp["lm_head"]["kernel"].T
-  ids = draft_to_target(jnp.arange(len(vocab.d2t), dtype=jnp.int32), jnp.asarray(vocab.d2t, jnp.int32))
+  ids = draft_vocab_ids(jnp.asarray(vocab.d2t, jnp.int32))
   kernel, scale = jnp.take(out, ids, axis=0).T, tp["norm"]["scale"]
 
   def init(rng):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from vsd_jax.decoding.tree import tree_forward
 from vsd_jax.models.kv_cache import KVCache
+from vsd_jax.models.masks import path_ancestors
 
 
 def oracle_slots(seq_len: int, num_anchors: int, num_paths: int, depth: int) -> int:
@@ -42,10 +43,7 @@ def oracle_logits(target_model, target_params, kv_cache: KVCache, seq_len: int, 
   nodes = path_tokens[..., :n].reshape(b, m * s * n)
   depths = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, m * s, n)).reshape(b, -1)
   committed = jnp.repeat(anchors + 1, s * n, axis=1)                         # node sees slots <= t
-  path_id = jnp.arange(m * s * n) // n
-  step = jnp.arange(m * s * n) % n
-  ancestors = (path_id[:, None] == path_id[None, :]) & (step[None, :] <= step[:, None])
-  ancestors = jnp.broadcast_to(ancestors[None], (b,) + ancestors.shape)
+  ancestors = jnp.broadcast_to(path_ancestors(m * s, n)[None], (b, m * s * n, m * s * n))
   out = tree_forward(target_model, target_params, kv_cache, nodes, depths, ancestors, committed,
                      window_start=jnp.full((b,), seq_len, jnp.int32))
   later = out.logits.reshape(b, m, s, n, -1)

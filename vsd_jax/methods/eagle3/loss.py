@@ -14,10 +14,10 @@ This is a chain of length num_steps drafted from the context x_{<=t+1}, with the
 (teacher forcing) and the draft's own hidden states, exactly what decoding does at tree depth k.
 
 TTT attention at step k: query row t sees the step-0 keys of rows j <= t (causal, valid tokens only) and,
-for each earlier step i = 1..k, the step-i key of its own row t (one diagonal entry per step; its
-ancestors in the chain). The keys/values of steps 0..k are concatenated as slots [i*T, (i+1)*T) of a
-draft KV cache and attended through the draft's ordinary cached call with the mask
-`ttt_attention_mask`: the same attention path as decoding, no second implementation.
+for each earlier step i = 1..k, the step-i key of its own row t (its ancestors in the chain). Step 0 writes
+slots 0..T-1 of one draft KV cache, step i >= 1 writes row t at slot T + (i-1)*T + t; every step is the
+draft's ordinary cached call, and steps 1.. are `vsd_jax.models.draft_unroll.unroll_chain` (one `lax.scan`,
+the recursion VSD's path sampling and chain decoding run): the same attention path as decoding.
 
 Draft vocabulary maps (as EAGLE-3): t2d bool [V] marks the target ids in the draft vocabulary; d2t int [N]
 maps draft id i to target id i + d2t[i].
@@ -31,43 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsd_jax.data.draft_vocab import draft_to_target
-from vsd_jax.models.eagle3 import Eagle3Draft, init_draft_cache
-from vsd_jax.models.kv_cache import KVCache
-
-
-def positions_from_mask(valid: jax.Array) -> jax.Array:
-  """RoPE positions int32 [B, T] of a (left- or right-) padded batch: index among the valid tokens."""
-  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def sequence_mask(valid: jax.Array, num_slots: int) -> jax.Array:
-  """bool [B, T, S]: a sequence at slots 0..T-1 of S >= T slots, causal over its valid tokens. valid: [B, T]."""
-  t = valid.shape[1]
-  key_valid = jnp.pad(valid.astype(bool), ((0, 0), (0, num_slots - t)))          # [B, S]
-  return (jnp.arange(num_slots)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
-
-
-def shift_left(x: jax.Array, n: int) -> jax.Array:
-  """x[:, n:] padded at the end with zeros (False) back to length T. x: [B, T, ...]."""
-  pad = [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2)
-  return jnp.pad(x[:, n:], pad)
-
-
-def ttt_attention_mask(seq_len: int, step: int, key_valid: Optional[jax.Array] = None) -> jax.Array:
-  """Mask of TTT step `step` over the concatenated keys of steps 0..step.
-
-  Query row t sees slot i*T + j iff (i == 0 and j <= t and key_valid[j]) or (1 <= i <= step and j == t).
-  key_valid: bool [B, T] (default all valid). Returns bool [B, T, (step+1)*T] ([1, ...] without key_valid).
-  """
-  t = seq_len
-  rows = jnp.arange(t)[:, None]
-  cols = jnp.arange(t)[None, :]
-  causal = (cols <= rows)[None]  # [1, T, T]
-  if key_valid is not None:
-    causal = causal & key_valid.astype(bool)[:, None, :]
-  diag = jnp.broadcast_to((cols == rows)[None], causal.shape[:1] + (t, t))
-  return jnp.concatenate([causal] + [diag] * step, axis=-1)
+from vsd_jax.data.draft_vocab import draft_to_target, draft_vocab_ids
+from vsd_jax.models.draft_unroll import chain_slots, draft_fn_of, left_shifter, sequence_step, unroll_chain
+from vsd_jax.models.eagle3 import Eagle3Draft
+from vsd_jax.models.masks import positions_from_mask
 
 
 class SoftLabels(NamedTuple):
@@ -84,41 +51,40 @@ def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> Sof
                      "target vocabulary (expected [B, T, V] and [V])")
   target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
   top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
-  ids = draft_to_target(jnp.arange(d2t.shape[0], dtype=jnp.int32), d2t.astype(jnp.int32))
-  return SoftLabels(jnp.take(target_logits, ids, axis=-1), top, t2d.astype(bool)[top])
+  return SoftLabels(jnp.take(target_logits, draft_vocab_ids(d2t), axis=-1), top, t2d.astype(bool)[top])
 
 
 def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                input_ids: jax.Array, num_steps: int = 7, attention_mask: Optional[jax.Array] = None,
-               step_fn: Optional[Callable] = None) -> list:
-  """Run the num_steps TTT steps (see the module docstring); returns [step_fn(k, logits_k) for each k].
+               step_fn: Optional[Callable] = None):
+  """Run the num_steps TTT steps (see the module docstring); returns step_fn's outputs stacked over steps.
+
+  Step 0 is the draft over the sequence (`draft_unroll.sequence_step`); steps 1.. are one chain per row,
+  teacher-forced, through `draft_unroll.unroll_chain` (a `lax.scan`, the recursion decoding runs).
 
   Args:
     draft_params: the draft's "params" collection.
     draft_module: Eagle3Draft (static).
     embed_matrix: [V, H] the target's embedding (frozen).
-    features: [B, T, 3H] target features (`target_features`).
+    features: [B, T, 3H] target features (`vsd_jax.models.features.target_pass`).
     input_ids: int32 [B, T] the sequence (unshifted; the shifts are done here).
     num_steps: static number of unrolled steps.
     attention_mask: bool [B, T] valid (non-padding) tokens; default all valid.
-    step_fn: (k, logits float32 [B, T, N]) -> any pytree; default returns the logits.
+    step_fn: (k int32 [], logits float32 [B, T, N]) -> pytree; default returns the logits.
+  Returns:
+    step_fn's outputs with a leading [num_steps] axis.
   """
   b, t = input_ids.shape
-  cfg = draft_module.cfg
   valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-  positions = positions_from_mask(valid)
-  step_fn = step_fn or (lambda k, logits: logits)
-  hidden, cache, results = features, None, []
-  for k in range(num_steps):
-    fresh = init_draft_cache(cfg, b, t)
-    cache = fresh if cache is None else KVCache(jnp.concatenate([cache.k, fresh.k], axis=3),
-                                                jnp.concatenate([cache.v, fresh.v], axis=3))
-    out = draft_module.apply(
-        {"params": draft_params}, embed_matrix, shift_left(input_ids, 1 + k), hidden, positions + k,
-        ttt_attention_mask(t, k, valid), cache, jnp.full((b,), k * t, jnp.int32))
-    hidden, cache = out.hidden, out.kv_cache
-    results.append(step_fn(k, out.logits))
-  return results
+  out0 = sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid,
+                       chain_slots(t, t, num_steps))
+  ids_after = left_shifter(input_ids)
+  teacher = lambda k, logits, key: (ids_after(2 + k), None)  # z_{k+1}: the true token
+  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache, out0.logits,
+                       out0.hidden, positions_from_mask(valid), jnp.broadcast_to(jnp.arange(1, t + 1), (b, t)),
+                       jnp.full((b,), t, jnp.int32), depth=num_steps, choose=teacher, reduce=step_fn,
+                       key_valid=valid)
+  return chain.reduced
 
 
 def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
@@ -163,11 +129,13 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
   target_p = jax.nn.softmax(jax.lax.stop_gradient(labels.draft_logits.astype(jnp.float32)), axis=-1)  # [B, T, N]
   is_loss_token = loss_mask.astype(bool) & valid
 
+  p_at, top_at, loss_at, in_draft_at = map(left_shifter, (target_p, target_top, is_loss_token, top_in_draft))
+
   def step_stats(k, logits):
-    p = shift_left(target_p, 1 + k)
-    top = shift_left(target_top, 1 + k)
-    predicts_loss_token = shift_left(is_loss_token, 2 + k) & valid                       # [B, T]
-    counted = predicts_loss_token & shift_left(top_in_draft, 1 + k)
+    p = p_at(1 + k)
+    top = top_at(1 + k)
+    predicts_loss_token = loss_at(2 + k) & valid                                         # [B, T]
+    counted = predicts_loss_token & in_draft_at(1 + k)
     ce = -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)                     # [B, T]
     num = jnp.sum(counted)
     step_loss = jnp.sum(jnp.where(counted, ce, 0.0)) / jnp.maximum(num, 1)
@@ -176,52 +144,14 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     step_acc = jnp.sum(hit) / jnp.maximum(jnp.sum(predicts_loss_token), 1)
     return step_loss, jax.lax.stop_gradient(step_acc), num
 
-  stats = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps,
-                     attention_mask, step_stats)
-  step_loss = jnp.stack([s[0] for s in stats])
-  step_acc = jnp.stack([s[1] for s in stats]).astype(jnp.float32)
+  step_loss, step_acc, num = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps,
+                                        attention_mask, step_stats)
+  step_acc = step_acc.astype(jnp.float32)
   weights = jnp.asarray(decay, jnp.float32) ** jnp.arange(num_steps, dtype=jnp.float32)
   loss = jnp.sum(weights * step_loss)
   metrics = {"step_loss": step_loss, "step_acc": step_acc, "tau": 1.0 + jnp.sum(jnp.cumprod(step_acc)),
-             "num_tokens": stats[0][2]}
+             "num_tokens": num[0]}
   return loss, metrics
-
-
-class TargetPass(NamedTuple):
-  features: jax.Array           # [B, T, 3H] inputs of cfg.eagle3_layers, concatenated in that order
-  logits: jax.Array             # float32 [B, T, V]
-  kv_cache: Optional[KVCache]   # the sequence's keys/values at slots 0..T-1 (with cache_slots), else None
-
-
-def target_pass(target_model, target_params, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                cache_slots: int = 0) -> TargetPass:
-  """Run the target once over training sequences. Pure and jittable (target_model, cache_slots static).
-
-  input_ids: int32 [B, T]; attention_mask: bool [B, T] valid tokens (left or right padding), default all.
-  cache_slots: 0 = no KV cache; else >= T slots, the sequence written at 0..T-1 (VSD's oracle then
-  verifies draft paths against these keys/values). Everything returned is under stop_gradient.
-  """
-  cfg = target_model.cfg
-  b, t = input_ids.shape
-  valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-  slots = cache_slots or t
-  if slots < t:
-    raise ValueError(f"target_pass: cache_slots={cache_slots} is below the sequence length {t}")
-  mask = sequence_mask(valid, slots)
-  cache = KVCache.zeros(cfg, b, slots) if cache_slots else None
-  out = target_model.apply({"params": target_params}, input_ids, positions=positions_from_mask(valid),
-                           attention_mask=mask, kv_cache=cache,
-                           write_index=None if cache is None else jnp.zeros((b,), jnp.int32),
-                           hidden_layers=tuple(cfg.eagle3_layers))
-  features = jnp.concatenate(list(out.hidden_states), axis=-1)
-  return jax.lax.stop_gradient(TargetPass(features, out.logits, out.kv_cache if cache_slots else None))
-
-
-def target_features(target_model, target_params, input_ids: jax.Array,
-                    attention_mask: Optional[jax.Array] = None):
-  """(features [B, T, 3H], logits float32 [B, T, V]) of `target_pass` (no cache), for EAGLE-3 training."""
-  out = target_pass(target_model, target_params, input_ids, attention_mask)
-  return out.features, out.logits
 
 
 def validate_vocab_maps(t2d, d2t, vocab_size: int) -> None:

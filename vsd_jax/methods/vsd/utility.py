@@ -59,7 +59,7 @@ def accepted_length(a: jax.Array, u: jax.Array) -> jax.Array:
 
 def depth_acceptance(a: jax.Array, weights: jax.Array) -> tuple:
   """Per-depth conditional acceptance c_k (n-alpha): sum w * prod_{j<k} a_j * a_k / sum w * prod_{j<k} a_j.
-  a: [N, K]; weights: [N] (0 drops a path). Returns (c [K], reach [K] the denominators)."""
+  a: [P, K] (P paths); weights: [P] (0 drops a path). Returns (c [K], reach [K] the denominators)."""
   reach = jnp.concatenate([jnp.ones_like(a[:, :1]), jnp.cumprod(a, axis=-1)[:, :-1]], axis=-1)
   reach = reach * weights[:, None]
   num = jnp.sum(reach * a, axis=0)
