@@ -20,10 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vsd_jax.config_base import DEFAULT_DATA_ROOT  # noqa: E402
+from vsd_jax.config_base import DEFAULT_DATA_ROOT, base_config  # noqa: E402
+from vsd_jax.data.chat import prompt_encoder  # noqa: E402
 from vsd_jax.decoding.runner import check_capacity, pad_prompts  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
-from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file  # noqa: E402
+from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.weights import load_target  # noqa: E402
 
 
@@ -43,20 +44,22 @@ def main():
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(target.source), gguf_file=os.path.basename(target.source),
                                             dtype=torch.float32).eval()
   items = read_prompt_file(os.path.join(args.data_root, "eval", "eagle", args.bench, "question.jsonl"))
-  prompts = [encode_prompt(target.tokenizer, m) for _, m in items[:args.num_prompts]]
+  enc = prompt_encoder(target, base_config())  # the default target's own template, the pipeline's end ids
+  prompts = [enc.encode_user(m) for _, m in items[:args.num_prompts]]
+  eos, pad_id = enc.eos_ids, enc.pad_id
   n = args.max_new_tokens
 
   def ours(p):
-    ids, lens = pad_prompts([p], 2)
+    ids, lens = pad_prompts([p], pad_id)
     slots = check_capacity(lens, n, 8192)
     out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), jax.random.PRNGKey(0), 0.0,
-                   max_new_tokens=n, cache_slots=slots, eos_ids=(2,), pad_id=2)
+                   max_new_tokens=n, cache_slots=slots, eos_ids=eos, pad_id=pad_id)
     return np.asarray(out.tokens[0, :int(out.num_new[0])]).tolist()
 
   def theirs(p):
     with torch.no_grad():
       out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                        max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=2)
+                        max_new_tokens=n, do_sample=False, eos_token_id=list(eos), pad_token_id=pad_id)
     return out[0, len(p):].tolist()
 
   for p in prompts:  # compile every length bucket once

@@ -78,7 +78,9 @@ def evaluate(args, arms):
   import jax
   import jax.numpy as jnp
 
-  from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file
+  from vsd_jax.cli_config import _load_file
+  from vsd_jax.data.chat import prompt_encoder
+  from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.decoding.runner import check_capacity, run_batches
   from vsd_jax.decoding.speculative import required_slots, speculative_generate
   from vsd_jax.decoding.tree import TreeConfig
@@ -89,23 +91,25 @@ def evaluate(args, arms):
   from vsd_jax.weights.draft_io import load_draft
 
   target = load_target("smollm2-135m-instruct")
-  tok, eos = target.tokenizer, tuple(target.config.eos_token_ids)
+  # Prompts encoded as the arms' training data was (configs/tiny_vsd.py), with the pipeline's end/pad ids.
+  enc = prompt_encoder(target, _load_file(os.path.join(REPO, "configs", "tiny_vsd.py")))
+  eos, pad_id = enc.eos_ids, enc.pad_id
   tree_cfg = TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens)
   n = args.max_new_tokens
   drafts = {name: load_draft(path, target.config) for name, path in arms.items()}
   results = {}
   for bench in args.bench.split(","):
     items = read_prompt_file(os.path.join(args.data_dir, bench, "question.jsonl"))[:args.num_prompts]
-    prompts = [encode_prompt(tok, m, "") for _, m in items]
+    prompts = [enc.encode_user(m) for _, m in items]
     for temp in [float(t) for t in args.temperature.split(",")]:
       key = jax.random.PRNGKey(0)
 
       def vcall(ids, lens):
         o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
-                     cache_slots=check_capacity(lens, n, 2048), eos_ids=eos, pad_id=eos[0])
+                     cache_slots=check_capacity(lens, n, 2048), eos_ids=eos, pad_id=pad_id)
         return o.tokens, o.num_new, o.rounds
 
-      van = run_batches(prompts, 1, vcall, eos[0])
+      van = run_batches(prompts, 1, vcall, pad_id)
       for name, (dcfg, dparams, d2t, _) in drafts.items():
         draft = Eagle3Draft(dcfg)
 
@@ -113,10 +117,10 @@ def evaluate(args, arms):
           slots = -(-required_slots(ids.shape[1], n, tree_cfg) // 128) * 128
           o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
                                    jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
-                                   eos_ids=eos, temperature=temp, pad_id=eos[0])
+                                   eos_ids=eos, temperature=temp, pad_id=pad_id)
           return o.tokens, o.num_new, o.rounds, o.accept_hist
 
-        r = summarize(van, run_batches(prompts, 1, scall, eos[0]))
+        r = summarize(van, run_batches(prompts, 1, scall, pad_id))
         results.setdefault(name, {})[f"{bench}@T={temp:g}"] = r
         print(f"{name} {bench}@T={temp:g}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
               f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)

@@ -9,34 +9,25 @@
 import os
 
 from vsd_jax.config_base import REPO_ROOT, base_config
+from vsd_jax.models.archs import ARCHS
 
-_LLAMA3 = dict(vocab_size=128256, head_dim=128, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-               rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
-               rope_high_freq_factor=4.0, rope_original_max_position=8192, max_position_embeddings=131072,
-               tie_word_embeddings=False, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009))
-# size -> (registry name, architecture (the hub's config.json), slice, mesh (data, fsdp, tensor)).
-# Tensor parallelism splits the heads of the draft's TTT attention (over 7 x 2048 keys), which dominates the
-# activations, and the 128256-entry target logits: the dry run gives 8B ~50 GiB per chip with FSDP 8 x
-# tensor 2 against ~81 GiB with FSDP 16 alone; 70B FSDP 8 x tensor 4 (64 heads, 8 KV heads).
+# size -> (registry name (vsd_jax/weights/registry.py; the architecture is ARCHS[name]), slice, mesh (data,
+# fsdp, tensor)). Why these meshes (per-chip memory of each choice): docs/RESULTS.md section 5.
 MODELS = {
-    "8b": ("llama-3.1-8b-instruct",
-           dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32),
-           "v5p-32", (1, 8, 2)),
-    "70b": ("llama-3.3-70b-instruct",
-            dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64),
-            "v5p-64", (1, 8, 4)),
+    "8b": ("llama-3.1-8b-instruct", "v5p-32", (1, 8, 2)),
+    "70b": ("llama-3.3-70b-instruct", "v5p-64", (1, 8, 4)),
 }
 
 
 def get_config(size="8b"):
   size = str(size).lower()
   if size not in MODELS:
-    raise ValueError(f"configs/llama3.py:{size}: use one of {sorted(MODELS)}")
-  name, arch, slice_name, (data, fsdp, tensor) = MODELS[size]
+    raise ValueError(f"configs/llama3.py:{size}: unknown size; use one of {sorted(MODELS)}, e.g. configs/llama3.py:70b")
+  name, slice_name, (data, fsdp, tensor) = MODELS[size]
   c = base_config()
   c.workdir = os.path.join(REPO_ROOT, "runs", f"llama3_{size}")
   c.model.name = name
-  c.model.arch = arch
+  c.model.arch = dict(ARCHS[name])  # the hub's config.json, so a dry run needs no download
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.max_positions = 4096

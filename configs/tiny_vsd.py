@@ -1,11 +1,10 @@
-"""VSD on the embedded default target: configs/tiny.py with method="vsd", sized for a 2-core CPU.
+"""VSD on the embedded default target: configs/tiny.py with method="vsd", sized for a 2-core CPU. It reads
+configs/tiny.py's data and response cache (runs/tiny/data_cache), so VSD and EAGLE-3 train on the same sequences.
 
   python -m vsd_jax.train --config configs/tiny_vsd.py
   python -m vsd_jax.train --config configs/tiny_vsd.py --config.draft.init_from=runs/tiny/draft  # EM refinement
 
-Same data (and response cache: runs/tiny/data_cache) as configs/tiny.py, so VSD and EAGLE-3 runs compare
-on the same sequences. Paper-scale VSD defaults (K=6, S=8, M=16) are in config_base.py; here K matches the
-tree depth the tiny draft is evaluated with.
+The VSD vs EAGLE-3 experiment that runs it: docs/RESULTS.md section 4 (benchmarks/vsd_experiment.py).
 """
 
 import importlib.util
@@ -22,14 +21,13 @@ def get_config():
   c.workdir = os.path.join(REPO_ROOT, "runs", "tiny_vsd")
   c.data.cache_dir = os.path.join(REPO_ROOT, "runs", "tiny", "data_cache")
   c.method = "vsd"
-  # VSD's oracle needs the target's KV cache inside the step; the step budget of docs/RESULTS.md section 4.
-  c.train.target_features = "in_step"
+  c.train.target_features = "in_step"  # VSD's oracle needs the target's KV cache inside the step
   c.train.batch_size = 8
   c.train.total_steps = 30
   c.train.warmup_steps = 4
   c.train.checkpoint_every = 10
   c.train.log_every = 2
-  c.vsd.depth = 4
+  c.vsd.depth = 4  # K = the tree depth the tiny draft is evaluated with (paper-scale K=6, S=8, M=16: config_base)
   c.vsd.num_paths = 4
   c.vsd.num_anchors = 8
   c.vsd.burn_in = 1

@@ -10,26 +10,20 @@
 import os
 
 from vsd_jax.config_base import REPO_ROOT, base_config
+from vsd_jax.models.archs import ARCHS
 
-# Architecture (the hub's config.json), so a dry run needs no download; see vsd_jax/dry_run.py.
-ARCHS = {
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-               num_kv_heads=32, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,)),
-    "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                num_kv_heads=40, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
-                tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,)),
-}
+# size -> registry name (vsd_jax/weights/registry.py); the architecture is ARCHS[name].
+SIZES = {"7b": "vicuna-7b-v1.3", "13b": "vicuna-13b-v1.3"}
 
 
 def get_config(size="7b"):
   size = str(size).lower()
-  if size not in ARCHS:
-    raise ValueError(f"configs/vicuna.py:{size}: use one of {sorted(ARCHS)}")
+  if size not in SIZES:
+    raise ValueError(f"configs/vicuna.py:{size}: unknown size; use one of {sorted(SIZES)}, e.g. configs/vicuna.py:13b")
   c = base_config()
   c.workdir = os.path.join(REPO_ROOT, "runs", f"vicuna{size}")
-  c.model.name = f"vicuna-{size}-v1.3"
-  c.model.arch = ARCHS[size]
+  c.model.name = SIZES[size]
+  c.model.arch = dict(ARCHS[c.model.name])  # the hub's config.json, so a dry run needs no download
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.max_positions = 2048
@@ -55,10 +49,8 @@ def get_config(size="7b"):
   c.train.checkpoint_every = 2000
   c.train.log_every = 50
   c.draft.ttt_steps = 7
-  # 7B: TPU v5p-32, 16 chips x 95 GiB: FSDP 8 x tensor 2. The TTT attention over 7 x 2048 keys dominates
-  # the activations, and splitting heads (tensor) cuts them more than splitting sequences: the dry run gives
-  # ~51 GiB per chip here against ~81 GiB for FSDP 16 alone. A v4-32 (32 GiB chips) does not fit at 2048
-  # tokens. 13B: v5p-64 (32 chips), FSDP 16 x tensor 2 (~36 GiB per chip; ~91 GiB on a v5p-32).
+  # 7B: v5p-32 (16 chips), FSDP 8 x tensor 2; 13B: v5p-64 (32 chips), FSDP 16 x tensor 2. Why these meshes
+  # (per-chip memory of each choice): docs/RESULTS.md section 5.
   c.mesh.slice = "v5p-32" if size == "7b" else "v5p-64"
   c.mesh.device_memory_gib = 0.0  # 0 = the slice's chip (v5p: 95 GiB); see vsd_jax/dry_run.py
   c.mesh.data = 1

@@ -131,23 +131,90 @@ def test_dry_run_refuses_what_does_not_fit():
   assert r.returncode != 0 and "needs a fixed mesh" in r.stderr, r.stderr[-3000:]
 
 
+def _paper_config(path):
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, file))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
 def test_paper_configs_describe_their_slices():
   from vsd_jax import dry_run
   from vsd_jax.cli_config import _load_file
+  from vsd_jax.models.archs import ARCHS
+  from vsd_jax.models.llama import LlamaConfig
 
   for path, want in [("configs/vicuna.py", ("vicuna-7b-v1.3", "v5p-32", 16)),
                      ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-64", 32)),
                      ("configs/llama3.py", ("llama-3.1-8b-instruct", "v5p-32", 16)),
                      ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32))]:
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, file))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg) if arg else mod.get_config()
+    c = _paper_config(path)
     assert (c.model.name, c.mesh.slice, dry_run.mesh_size(c)) == want, path
-    cfg = dry_run.target_config(c)
-    assert cfg.__dict__ == {**cfg.__dict__, **{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                               for k, v in dry_run.ARCHS[c.model.name].items()}}, path
+    # The config's architecture is the one table's entry for its model, and the dry run builds exactly it.
+    assert c.model.arch.to_dict() == ARCHS[c.model.name], path
+    assert dry_run.target_config(c) == LlamaConfig(**ARCHS[c.model.name], dtype="bfloat16",
+                                                   param_dtype="bfloat16"), path
     assert dry_run.device_memory_gib(c) == 95.0
     assert c.train.lr == 5e-5 and c.train.grad_clip == 0.5 and c.draft.ttt_steps == 7
   assert _load_file(os.path.join(REPO, "configs/llama3.py")).model.arch.num_kv_heads == 8
+  assert dry_run.ARCHS is ARCHS  # dry_run reads the same table (no copy)
+  for path in ("configs/vicuna.py:30b", "configs/llama3.py:405b"):
+    with pytest.raises(ValueError, match="unknown size; use one of"):
+      _paper_config(path)
+
+
+def test_arch_table_entries_are_valid_llama_configs():
+  from vsd_jax.models.archs import ARCHS, arch
+  from vsd_jax.models.llama import LlamaConfig, rope_inv_freq
+  from vsd_jax.weights.registry import REGISTRY
+
+  assert set(ARCHS) == set(REGISTRY)  # every registry model, by its registry name
+  for name, fields in ARCHS.items():
+    cfg = LlamaConfig(**fields)  # an unknown field raises TypeError
+    assert cfg.num_heads * cfg.head_dim == cfg.hidden_size, name
+    assert cfg.num_heads % cfg.num_kv_heads == 0, name
+    assert 0 <= cfg.bos_token_id < cfg.vocab_size and all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids), name
+    assert isinstance(cfg.eos_token_ids, tuple) and rope_inv_freq(cfg).shape == (cfg.head_dim // 2,), name
+    assert 0 < cfg.eagle3_layers[0] < cfg.eagle3_layers[1] < cfg.eagle3_layers[2] < cfg.num_layers, name
+  got = arch("Vicuna-7B-v1.3")
+  got["num_layers"] = 1  # a copy: the table is not changed through it
+  assert ARCHS["vicuna-7b-v1.3"]["num_layers"] == 32
+  with pytest.raises(KeyError, match="no architecture known for model 'gpt2'.*config.model.arch"):
+    arch("gpt2")
+
+
+# The architecture fields of each model's config.json on the hub (HuggingFaceTB/SmolLM2-135M-Instruct,
+# lmsys/vicuna-{7b,13b}-v1.3, meta-llama/Llama-3.1-8B-Instruct, meta-llama/Llama-3.3-70B-Instruct), written
+# in the hub's own field names: they go through the same converter as a downloaded checkpoint.
+_LLAMA3_HUB = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                   bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                   rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192, rope_type="llama3"))
+_VICUNA_HUB = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+HUB_CONFIG_JSON = {
+    "smollm2-135m-instruct": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                  num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                  rms_norm_eps=1e-5, rope_theta=100000, rope_scaling=None,
+                                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=2),
+    "vicuna-7b-v1.3": dict(_VICUNA_HUB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32),
+    "vicuna-13b-v1.3": dict(_VICUNA_HUB, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                            num_attention_heads=40),
+    "llama-3.1-8b-instruct": dict(_LLAMA3_HUB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32),
+    "llama-3.3-70b-instruct": dict(_LLAMA3_HUB, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIG_JSON))
+def test_arch_table_matches_the_hub_config_json(name):
+  from vsd_jax.models.archs import ARCHS
+  from vsd_jax.models.llama import LlamaConfig
+  from vsd_jax.weights.convert import config_from_hf_dict
+
+  assert LlamaConfig(**ARCHS[name]) == config_from_hf_dict(HUB_CONFIG_JSON[name]), name

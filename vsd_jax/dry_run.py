@@ -3,10 +3,10 @@
   python -m vsd_jax.train --config configs/llama3.py:70b --dry_run [--dry_run_seq_len=1024]
 
 No weights or data are loaded: the target's parameters are ShapeDtypeStructs of the architecture in
-config.model.arch (or ARCHS[config.model.name]), the draft vocabulary is a stand-in of the configured size,
-and the method comes from training/methods.py (config.method: eagle3 or vsd), so the step compiled is the one
-train_loop runs. On a machine without the chips, host CPU devices stand in for them: the CLI sets
-XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before JAX starts.
+config.model.arch (or ARCHS[config.model.name] of vsd_jax/models/archs.py), the draft vocabulary is a stand-in
+of the configured size, and the method comes from training/methods.py (config.method: eagle3 or vsd), so the
+step compiled is the one train_loop runs. On a machine without the chips, host CPU devices stand in for them:
+the CLI sets XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before JAX starts.
 
 Per-device figures: parameters, optimiser state and frozen target from the shardings (exact), activations =
 XLA's temporary buffers of the compiled step (memory_analysis), FLOPs from XLA's cost analysis (per device
@@ -22,37 +22,10 @@ import os
 import time
 from typing import Any, Optional
 
-GIB = 1024 ** 3
+# Hub architectures by registry name: the one table (it imports no JAX; re-exported as dry_run.ARCHS).
+from vsd_jax.models.archs import ARCHS
 
-# Hub architectures by registry name (weights/registry.py), for runs that never read the hub's config.json.
-ARCHS = {
-    "smollm2-135m-instruct": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                                  num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-                                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
-                                  eos_token_ids=(2,)),
-    "vicuna-7b-v1.3": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                           num_kv_heads=32, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                           max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-                           eos_token_ids=(2,)),
-    "vicuna-13b-v1.3": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                            num_kv_heads=40, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-                            eos_token_ids=(2,)),
-    "llama-3.1-8b-instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                                  num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                                  rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
-                                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                                  rope_original_max_position=8192, max_position_embeddings=131072,
-                                  tie_word_embeddings=False, bos_token_id=128000,
-                                  eos_token_ids=(128001, 128008, 128009)),
-    "llama-3.3-70b-instruct": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                                   num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                                   rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
-                                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                                   rope_original_max_position=8192, max_position_embeddings=131072,
-                                   tie_word_embeddings=False, bos_token_id=128000,
-                                   eos_token_ids=(128001, 128008, 128009)),
-}
+GIB = 1024 ** 3
 
 # HBM per chip (GiB) by accelerator name, for config.mesh.device_memory_gib = 0 with config.mesh.slice set.
 DEVICE_MEMORY_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0, "h100": 80.0,
@@ -113,7 +86,7 @@ def target_config(config):
     name = str(config.model.name).lower()
     if name not in ARCHS:
       raise DryRunError(f"no architecture known for model {config.model.name!r}: set config.model.arch "
-                        f"(LlamaConfig fields) or use one of {', '.join(sorted(ARCHS))}")
+                        f"(LlamaConfig fields) or use one of {', '.join(sorted(ARCHS))} (vsd_jax/models/archs.py)")
     arch = dict(ARCHS[name])
   arch["eos_token_ids"] = tuple(arch.get("eos_token_ids", (2,)))
   return LlamaConfig(**arch, dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype))

@@ -6,7 +6,8 @@
 
 Per set and temperature: tau (new tokens / target forwards), n-alpha (acceptance by depth), tokens/s of
 both, speedup; at T=0 the outputs are compared token for token and any mismatch is explained by the
-target's logit gap at the first differing token. Writes results.json, results.md and plots.
+target's logit gap at the first differing token. Writes results.json, results.md and plots. Prompts are
+encoded, and decoding stops, as in training (config.data.chat_template; data/chat.py prompt_encoder).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main(_):
   from vsd_jax.decoding.tree import TreeConfig
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax.eval.metrics import summarize
-  from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file
+  from vsd_jax.data.chat import prompt_encoder
+  from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.models.eagle3 import Eagle3Draft
   from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import load_draft
@@ -96,15 +98,15 @@ def main(_):
     total = int(F.total_tokens)
   tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode)
   draft = Eagle3Draft(dcfg)
-  tok = target.tokenizer
-  eos = tuple(target.config.eos_token_ids)
+  enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
+  eos, pad_id = enc.eos_ids, enc.pad_id
   n = F.max_new_tokens
   max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
   temps = [float(t) for t in F.temperature.split(",")]
   results, mismatches = {}, {}
   for bench in F.bench.split(","):
     items = read_prompt_file(os.path.join(data_dir, bench, "question.jsonl"))[:F.num_prompts]
-    prompts = [encode_prompt(tok, m, cfg.generate.system_prompt) for _, m in items]
+    prompts = [enc.encode_user(m, cfg.generate.system_prompt) for _, m in items]
     for p in prompts:
       check_capacity([len(p)], n, max_pos, extra=required_slots(0, 0, tree_cfg))
     for temp in temps:
@@ -112,7 +114,7 @@ def main(_):
 
       def vcall(ids, lens):
         o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
-                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=eos[0])
+                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=pad_id)
         return o.tokens, o.num_new, o.rounds
 
       def scall(ids, lens):
@@ -120,11 +122,11 @@ def main(_):
         slots = -(-slots // 128) * 128
         o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
                                  jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
-                                 eos_ids=eos, temperature=temp, pad_id=eos[0])
+                                 eos_ids=eos, temperature=temp, pad_id=pad_id)
         return o.tokens, o.num_new, o.rounds, o.accept_hist
 
-      van = run_batches(prompts, 1, vcall, eos[0])
-      spec = run_batches(prompts, 1, scall, eos[0])
+      van = run_batches(prompts, 1, vcall, pad_id)
+      spec = run_batches(prompts, 1, scall, pad_id)
       name = f"{bench}@T={temp:g}"
       results[name] = summarize(van, spec)
       if temp == 0:

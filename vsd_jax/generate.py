@@ -4,7 +4,9 @@
       --temperature T --output OUT.jsonl
 
 FILE: EAGLE `question.jsonl` (`question_id`, `turns`; the first turn is the user message) or plain text,
-one prompt per line. The chat template is applied with the generation prompt. Each output line has
+one prompt per line. The chat template (config.data.chat_template, else the tokenizer's own) is applied
+with the generation prompt, and decoding stops on the data pipeline's end-of-turn ids (data/chat.py
+prompt_encoder). Each output line has
 question_id (or line index), prompt_ids, output_ids (new tokens, EOS included when produced), text,
 new_tokens, wall_time (seconds of the batch holding this prompt, compilation excluded) and rounds
 (target forward passes after prefill).
@@ -45,7 +47,8 @@ def main(_):
   from tqdm import tqdm
 
   from vsd_jax.decoding.runner import check_capacity, run_batches
-  from vsd_jax.data.prompt_file import encode_prompt, read_prompt_file
+  from vsd_jax.data.chat import prompt_encoder
+  from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax.weights import load_target
 
@@ -61,13 +64,13 @@ def main(_):
   items = read_prompt_file(flags.FLAGS.prompts)[:flags.FLAGS.limit]
   target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
   tok = target.tokenizer
-  prompts = [encode_prompt(tok, msg, g.system_prompt) for _, msg in items]
+  enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
+  prompts = [enc.encode_user(msg, g.system_prompt) for _, msg in items]
   max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
   names = [f"prompt {qid!r} of {flags.FLAGS.prompts}" for qid, _ in items]
   for i in range(len(prompts)):  # check every prompt, so the error names the one at fault
     check_capacity([len(prompts[i])], max_new, max_pos, names=[names[i]])
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-  eos = tuple(sorted(set(target.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())))
+  pad_id, eos = enc.pad_id, enc.eos_ids
   rng = jax.random.PRNGKey(flags.FLAGS.seed)
 
   def call(ids, lens):

@@ -1,4 +1,5 @@
-"""Chat templates and loss masks: prompt + assistant response -> (input_ids [T], loss_mask [T]).
+"""Chat templates and loss masks: prompt + assistant response -> (input_ids [T], loss_mask [T]); and
+`prompt_encoder(target, config)`, the one prompt encoding (template, end-of-turn ids, pad id) of every caller.
 
 The loss mask is 1 exactly on the assistant response tokens, including the end-of-turn token that closes
 the response (`<|im_end|>` for ChatML/SmolLM2, `<|eot_id|>` for LLaMA-3, `</s>` for Vicuna), and 0 on the
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -70,6 +71,56 @@ def end_of_turn_ids(tokenizer, extra: Sequence[int] = ()) -> tuple:
   vocab = tokenizer.get_vocab()
   ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
   return tuple(sorted(ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoder:
+  """How prompts become token ids for one target under one config, and the ids decoding needs.
+
+  The one encoding shared by the data pipeline (regeneration, held-out report), generate, evaluate and the
+  benchmarks, so a prompt is the same ids everywhere and decoding stops on the same tokens.
+
+  tokenizer: the target's tokenizer. chat_template: config.data.chat_template ("" = the tokenizer's own, a
+  NAMED_TEMPLATES name or a Jinja string). eos_ids: ids that end a response (end_of_turn_ids: the tokenizer's
+  EOS, known end-of-turn tokens in its vocabulary and the model config's eos ids). pad_id: the tokenizer's
+  pad id, else 0.
+  """
+  tokenizer: Any
+  chat_template: str
+  eos_ids: tuple
+  pad_id: int
+
+  @property
+  def template_text(self) -> str:
+    """The template text in use (part of the regeneration cache key)."""
+    return template_text(self.tokenizer, self.chat_template)
+
+  def encode(self, messages: Sequence[dict]) -> list:
+    """Chat messages [{"role", "content"}] -> prompt token ids [P] ending with the assistant header."""
+    return encode_prompt(self.tokenizer, messages, self.chat_template)
+
+  def encode_user(self, message: str, system_prompt: str = "") -> list:
+    """One user message (after an optional system message) -> prompt token ids [P]."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": message}]
+    return self.encode(messages)
+
+
+def prompt_encoder(target, config=None) -> PromptEncoder:
+  """The PromptEncoder of `target` (a loaded weights.registry.Target: tokenizer + LlamaConfig) under
+  `config` (its data.chat_template; None = the tokenizer's own template).
+
+  Raises ChatTemplateError now, naming --config.data.chat_template, when neither the config nor the tokenizer
+  gives a template (e.g. lmsys/vicuna-*-v1.3 without configs/vicuna.py's chat_template="vicuna").
+  """
+  tok = target.tokenizer
+  if tok is None:
+    raise ValueError("the target was loaded without its tokenizer (with_tokenizer=False); prompts cannot be "
+                     "encoded. Load it with load_target(..., with_tokenizer=True).")
+  chat_template = str(config.data.chat_template or "") if config is not None else ""
+  resolve_template(tok, chat_template)  # fail before any work when there is no template
+  pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else 0
+  return PromptEncoder(tok, chat_template, end_of_turn_ids(tok, target.config.eos_token_ids), pad_id)
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], response: str, chat_template: str = "",

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Callable, Optional
 
-from vsd_jax.data.chat import apply_length_limit, build_sequence, encode_prompt, end_of_turn_ids, template_text
+from vsd_jax.data.chat import apply_length_limit, build_sequence, prompt_encoder
 from vsd_jax.data.dataset import SequenceDataset
 from vsd_jax.data.draft_vocab import DraftVocab, build_draft_vocab
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
@@ -50,10 +50,10 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   default make_target_call (vanilla.generate through run_batches). draft_vocab=False skips building a draft
   vocabulary (held-out data is scored with the training run's).
   """
-  d, tok = config.data, target.tokenizer
+  d = config.data
+  enc = prompt_encoder(target, config)
   prompts, source_stats = load_prompts(d, d.system_prompt)
-  template = template_text(tok, d.chat_template)
-  prompt_ids = [encode_prompt(tok, p.messages, d.chat_template) for p in prompts]
+  prompt_ids = [enc.encode(p.messages) for p in prompts]
 
   settings = gen_settings(d)
   max_pos = min(config.model.max_positions, target.config.max_position_embeddings)
@@ -68,9 +68,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
                 "model.max_positions=%d with data.regen.max_new_tokens=%d), e.g. %s", len(too_long), room,
                 d.max_length, max_pos, settings.max_new_tokens, ", ".join(too_long[:3]))
 
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-  eos = end_of_turn_ids(tok, target.config.eos_token_ids)
-  path = cache_path(data_cache_dir(config), model_id(target), settings, template)
+  pad_id, eos = enc.pad_id, enc.eos_ids
+  path = cache_path(data_cache_dir(config), model_id(target), settings, enc.template_text)
   if call is None:
     call = make_target_call(target, settings, max_pos, eos, pad_id)
   responses = regenerate([prompt_ids[i] for i in keep], call, path, int(d.regen.batch_size), pad_id,

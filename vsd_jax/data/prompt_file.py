@@ -1,11 +1,12 @@
-"""Prompt files for generation and evaluation: EAGLE question.jsonl (first turn) or one prompt per line."""
+"""Prompt files for generation and evaluation: EAGLE question.jsonl (first turn) or one prompt per line.
+
+The user messages read here are encoded with `chat.prompt_encoder(target, config).encode_user`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-
-from vsd_jax.data import chat
 
 
 class PromptFileError(ValueError):
@@ -36,9 +37,3 @@ def read_prompt_file(path: str):
     raise PromptFileError(f"prompt file {path!r} has no prompts; it is empty or only blank lines.")
   return items
 
-
-def encode_prompt(tokenizer, message: str, system_prompt: str = "", chat_template: str = "") -> list:
-  """One user message (after an optional system prompt) with the chat template's generation prompt."""
-  messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-      {"role": "user", "content": message}]
-  return chat.encode_prompt(tokenizer, messages, chat_template)
