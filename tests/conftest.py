@@ -1,8 +1,20 @@
-"""Shared fixtures. The real target (SmolLM2-135M-Instruct GGUF) loads once per test session."""
+"""Shared fixtures. The real target (SmolLM2-135M-Instruct GGUF) loads once per test session.
+
+Every test runs on the CPU backend with 8 host devices: the mesh tests build meshes of up to 8 devices
+(explicitly, from jax.devices()[:n]); single-device code runs on device 0. XLA reads XLA_FLAGS when the
+backend starts, so they are set here, before any test module imports jax. JAX_PLATFORMS=cpu is the default
+(the suite's tolerances are CPU float32); set JAX_PLATFORMS yourself to run it elsewhere (the mesh tests
+then need 8 devices of that platform). Subprocesses started by tests inherit both.
+"""
 
 import os
 
-import pytest
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_COUNT_FLAG}=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
 
 SHARED_DATA = os.environ.get(
     "VSD_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from vsd_jax.models.eagle3 import (Eagle3Config, Eagle3Draft, init_draft_cache, init_draft_params,
-                                   target_embedding)
+from tests.tiny_models import init_draft_params
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_cache
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM, dot_product_attention
 from vsd_jax.methods.eagle3.loss import eagle3_loss, ttt_unroll, validate_vocab_maps
 from vsd_jax.models.draft_unroll import chain_slots, shift_left
@@ -52,7 +52,7 @@ def tiny():
   tparams["embed_tokens"]["embedding"] = tparams["embed_tokens"]["embedding"] * 40.0
   feats, logits = jax.jit(target_features, static_argnums=0)(model, tparams, ids)
   dcfg = Eagle3Config.from_target(TINY, draft_vocab_size=N_DRAFT)
-  emb = target_embedding(tparams)
+  emb = tparams["embed_tokens"]["embedding"]
   dparams = init_draft_params(dcfg, jax.random.PRNGKey(2), emb)
   t2d, d2t = vocab_maps(TINY.vocab_size, N_DRAFT)
   return dict(model=model, tparams=tparams, ids=ids, feats=feats, logits=logits, dcfg=dcfg, draft=Eagle3Draft(dcfg),
@@ -167,6 +167,26 @@ def test_ttt_unroll_equals_chained_decoding(tiny):
       cache, h = out.kv_cache, out.hidden
 
 
+def _eagle3_loss_by_definition(step_logits, target_logits, loss_mask, t2d, d2t, decay=0.8):
+  """The TTT loss one row at a time (VSD_METHOD.md section 6, all tokens valid): step k at row t counts iff
+  t+2+k < T, x_{t+2+k} is a loss token and the target's argmax at t+1+k is in the draft vocabulary; it costs the
+  soft CE of the draft's step-k logits vs the target's softmax at t+1+k over the draft vocabulary. Steps are
+  means over their counted rows, weighted decay**k. -> (loss, [per-step losses])."""
+  ids = np.arange(len(d2t)) + np.asarray(d2t)
+  steps = []
+  for k, lg in enumerate(np.asarray(step_logits, np.float64)):
+    ces = []
+    for b in range(lg.shape[0]):
+      for t in range(lg.shape[1] - 2 - k):
+        tl = np.asarray(target_logits[b, t + 1 + k], np.float64)
+        if loss_mask[b, t + 2 + k] and np.asarray(t2d)[np.argmax(tl)]:
+          p = np.exp(tl[ids] - tl[ids].max())
+          logq = lg[b, t] - lg[b, t].max() - np.log(np.sum(np.exp(lg[b, t] - lg[b, t].max())))
+          ces.append(-np.sum(p / p.sum() * logq))
+    steps.append(np.mean(ces) if ces else 0.0)
+  return sum(decay ** k * x for k, x in enumerate(steps)), steps
+
+
 def test_loss_masking(tiny):
   """Target rows that no counted prediction reads leave the loss unchanged; a counted one changes it."""
   t2d, d2t = tiny["t2d"], tiny["d2t"]
@@ -184,7 +204,11 @@ def test_loss_masking(tiny):
   args = lambda lg: (dparams, tiny["draft"], tiny["emb"], tiny["feats"], tiny["ids"], jnp.asarray(lg),
                      jnp.asarray(loss_mask), t2d, d2t)
   base, m = loss_fn(*args(logits), num_steps=3)
-  assert np.isfinite(base) and np.all(np.isfinite(m["step_loss"]))
+  step_logits = jax.jit(ttt_unroll, static_argnums=(1, 5))(dparams, tiny["draft"], tiny["emb"], tiny["feats"],
+                                                           tiny["ids"], 3)
+  want, want_steps = _eagle3_loss_by_definition(np.asarray(step_logits), logits, loss_mask, t2d, d2t)
+  np.testing.assert_allclose(np.asarray(m["step_loss"]), want_steps, rtol=1e-5)
+  np.testing.assert_allclose(float(base), want, rtol=1e-5)
   # Rows 0 (x_1 is never predicted) and T-1 (x_T does not exist) are unread too.
   for row in (0, 4, 8, T - 1):
     pert = logits.copy()
@@ -270,7 +294,8 @@ def test_padding_is_ignored(tiny):
 
 @pytest.mark.slow
 def test_real_target_features_and_loss(target):
-  """SmolLM2: features are the inputs of layers (2, 15, 27); the draft at real widths gives a finite loss."""
+  """SmolLM2: features are the inputs of layers (2, 15, 27) (transformers' hidden states of the same GGUF); the
+  draft at real widths gives the loss of its definition."""
   from tests.conftest import chat_ids
   cfg = target.config
   ids = jnp.asarray([chat_ids(target.tokenizer, "Name three colours.")], jnp.int32)
@@ -280,11 +305,24 @@ def test_real_target_features_and_loss(target):
   chex.assert_shape(logits, (1, t, cfg.vocab_size))
   dcfg = Eagle3Config.from_target(cfg, draft_vocab_size=2048)
   assert dcfg.target_layers == (2, 15, 27) and dcfg.hidden_size == 576 and dcfg.num_kv_heads == 3
-  emb = target_embedding(target.params)
-  # Layer 2's input is the residual stream after two layers: not the embedding, and not layer 15's input.
+  emb = target.params["embed_tokens"]["embedding"]
+  # transformers' hidden_states[i] is the residual stream entering layer i (index 0: the embedding output).
+  torch = pytest.importorskip("torch")
+  import os
+  from transformers import AutoModelForCausalLM
+  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(target.source), gguf_file=os.path.basename(target.source),
+                                            dtype=torch.float32).eval()
+  with torch.no_grad():
+    ref = hf(torch.tensor(np.asarray(ids)), output_hidden_states=True).hidden_states
   h = cfg.hidden_size
-  assert not np.allclose(feats[..., :h], emb[ids]) and not np.allclose(feats[..., :h], feats[..., h:2 * h])
+  for i, layer in enumerate((2, 15, 27)):
+    want = ref[layer][0].numpy()
+    np.testing.assert_allclose(np.asarray(feats[0, :, i * h:(i + 1) * h]), want, atol=1e-3 * np.abs(want).max(),
+                               err_msg=f"layer {layer}")
   t2d, d2t = vocab_maps(cfg.vocab_size, 2048)
   dparams = init_draft_params(dcfg, jax.random.PRNGKey(0), emb)
-  loss, m = loss_fn(dparams, Eagle3Draft(dcfg), emb, feats, ids, logits, jnp.ones_like(ids), t2d, d2t, num_steps=2)
-  assert np.isfinite(loss) and float(loss) > 0
+  draft = Eagle3Draft(dcfg)
+  loss, m = loss_fn(dparams, draft, emb, feats, ids, logits, jnp.ones_like(ids), t2d, d2t, num_steps=2)
+  step_logits = jax.jit(ttt_unroll, static_argnums=(1, 5))(dparams, draft, emb, feats, ids, 2)
+  want, _ = _eagle3_loss_by_definition(np.asarray(step_logits), np.asarray(logits), np.ones(ids.shape), t2d, d2t)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)

@@ -1,6 +1,6 @@
 """The EAGLE-3 and VSD train steps (tiny target + draft) on 8 CPU devices: meshes give the single-device losses."""
 
-from tests.multidevice import needs_8_devices  # before jax: sets XLA_FLAGS
+from tests.multidevice import needs_8_devices
 
 import json
 import os
@@ -31,7 +31,8 @@ def _batches(start_step):
 
 
 def _metrics_by_mesh(tmp_path, configure, keys):
-  """3 steps of config.method on each mesh -> {mesh shape: [3, len(keys)] logged metrics}."""
+  """3 steps of config.method on each mesh, the target sharded as in training -> {mesh shape: [3, len(keys)]
+  logged metrics}."""
   model, params = tiny_target()
   target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
   d2t, t2d = vocab_maps(8, range(2, 8))
@@ -46,8 +47,13 @@ def _metrics_by_mesh(tmp_path, configure, keys):
     configure(c)
     method = build_method(c, target, vocab)
     mesh = parallel.make_mesh(c, jax.devices()[:int(np.prod(shape))])
+    # The target placed as vsd_jax/train.py places it: sharded by its logical axes, not replicated.
+    frozen_sh = parallel.target_frozen_shardings(method.frozen, model, mesh, parallel.logical_axis_rules(c))
+    if shape == (2, 2, 2):
+      emb = frozen_sh["target"]["embed_tokens"]["embedding"]
+      assert emb.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), emb  # [vocab, embed]
     res = train_loop(c, method.loss_fn, method.init_params, method.frozen, _batches, mesh=mesh,
-                     method_state=method.method_state)
+                     frozen_shardings=frozen_sh, method_state=method.method_state)
     assert res.step == 3
     with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
       out[shape] = np.array([[json.loads(line)[k] for k in keys] for line in f])

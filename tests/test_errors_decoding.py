@@ -29,7 +29,8 @@ def test_tree_larger_than_cache_allows():
 
 def test_draft_for_another_target(tmp_path):
   from tests.tiny_models import tiny_target, vocab_maps
-  from vsd_jax.models.eagle3 import Eagle3Config, init_draft_params
+  from tests.tiny_models import init_draft_params
+  from vsd_jax.models.eagle3 import Eagle3Config
   from vsd_jax.weights.draft_io import DraftMismatchError, load_draft, save_draft
   model, params = tiny_target()
   dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)

@@ -119,8 +119,13 @@ def test_batched_generation_equals_single(target):
   batched, out = _greedy(target, prompts, 48)
   for p, b in zip(prompts, batched):
     assert b == _greedy(target, [p], 48)[0][0]
-  # A row that stopped early keeps padding and counts no more rounds.
-  assert int(out.rounds.max()) <= 47 and int(out.num_new.min()) >= 1
+  # One target forward per new token after the prefill's while a row runs; a row that stopped early ends on EOS
+  # and keeps padding (pad_id 2) after it, counting no more rounds.
+  num_new, rounds, tokens = np.asarray(out.num_new), np.asarray(out.rounds), np.asarray(out.tokens)
+  np.testing.assert_array_equal(rounds, num_new - 1)
+  assert (num_new < 48).any(), f"no row stopped early: {num_new}"
+  for row, n in zip(tokens, num_new):
+    assert (n == 48 or row[n - 1] == 2) and (row[n:] == 2).all(), (n, row)
 
 
 def test_sampling_is_seeded_and_respects_top_p(target):

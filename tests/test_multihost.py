@@ -18,9 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices):
-  # tests/multidevice.py (imported by the toy method's module) adds count=8 unless it sees its own flag;
-  # the later flag wins, so each process gets `devices`.
-  flags = f"--xla_force_host_platform_device_count=8 --xla_force_host_platform_device_count={devices}"
+  # Replaces the 8-device XLA_FLAGS that tests/conftest.py set for this pytest process.
+  flags = f"--xla_force_host_platform_device_count={devices}"
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     env.pop(var, None)

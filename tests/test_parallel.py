@@ -1,6 +1,6 @@
 """Mesh construction, logical axis rules, parameter/batch shardings and multi-host init (8 CPU devices)."""
 
-from tests.multidevice import needs_8_devices  # before jax: sets XLA_FLAGS
+from tests.multidevice import needs_8_devices
 
 import flax.linen as nn
 import jax

@@ -53,5 +53,9 @@ def test_sampler_detects_a_wrong_temperature():
 def test_greedy_and_warp():
   logits = jnp.asarray([[0.1, 3.0, -1.0], [5.0, 0.0, 4.9]])
   assert np.asarray(sample_token(logits, jax.random.PRNGKey(0), 0.0)).tolist() == [1, 0]
-  lp = warp_logits(logits, 1.0, 1.0)
-  np.testing.assert_allclose(np.exp(np.asarray(lp)).sum(-1), 1.0, rtol=1e-6)
+  # warp_logits is the log of the sampling distribution's definition (temperature, then the top-p nucleus).
+  row = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+  for t, top_p in [(1.0, 1.0), (0.5, 1.0), (1.3, 0.8), (1.0, 0.5)]:
+    got = np.exp(np.asarray(warp_logits(jnp.stack([row, row[::-1]]), t, top_p)))
+    want = _expected(row, t, top_p)
+    np.testing.assert_allclose(got, np.stack([want, want[::-1]]), rtol=1e-5, atol=1e-7, err_msg=f"T={t} top_p={top_p}")

@@ -143,7 +143,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, numpy as np
 from flax import linen as nn
 from tests.tiny_models import tiny_target, vocab_maps
-from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_params
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
+from tests.tiny_models import init_draft_params
 from vsd_jax.decoding.speculative import required_slots, speculative_generate
 from vsd_jax.decoding.tree import TreeConfig
 from vsd_jax.decoding.vanilla import generate

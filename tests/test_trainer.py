@@ -1,9 +1,9 @@
 """The generic trainer on a toy next-token model: mesh equivalence, exact resume, SIGTERM, NaN, corruption.
 
-Runs on 8 host CPU devices (see tests/multidevice.py).
+Runs on 8 host CPU devices (see tests/conftest.py).
 """
 
-from tests.multidevice import needs_8_devices, subprocess_env  # before jax: sets XLA_FLAGS
+from tests.multidevice import needs_8_devices, subprocess_env
 
 import functools
 import glob
@@ -129,6 +129,7 @@ def reference_40(tmp_path_factory):
     res = train_loop(make_config(wd), loss_fn, init_params, frozen_embedding(), make_batches)
     assert res.step == 40 and res.stopped == "done"
     _REFERENCE["run"] = (jax.device_get(res.state.params), read_metrics(wd))
+    _REFERENCE["workdir"] = wd
   return _REFERENCE["run"]
 
 
@@ -176,18 +177,29 @@ def test_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
 
 @needs_8_devices
 def test_method_steps_reproduce_the_train_loop(tmp_path_factory):
-  """The step driver benchmarks use (trainer.MethodSteps) trains exactly like train_loop."""
+  """The step driver under train_loop (trainer.MethodSteps), driven by hand from a fresh state and from a
+  checkpoint restored into its abstract state, trains exactly like train_loop."""
   from vsd_jax.methods import Method
   from vsd_jax.training.trainer import MethodSteps
 
   ref_params, ref_metrics = reference_40(tmp_path_factory)
   c = make_config(tmp_path_factory.mktemp("unused"))
-  steps = MethodSteps(c, Method(None, init_params, loss_fn, frozen_embedding()), seed=c.seed)
+  method = Method(None, init_params, loss_fn, frozen_embedding())
+  steps = MethodSteps(c, method, seed=c.seed)
   batches = make_batches(0)
   losses = [float(steps(next(batches))["loss"]) for _ in range(40)]
   assert int(steps.state.step) == 40 and steps.step_fn.jitted._cache_size() == 1  # compiled once
   assert max_abs_diff(steps.state.params, ref_params) <= 1e-6
   np.testing.assert_allclose(losses, [r["loss"] for r in ref_metrics], rtol=1e-6)
+  # Resumed as train_loop resumes: the reference run's checkpoint 20 restored into abstract_state.
+  resumed = MethodSteps(c, method, seed=c.seed)
+  ckpt = Checkpoints(os.path.join(_REFERENCE["workdir"], "checkpoints"))
+  resumed.state, _ = ckpt.restore(resumed.abstract_state, 20)
+  ckpt.close()
+  batches = make_batches(20)
+  losses = [float(resumed(next(batches))["loss"]) for _ in range(20)]
+  assert int(resumed.state.step) == 40 and max_abs_diff(resumed.state.params, ref_params) <= 1e-6
+  np.testing.assert_allclose(losses, [r["loss"] for r in ref_metrics[20:]], rtol=1e-6)
 
 
 @needs_8_devices
@@ -204,7 +216,7 @@ def test_resume_onto_another_mesh(tmp_path, tmp_path_factory):
 
 
 @needs_8_devices
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, tmp_path_factory):
   c = make_config(tmp_path, checkpoint_every=5)
   with pytest.raises(NonFiniteLossError, match=r"step 13 .*last good checkpoint is step 10") as e:
     train_loop(c, loss_fn, init_params, frozen_embedding(), functools.partial(make_batches, nan_at=12))
@@ -213,9 +225,90 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
   assert ckpt.all_steps() == [5, 10]
   ckpt.close()
   assert [r["step"] for r in read_metrics(tmp_path)][-1] == 12
-  # Rerunning (data fixed) resumes from step 10 and trains on.
+  # Rerunning (data fixed) resumes from step 10 and trains on exactly as the uninterrupted run.
   res = train_loop(c, loss_fn, init_params, frozen_embedding(), make_batches, stop_step=15)
-  assert res.step == 15 and np.isfinite(res.metrics["loss"])
+  ref = reference_40(tmp_path_factory)[1]
+  assert res.step == 15 and ref[14]["step"] == 15
+  np.testing.assert_allclose(res.metrics["loss"], ref[14]["loss"], rtol=1e-6)
+
+
+_CLEAN_TO_12 = {}
+
+
+def clean_checkpoints_to_12(tmp_path_factory):
+  """A run without NaN, checkpointed every 2 steps up to 12: (its final state, {step: host params})."""
+  if not _CLEAN_TO_12:
+    wd = tmp_path_factory.mktemp("clean12")
+    c = make_config(wd, log_every=10, checkpoint_every=2, keep_checkpoints=10)
+    res = train_loop(c, loss_fn, init_params, frozen_embedding(), make_batches, stop_step=12)
+    steps = list(range(2, 13, 2))
+    _CLEAN_TO_12["run"] = (res.state, {s: _checkpoint_params(wd, s, res.state) for s in steps})
+  return _CLEAN_TO_12["run"]
+
+
+def _checkpoint_params(workdir, step, like):
+  """Host params of <workdir>/checkpoints/<step>, restored into the shapes and shardings of state `like`."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
+  try:
+    state, meta = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  assert meta["step"] == step
+  return jax.device_get(state.params)
+
+
+def _watched_batches(ran, nan_at, sigterm_at=None, end=None):
+  """make_batches (NaN loss at batch `nan_at`) that records the batch indices handed out in `ran`, sends
+  SIGTERM to this process while handing out batch `sigterm_at`, and runs out of data at batch `end`."""
+  def batches(start):
+    for i, b in enumerate(make_batches(start, nan_at=nan_at), start):
+      if i == end:
+        return
+      if i == sigterm_at:
+        # train_loop's handler records the signal; with the default handler it would kill pytest instead.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler installed"
+        os.kill(os.getpid(), signal.SIGTERM)
+      ran.append(i)
+      yield b
+  return batches
+
+
+# NaN at step 13 (batch 12), log_every=10: checked at the log step 20 and before any earlier save.
+# (case, train overrides, stop_step, SIGTERM at batch, data ends at batch, steps run, checkpoints left)
+NAN_CASES = [
+    ("log_step", dict(checkpoint_every=10), None, None, None, 20, [10]),
+    ("periodic_save", dict(checkpoint_every=4), None, None, None, 16, [4, 8, 12]),
+    ("final_save", dict(checkpoint_every=4), 15, None, None, 15, [4, 8, 12]),
+    ("sigterm_save", dict(checkpoint_every=4), None, 14, None, 15, [4, 8, 12]),
+    ("data_exhausted_save", dict(checkpoint_every=4), None, None, 15, 15, [4, 8, 12]),
+]
+
+
+@needs_8_devices
+def test_nan_is_checked_at_log_steps_and_before_every_save(tmp_path, tmp_path_factory):
+  """No host sync per step: a NaN at step 13 stops training by the next log step (20) or before the first save
+  after it, naming step 13; every checkpoint left is finite and the state of a step before 13."""
+  clean_state, clean_params = clean_checkpoints_to_12(tmp_path_factory)
+  for case, train, stop, sigterm_at, end, steps_run, saved in NAN_CASES:
+    wd = tmp_path / case
+    ran = []
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 13 \(batch 12 ") as e:
+      train_loop(make_config(wd, log_every=10, **train), loss_fn, init_params, frozen_embedding(),
+                 _watched_batches(ran, 12, sigterm_at, end), stop_step=stop)
+    assert e.value.step == 13 and not np.isfinite(e.value.metrics["loss"]), (case, e.value.metrics)
+    # The check waited for the log step or the save (the steps in between ran without a host sync) ...
+    assert len(ran) == steps_run <= 20, (case, ran)
+    # ... and came before the save: nothing from step 13 on was written.
+    ckpt = Checkpoints(os.path.join(wd, "checkpoints"))
+    assert ckpt.all_steps() == saved, case
+    ckpt.close()
+    assert e.value.last_checkpoint == saved[-1], case
+    for s in saved:
+      params = _checkpoint_params(wd, s, clean_state)
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), (case, s)
+      assert max_abs_diff(params, clean_params[s]) <= 1e-6, (case, s)
+    assert [r["step"] for r in read_metrics(wd)] == [10], case  # the interval with the NaN is not logged
 
 
 def _corrupt_latest(directory, step):

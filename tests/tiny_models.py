@@ -10,7 +10,7 @@ import optax
 from flax import linen as nn
 
 from vsd_jax.decoding.vanilla import generate
-from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_params
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.models.features import target_features
@@ -24,6 +24,14 @@ def tiny_target(vocab=8, seed=0, scale=12.0):
   params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
   params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * scale
   return model, params
+
+
+def init_draft_params(cfg: Eagle3Config, rng, embed_matrix):
+  """Random draft parameters (unboxed "params") for tests. embed_matrix: [V, H] the target's embedding."""
+  model = Eagle3Draft(cfg)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  feats = jnp.zeros((1, 2, 3 * cfg.hidden_size), cfg.jnp_dtype)
+  return jax.jit(lambda r, e: nn.unbox(model.init(r, e, ids, feats)["params"]))(rng, embed_matrix)
 
 
 def vocab_maps(vocab, draft_ids):

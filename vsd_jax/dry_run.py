@@ -4,7 +4,7 @@
 
 No weights or data are loaded: the target's parameters are ShapeDtypeStructs of the architecture in
 config.model.arch (or ARCHS[config.model.name] of vsd_jax/models/archs.py), the draft vocabulary is a stand-in
-of the configured size, and the method comes from training/methods.py (config.method: eagle3 or vsd), so the
+of the configured size, and the method comes from vsd_jax/methods (config.method: eagle3 or vsd), so the
 step compiled is the one train_loop runs. On a machine without the chips, host CPU devices stand in for them:
 the CLI sets XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before JAX starts.
 

@@ -25,20 +25,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axes. Batch is split over data and fsdp; parameters are sharded over fsdp
-# (their "embed" side) and tensor (heads, mlp, vocab); small or scanned axes stay replicated.
-DEFAULT_RULES = {
-    "batch": "data,fsdp",
-    "length": "",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "vocab": "tensor",
-    "norm": "",
-    "layers": "",
-}
-
 Rules = tuple  # ((logical_name, mesh_axis | (mesh_axes...) | None), ...), flax's LogicalRules format
 
 
@@ -261,3 +247,17 @@ def model_param_shardings(model: nn.Module, mesh: Mesh, rules: Rules, *example_a
 def frozen_shardings(frozen: dict, target_shardings: Any, mesh: Mesh) -> dict:
   """A method's frozen inputs: the target's parameters by their logical axes, the rest (vocab maps) replicated."""
   return {k: target_shardings if k == "target" else replicated(mesh) for k in frozen}
+
+
+def target_frozen_shardings(frozen: dict, target_model: nn.Module, mesh: Mesh, rules: Rules) -> dict:
+  """How training places a method's frozen inputs (train.py; pass to train_loop's frozen_shardings): the
+  target's parameters (frozen["target"]) sharded by `target_model`'s logical axes under `rules`, not
+  replicated per device; everything else replicated. Raises MeshError naming a parameter the mesh cannot split.
+
+  frozen: {"target": the target's unboxed params, other name: array} (methods.Method.frozen).
+  """
+  if "target" not in frozen:
+    raise ValueError(f"frozen has no 'target' entry (keys {sorted(frozen)}); the method's frozen inputs must "
+                     f"hold the target's parameters under 'target'")
+  ids = np.zeros((1, 8), np.int32)  # any [1, T] token ids: only the parameter shapes matter
+  return frozen_shardings(frozen, model_param_shardings(target_model, mesh, rules, ids), mesh)

@@ -107,9 +107,8 @@ def main(_):
 
   t = time.time()
   # The frozen target is sharded by its logical axes (as --dry_run compiles it), not replicated per device.
-  mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
-  frozen_sh = parallel.frozen_shardings(frozen, parallel.model_param_shardings(
-      target.model, mesh, rules, jax.numpy.zeros((1, 8), jax.numpy.int32)), mesh)
+  mesh = parallel.make_mesh(config)
+  frozen_sh = parallel.target_frozen_shardings(frozen, target.model, mesh, parallel.logical_axis_rules(config))
   result = train_loop(config, loss_fn, init_params, frozen, make_batches, mesh=mesh, frozen_shardings=frozen_sh,
                       method_state=method.method_state)
   stages["train_s"] = time.time() - t

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.decoding.sampling import warp_logits
 from vsd_jax.models.draft_unroll import unroll_chain
-from vsd_jax.models.masks import tree_attention_mask
+from vsd_jax.models.masks import ancestor_mask, tree_attention_mask
 
 _TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed
 
@@ -71,17 +71,6 @@ class Tree:
   scores: jax.Array      # float32 [B, T] cumulative draft log-probability of each node (root 0)
   children: jax.Array    # int32 [B, T, K] children of each node sorted by score, -1 padded
   q_probs: jax.Array     # float32 [B, T, Vd] draft distribution each node's token was sampled from (chain)
-
-
-def ancestor_mask(parents: jax.Array, depth: int) -> jax.Array:
-  """bool [T, T] with [i, j] = j is i or an ancestor of i, from parent pointers (root's parent = 0)."""
-  t = parents.shape[0]
-  cur = jnp.arange(t)
-  mask = jnp.zeros((t, t), bool)
-  for _ in range(depth + 1):
-    mask = mask | jax.nn.one_hot(cur, t, dtype=bool)
-    cur = parents[cur]
-  return mask
 
 
 def _children(parents: jax.Array, scores: jax.Array, k: int) -> jax.Array:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.models.eagle3 import Eagle3Draft, Eagle3Output, init_draft_cache
+from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.models.masks import chain_attention_mask, positions_from_mask, sequence_mask
 
 
@@ -71,12 +72,15 @@ def sequence_step(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Arr
 
   features: [B, T, 3H]; input_ids: int32 [B, T]; valid: bool [B, T]; num_slots (static) >= T: the sequence
   is written at slots 0..T-1 of a fresh draft cache (causal over valid tokens, RoPE positions among them).
+  The step attends over its T slots only; the cache is then padded to num_slots for the chains' window.
   Returns Eagle3Output(logits float32 [B, T, N] (q_1 of a chain anchored at row t), hidden [B, T, H], cache).
   """
-  b, _ = input_ids.shape
-  return draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
-                            positions_from_mask(valid), sequence_mask(valid, num_slots),
-                            init_draft_cache(draft_module.cfg, b, num_slots), jnp.zeros((b,), jnp.int32))
+  b, t = input_ids.shape
+  out = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
+                           positions_from_mask(valid), sequence_mask(valid, t),
+                           init_draft_cache(draft_module.cfg, b, t), jnp.zeros((b,), jnp.int32))
+  pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, num_slots - t), (0, 0)])    # [1, B, KV, S, D]
+  return out._replace(kv_cache=KVCache(pad(out.kv_cache.k), pad(out.kv_cache.v)))
 
 
 class Chain(NamedTuple):
@@ -88,7 +92,7 @@ class Chain(NamedTuple):
 def unroll_chain(draft_fn: Callable, cache, first_logits: jax.Array, first_hidden: jax.Array,
                  positions: jax.Array, committed: jax.Array, window_start: jax.Array, *, depth: int,
                  choose: Callable, rng: Optional[jax.Array] = None, reduce: Optional[Callable] = None,
-                 key_valid: Optional[jax.Array] = None) -> Chain:
+                 key_valid: Optional[jax.Array] = None, remat: bool = True) -> Chain:
   """Unroll R draft chains of `depth` steps per batch row (see the module docstring). Pure and jittable.
 
   Args:
@@ -102,6 +106,11 @@ def unroll_chain(draft_fn: Callable, cache, first_logits: jax.Array, first_hidde
       pytree), for i = 0..K-1 (i is a traced int32 inside the scan). rng: PRNG key, fold_in(rng, i) at step i.
     reduce: (i, logits [B, R, N]) -> pytree kept per step (default: the logits themselves).
     key_valid: optional bool [B, S0] (S0 <= S): prefix slots that may be attended (padding excluded).
+    remat: under differentiation, keep only the weight matmuls' outputs of each step and recompute the rest
+      (attention scores over all S slots) in the backward pass: the scan's window makes every step attend
+      over S = T + (K-1)R slots, and saving those scores for K steps dominates training memory (without
+      remat the Llama-3.1-8B dry run needs 84 GiB of activations per chip, with it 31). No effect without
+      a gradient.
   Returns:
     Chain(records [K, ...], reduced [K, ...], cache).
   """
@@ -126,6 +135,8 @@ def unroll_chain(draft_fn: Callable, cache, first_logits: jax.Array, first_hidde
   if depth == 1:
     expand = lambda x: jax.tree_util.tree_map(lambda a: a[None], x)
     return Chain(expand(record), expand(red), cache)
+  if remat:
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable, prevent_cse=False)
   (cache, _, _), (records, reduced) = jax.lax.scan(step, (cache, feed, first_hidden),
                                                    jnp.arange(1, depth, dtype=jnp.int32))
   return Chain(stack(record, records), stack(red, reduced), cache)

@@ -32,7 +32,7 @@ Decoding (slot == position in the draft cache `init_draft_cache(cfg, B, S)`, as 
   This is exactly what training unrolls (`vsd_jax.methods.eagle3.loss`): TTT step k at row t is the
   depth-k node of a chain anchored at row t.
 
-Shapes: B batch, T rows, S cache slots, V target vocab, N draft vocab, H hidden, K kv heads, D head dim.
+Shapes: B batch, T rows, S cache slots, V target vocab, N draft vocab, H hidden, KV kv heads, D head dim.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Eagle3Config:
 
 
 def init_draft_cache(cfg: Eagle3Config, batch: int, num_slots: int, dtype=None) -> KVCache:
-  """An empty draft KV cache: k, v of [1, batch, K, num_slots, D] (one layer), in `dtype` (default compute)."""
+  """An empty draft KV cache: k, v of [1, batch, KV, num_slots, D] (one layer), in `dtype` (default compute)."""
   return KVCache.zeros(cfg.layer_config, batch, num_slots, dtype)
 
 
@@ -136,7 +136,7 @@ class Eagle3Layer(nn.Module):
 
   @nn.compact
   def __call__(self, emb, hidden, positions, mask, cache=None, write_index=None):
-    """emb, hidden: [B,T,H]; positions: int [B,T]; mask: bool [B,T,S]; cache: (k, v) of [1,B,K,S,D] or None.
+    """emb, hidden: [B,T,H]; positions: int [B,T]; mask: bool [B,T,S]; cache: (k, v) of [1,B,KV,S,D] or None.
     Returns ([B,T,H], updated cache or None)."""
     cfg = self.cfg
     x = jnp.concatenate([_norm(cfg, "input_layernorm")(emb), _norm(cfg, "hidden_norm")(hidden)], axis=-1)
@@ -163,7 +163,7 @@ class Eagle3Draft(nn.Module):
       positions: int32 [B, T] RoPE positions; default write_index + arange(T) (0.. without a cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
         default causal with slot == position (`masks.causal_mask`).
-      kv_cache: optional draft KVCache, k and v of [1, B, K, S, D] (`init_draft_cache`); this call's
+      kv_cache: optional draft KVCache, k and v of [1, B, KV, S, D] (`init_draft_cache`); this call's
         keys/values are written at slots write_index[b] + arange(T) before attending.
       write_index: int32 [B], slot of each row's first new key; default zeros.
     Returns:
@@ -198,20 +198,3 @@ class Eagle3Draft(nn.Module):
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))(
             _norm(cfg, "norm")(out))
     return Eagle3Output(logits.astype(jnp.float32), out, None if kv_cache is None else KVCache(*cache))
-
-
-def init_draft_params(cfg: Eagle3Config, rng: jax.Array, embed_matrix: jax.Array):
-  """Random draft parameters (the "params" collection, logical-axis metadata stripped). embed_matrix: [V, H].
-
-  Every parameter, fc included, is created: the init call feeds dummy 3H features. Jitted (eager init
-  dispatches op by op and is slow on CPU).
-  """
-  model = Eagle3Draft(cfg)
-  ids = jnp.zeros((1, 2), jnp.int32)
-  feats = jnp.zeros((1, 2, 3 * cfg.hidden_size), cfg.jnp_dtype)
-  return jax.jit(lambda r, e: nn.unbox(model.init(r, e, ids, feats)["params"]))(rng, embed_matrix)
-
-
-def target_embedding(target_params) -> jax.Array:
-  """The target's token embedding [V, H] from its "params" collection (what the draft embeds with)."""
-  return target_params["embed_tokens"]["embedding"]

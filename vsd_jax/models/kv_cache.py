@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  # Heads before slots: decode attention is then a plain batched matmul (3x faster on CPU than [.., S, K, D]).
-  k: jax.Array  # [L, B, K, S, D]
-  v: jax.Array  # [L, B, K, S, D]
+  # Heads before slots: decode attention is then a plain batched matmul (3x faster on CPU than [.., S, KV, D]).
+  k: jax.Array  # [L, B, KV, S, D]
+  v: jax.Array  # [L, B, KV, S, D]
 
   @property
   def num_slots(self) -> int:
@@ -19,14 +19,14 @@ class KVCache:
 
   @classmethod
   def zeros(cls, cfg, batch: int, num_slots: int, dtype=None) -> "KVCache":
-    """An empty cache for `cfg` (a LlamaConfig): [L, batch, K, num_slots, D] in `dtype` (default compute)."""
+    """An empty cache for `cfg` (a LlamaConfig): [L, batch, KV, num_slots, D] in `dtype` (default compute)."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def write_layer(cache: jax.Array, layer, new: jax.Array, write_index: jax.Array) -> jax.Array:
-  """Write new [B, T, K, D] into cache [L, B, K, S, D] at layer `layer`, slots write_index[b] + arange(T).
+  """Write new [B, T, KV, D] into cache [L, B, KV, S, D] at layer `layer`, slots write_index[b] + arange(T).
 
   A scatter into the whole (loop-carried, donated) cache: XLA updates it in place, where stacking
   per-layer slices as scan outputs would copy the cache every step.
@@ -34,7 +34,7 @@ def write_layer(cache: jax.Array, layer, new: jax.Array, write_index: jax.Array)
   b, t = new.shape[:2]
   rows = jnp.arange(b)[:, None]
   slots = write_index.astype(jnp.int32)[:, None] + jnp.arange(t)[None, :]
-  # Advanced indices split by a slice: the update is indexed [B, T, K, D], as `new` is.
+  # Advanced indices split by a slice: the update is indexed [B, T, KV, D], as `new` is.
   return cache.at[layer, rows, :, slots].set(new.astype(cache.dtype), unique_indices=True, mode="drop")
 
 
@@ -47,7 +47,7 @@ def gather_slots(cache: KVCache, src_slots: jax.Array, dst_start: jax.Array) -> 
   rows = jnp.arange(b)[:, None]
   dst = dst_start.astype(jnp.int32)[:, None] + jnp.arange(p)[None, :]
 
-  def move(a):  # a: [L, B, K, S, D]; picked: [B, P, L, K, D] (advanced indices first)
+  def move(a):  # a: [L, B, KV, S, D]; picked: [B, P, L, KV, D] (advanced indices first)
     picked = a[:, rows, :, src_slots]
     return a.at[:, rows, :, dst].set(picked, mode="drop")
   return KVCache(move(cache.k), move(cache.v))

@@ -5,7 +5,7 @@ mask over the key slots and, optionally, a preallocated KV cache plus the slot e
 keys/values to. Prefill, cached decode, tree verification and the VSD oracle are the same call with
 different masks.
 
-Shapes: B batch, T new tokens, S cache slots, L layers, H hidden, N heads, K kv heads, D head dim.
+Shapes: B batch, T new tokens, S cache slots, L layers, H hidden, Q query heads, KV kv heads, D head dim.
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def dot_product_attention(q, k, v, mask):
-  """The one attention kernel. q: [B,T,N,D]; k, v: [B,K,S,D]; mask: bool [B,T,S] -> [B,T,N,D].
+  """The one attention kernel. q: [B,T,Q,D]; k, v: [B,KV,S,D]; mask: bool [B,T,S] -> [B,T,Q,D].
 
-  GQA: the N/K query heads of a kv head and the T queries form one [G*T, D] matrix per (b, kv head), so
+  GQA: the G = Q/KV query heads of a kv head and the T queries form one [G*T, D] matrix per (b, kv head), so
   both products are plain batched matmuls. Softmax in float32; a row with no visible key gives 0.
   """
   b, t, n, d = q.shape
@@ -149,7 +149,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, layer=0, write_index=None):
-    """x: [B,T,Hin]; positions: [B,T]; mask: bool [B,T,S]; cache: (k, v) each [L,B,S,K,D] or None;
+    """x: [B,T,Hin]; positions: [B,T]; mask: bool [B,T,S]; cache: (k, v) each [L,B,KV,S,D] or None;
     layer: index into the cache; write_index: int [B], slot of each row's first new token.
     Returns ([B,T,H], updated cache or None)."""
     cfg = self.cfg
@@ -217,7 +217,7 @@ class LlamaForCausalLM(nn.Module):
       positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
         default causal with slot == position (`masks.causal_mask`).
-      kv_cache: optional KVCache with k, v of [L, B, K, S, D]; new keys/values are written at slots
+      kv_cache: optional KVCache with k, v of [L, B, KV, S, D]; new keys/values are written at slots
         write_index[b] + arange(T) and the updated cache is returned.
       write_index: int32 [B]; default zeros.
       hidden_layers: static layer indices whose *input* hidden states are returned.

@@ -10,6 +10,7 @@ only in the mask:
     tree_attention_mask  committed prefix (< L, per row or per query) + a window of scratch/tree slots
     chain_attention_mask R chains unrolled together (TTT, VSD paths, chain decoding): prefix + own steps
     chain_window_mask    its window part
+    ancestor_mask        the window part for a draft tree, from parent pointers (decoding verification)
     path_ancestors       the window part for many flat paths verified in one tree forward (VSD oracle)
 
 Shapes: B batch, T queries, S key slots, W window slots, R chain rows per batch row.
@@ -100,6 +101,17 @@ def chain_attention_mask(committed: jax.Array, num_rows: int, depth: int, step, 
   if key_valid is not None:
     pad = num_slots - key_valid.shape[1]
     mask = mask & jnp.pad(key_valid.astype(bool), ((0, 0), (0, pad)), constant_values=True)[:, None, :]
+  return mask
+
+
+def ancestor_mask(parents: jax.Array, depth: int) -> jax.Array:
+  """bool [T, T] with [i, j] = j is i or an ancestor of i, from parent pointers (root's parent = 0)."""
+  t = parents.shape[0]
+  cur = jnp.arange(t)
+  mask = jnp.zeros((t, t), bool)
+  for _ in range(depth + 1):
+    mask = mask | jax.nn.one_hot(cur, t, dtype=bool)
+    cur = parents[cur]
   return mask
 
 

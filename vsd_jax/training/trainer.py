@@ -16,7 +16,8 @@ Steps are numbered from 1: step s applies the s-th update, using batch s-1 of ma
 rng fold_in(state.rng, s-1); checkpoint s holds the state after step s. The loop logs to
 <workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard), saves every train.checkpoint_every
 steps, resumes from the latest checkpoint, stops with NonFiniteLossError on a NaN/inf loss or gradient
-(without saving that state), and on SIGTERM saves the current step and returns.
+(checked at log steps and before every save, so steps are not synchronised with the host one by one; no
+state from that step on is saved), and on SIGTERM saves the current step and returns.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vsd_jax import parallel
+from vsd_jax.methods.base import Method
 from vsd_jax.training.checkpoints import Checkpoints
 from vsd_jax.training.metrics_writer import MetricsWriter, mean_metrics
 from vsd_jax.training.state import TrainState, create_train_state, make_optimizer, state_shardings
@@ -117,32 +119,93 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh, 
 
 
 class MethodSteps:
-  """A fresh train state for a training method (methods.Method) and its jitted step, for benchmarks and
-  experiments that drive steps themselves (no checkpoints, no logging): `metrics = steps(host_batch)`."""
+  """A training method's train state and its one jitted, sharded update: `metrics = steps(host_batch)`.
 
-  def __init__(self, config, method, mesh=None, rules=None, seed: int = 0):
+  The step driver of train_loop (which adds checkpoints, logging and the NaN stop) and of benchmarks and
+  experiments that drive steps themselves.
+
+  Args:
+    config: the run's ConfigDict (train.* for the optimiser; mesh.* unless `mesh` / `rules` are given).
+    method: a vsd_jax.methods.base.Method (init_params, loss_fn, frozen, method_state; draft is unused).
+    mesh, rules: default parallel.make_mesh(config) and parallel.logical_axis_rules(config).
+    seed: a fresh state's parameters and step rngs come from PRNGKey(seed).
+    frozen_shardings: NamedShardings for method.frozen; default: the shardings its arrays already have on
+      `mesh`, replicated otherwise (parallel.target_frozen_shardings gives the target's logical layout).
+  Attributes:
+    state: the TrainState; created fresh (directly into its shardings) when first read unless set before,
+      e.g. to a checkpoint restored into `abstract_state`.
+    abstract_state / shardings: the TrainState of ShapeDtypeStructs / NamedShardings the state has.
+    frozen: method.frozen placed on the mesh. step_fn: the jitted step (built on the first batch).
+  """
+
+  def __init__(self, config, method: Method, mesh=None, rules=None, seed: int = 0, *,
+               frozen_shardings: Any = None):
     self.mesh = parallel.make_mesh(config) if mesh is None else mesh
     self.rules = parallel.logical_axis_rules(config) if rules is None else rules
-    tx, schedule = make_optimizer(config.train)
-    _, shardings = state_shardings(method.init_params, tx, jax.random.PRNGKey(0), self.mesh, self.rules,
-                                   method.method_state)
-    self.state = create_train_state(method.init_params, tx, jax.random.PRNGKey(seed), shardings,
-                                    method.method_state)
-    frozen_sh = parallel.shardings_of(method.frozen, self.mesh)
-    self.frozen = parallel.place(method.frozen, frozen_sh)
-    self._make = lambda batch_sh: make_train_step(
-        method.loss_fn, tx, mesh=self.mesh, rules=self.rules, shardings=shardings, frozen_shardings=frozen_sh,
-        batch_shardings=batch_sh, lr_schedule=schedule, stateful=method.method_state is not None)
-    self.step_fn, self._batch_sh = None, None
+    self.method, self.seed = method, int(seed)
+    self.tx, self.schedule = make_optimizer(config.train)
+    self.abstract_state, self.shardings = state_shardings(
+        method.init_params, self.tx, jax.random.PRNGKey(self.seed), self.mesh, self.rules, method.method_state)
+    if frozen_shardings is None:
+      frozen_shardings = parallel.shardings_of(method.frozen, self.mesh)
+    self.frozen_shardings = frozen_shardings
+    self.frozen = parallel.place(method.frozen, frozen_shardings)
+    self._state: Optional[TrainState] = None
+    self.step_fn, self.batch_shardings = None, None
+
+  @property
+  def state(self) -> TrainState:
+    if self._state is None:
+      self._state = create_train_state(self.method.init_params, self.tx, jax.random.PRNGKey(self.seed),
+                                       self.shardings, self.method.method_state)
+    return self._state
+
+  @state.setter
+  def state(self, value: TrainState) -> None:
+    self._state = value
 
   def __call__(self, host_batch: dict) -> dict:
-    """One update on a host batch; returns the step's metrics (device arrays). Built on the first batch, as
-    train_loop does: batch shardings depend only on each array's rank, and jit compiles once per shape."""
+    """One update on a host batch (this process's [B_local, ...] rows); returns the step's metrics as device
+    arrays (no host sync; "finite" says whether the update was applied). The step is built on the first batch:
+    batch shardings depend only on each array's rank, and jit compiles once per shape."""
     if self.step_fn is None:
-      self._batch_sh = parallel.batch_shardings(host_batch, self.mesh, self.rules)
-      self.step_fn = self._make(self._batch_sh)
-    self.state, metrics = self.step_fn(self.state, self.frozen, parallel.shard_batch(host_batch, self._batch_sh))
+      self.batch_shardings = parallel.batch_shardings(host_batch, self.mesh, self.rules)
+      self.step_fn = make_train_step(
+          self.method.loss_fn, self.tx, mesh=self.mesh, rules=self.rules, shardings=self.shardings,
+          frozen_shardings=self.frozen_shardings, batch_shardings=self.batch_shardings,
+          lr_schedule=self.schedule, stateful=self.method.method_state is not None)
+    self.state, metrics = self.step_fn(self.state, self.frozen,
+                                       parallel.shard_batch(host_batch, self.batch_shardings))
     return metrics
+
+
+class _StepHistory:
+  """The device metrics of the steps since the last log step. Their "finite" flags stay on device until
+  `check`, so a step costs no host round trip; `check` fetches the flags not yet checked."""
+
+  def __init__(self, first_step: int):
+    self.first_step = first_step   # the step of metrics[0]
+    self.metrics: list = []
+    self._checked = 0              # metrics[:_checked] are known finite
+
+  def append(self, metrics: dict) -> None:
+    self.metrics.append(metrics)
+
+  def check(self, last_saved: Optional[int], directory: str) -> None:
+    """Raise NonFiniteLossError naming the first non-finite step (with its metrics) if there is one."""
+    flags = jax.device_get([m["finite"] for m in self.metrics[self._checked:]])
+    for i, ok in enumerate(flags, start=self._checked):
+      if not bool(ok):
+        shown = {k: float(v) for k, v in jax.device_get(self.metrics[i]).items() if k != "finite"}
+        raise NonFiniteLossError(self.first_step + i, shown, last_saved, directory)
+    self._checked = len(self.metrics)
+
+  def drain(self) -> list:
+    """The (checked) metrics as host dicts without "finite"; the history restarts after them."""
+    host = [{k: v for k, v in m.items() if k != "finite"} for m in jax.device_get(self.metrics)]
+    self.first_step += len(self.metrics)
+    self.metrics, self._checked = [], 0
+    return host
 
 
 class _SigtermFlag:
@@ -183,12 +246,18 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
                stop_step: Optional[int] = None, method_state: Any = None) -> TrainResult:
   """Train until config.train.total_steps (or `stop_step`), resuming from <workdir>/checkpoints.
 
+  The steps run on MethodSteps. Finiteness is checked on the host only at log steps and before every
+  checkpoint save (periodic, final, SIGTERM, data exhausted), not after each step, so JAX's asynchronous
+  dispatch is never blocked in between: a non-finite step k raises NonFiniteLossError naming k by the next
+  log step at the latest, and no checkpoint holds a state from after it.
+
   Args:
     config: the run's ConfigDict (seed, workdir, mesh.*, train.*).
     loss_fn, init_params, frozen, make_batches: see the module docstring.
     mesh: default parallel.make_mesh(config).
     frozen_shardings: NamedShardings for `frozen`; default: the shardings its arrays already have on
-      `mesh` (parallel.place them first to shard the target), replicated otherwise.
+      `mesh` (parallel.place them first to shard the target), replicated otherwise;
+      parallel.target_frozen_shardings gives the layout train.py uses.
     stop_step: stop after this step (a partial run); the lr schedule still spans train.total_steps.
     method_state: initial state a stateful loss_fn carries between steps (checkpointed with the rest);
       None = loss_fn has the 4-argument form.
@@ -197,38 +266,37 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
     train.resume_fallback) or checkpoints.CheckpointMismatchError.
   """
   t = config.train
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
-  rules = parallel.logical_axis_rules(config)
-  tx, schedule = make_optimizer(t)
   stop = int(t.total_steps if stop_step is None else stop_step)
-  abstract, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(config.seed), mesh, rules,
-                                        method_state)
+  steps = MethodSteps(config, Method(None, init_params, loss_fn, frozen, method_state), mesh=mesh,
+                      seed=int(config.seed), frozen_shardings=frozen_shardings)
 
   ckpt = Checkpoints.from_config(config)
   restored = None
   if bool(t.resume):
-    restored = ckpt.restore_latest(abstract, fallback=bool(t.resume_fallback))
+    restored = ckpt.restore_latest(steps.abstract_state, fallback=bool(t.resume_fallback))
   elif ckpt.latest_step() is not None:
     ckpt.close()
     raise FileExistsError(f"train.resume=False but {ckpt.directory} holds checkpoints (steps "
                           f"{ckpt.all_steps()}); use another workdir or delete them")
-  if restored is None:
-    state, start, last_saved = create_train_state(init_params, tx, jax.random.PRNGKey(config.seed),
-                                                  shardings, method_state), 0, None
-  else:
-    state, meta = restored
+  start, last_saved = 0, None
+  if restored is not None:
+    steps.state, meta = restored
     start = last_saved = int(meta["step"])
     logging.info("resumed from %s at step %d", ckpt.step_dir(start), start)
 
-  if frozen_shardings is None:
-    frozen_shardings = parallel.shardings_of(frozen, mesh)
-  frozen = parallel.place(frozen, frozen_shardings)
   _write_config(config)
   writer = MetricsWriter(config.workdir, start_step=start)
   log_every, ckpt_every = max(1, int(t.log_every)), max(1, int(t.checkpoint_every))
 
-  step, stopped, logged, history = start, "done", {}, []
-  step_fn, batch_sh = None, None
+  step, stopped, logged = start, "done", {}
+  history = _StepHistory(first_step=start + 1)
+
+  def save():
+    nonlocal last_saved
+    history.check(last_saved, ckpt.directory)  # never save a state from after a non-finite step
+    ckpt.save(step, steps.state)
+    last_saved = step
+
   bar = tqdm(total=stop, initial=min(start, stop), desc="train", dynamic_ncols=True,
              disable=not bool(t.progress_bar) or jax.process_index() != 0)
   interval_start = time.time()
@@ -243,43 +311,33 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
           logging.warning("make_batches(%d) ran out of data after step %d (train stops before %d)",
                           start, step, stop)
           break
-        if step_fn is None:
-          batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
-          step_fn = make_train_step(loss_fn, tx, mesh=mesh, rules=rules, shardings=shardings,
-                                    frozen_shardings=frozen_shardings, batch_shardings=batch_sh,
-                                    lr_schedule=schedule, stateful=method_state is not None)
-        state, metrics = step_fn(state, frozen, parallel.shard_batch(host_batch, batch_sh))
-        if not bool(metrics["finite"]):
-          shown = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-          raise NonFiniteLossError(step + 1, shown, last_saved, ckpt.directory)
+        history.append(steps(host_batch))
         step += 1
-        history.append(metrics)
         bar.update(1)
         if step % log_every == 0 or step == stop:
-          logged = mean_metrics([{k: v for k, v in m.items() if k != "finite"}
-                                 for m in jax.device_get(history)])
+          history.check(last_saved, ckpt.directory)
+          interval = history.drain()
+          logged = mean_metrics(interval)
           now = time.time()
-          logged["steps_per_sec"] = len(history) / max(now - interval_start, 1e-9)
-          history, interval_start = [], now
+          logged["steps_per_sec"] = len(interval) / max(now - interval_start, 1e-9)
+          interval_start = now
           writer.write(step, logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
         if step % ckpt_every == 0 or step == stop:
-          ckpt.save(step, state)
-          last_saved = step
+          save()
         preempted = sigterm.received if jax.process_count() == 1 else ckpt.reached_preemption(step)
         if preempted:
           if last_saved != step:
-            ckpt.save(step, state)
-            last_saved = step
+            save()
           stopped = "preempted"
           logging.warning("SIGTERM: saved step %d to %s; stopping", step, ckpt.step_dir(step))
           break
+    history.check(last_saved, ckpt.directory)  # no result from after a non-finite step either
     if stopped == "data_exhausted" and step > start and last_saved != step:
-      ckpt.save(step, state)
+      save()
   finally:
     bar.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return TrainResult(state=state, step=step, stopped=stopped, metrics=logged)
-
+  return TrainResult(state=steps.state, step=step, stopped=stopped, metrics=logged)

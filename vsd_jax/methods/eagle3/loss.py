@@ -159,7 +159,7 @@ def validate_vocab_maps(t2d, d2t, vocab_size: int) -> None:
   t2d, d2t = np.asarray(t2d), np.asarray(d2t)
   if t2d.shape != (vocab_size,) or t2d.dtype != np.bool_:
     raise ValueError(f"t2d must be bool [{vocab_size}] (the target vocab); got {t2d.dtype} {t2d.shape}")
-  ids = np.arange(d2t.shape[0]) + d2t
+  ids = draft_vocab_ids(d2t)
   if ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab_size:
     raise ValueError("d2t maps draft ids outside the target vocabulary; rebuild the draft vocab maps")
   if not np.array_equal(np.flatnonzero(t2d), ids):

@@ -14,9 +14,39 @@ from vsd_jax.methods.vsd.paths import choose_anchors, sample_draft_paths, score_
 from vsd_jax.models.features import target_pass
 
 
+def check_config(v) -> None:
+  """Raise ValueError naming the config.vsd field that is out of range."""
+  def bad(field, why):
+    raise ValueError(f"config.vsd.{field}={v[field]!r}: {why}")
+  for field in ("depth", "num_paths", "num_anchors"):
+    if int(v[field]) < 1:
+      bad(field, "must be >= 1")
+  if not 0 <= int(v.burn_in) < int(v.num_paths):
+    bad("burn_in", f"must be in [0, num_paths={v.num_paths})")
+  if float(v.draft_temperature) <= 0:
+    bad("draft_temperature", "must be > 0 (the E-step samples proposals from q)")
+  if v.accept_mode not in utility.ACCEPT_MODES:
+    bad("accept_mode", f"use one of {utility.ACCEPT_MODES}")
+  if v.accept_mode == "stochastic" and float(v.accept_temperature) <= 0:
+    bad("accept_temperature", "must be > 0 with accept_mode='stochastic'")
+  if v.utility not in utility.UTILITIES:
+    bad("utility", f"use one of {utility.UTILITIES}")
+  if v.estep not in estep.ESTEPS:
+    bad("estep", f"use one of {estep.ESTEPS}")
+  if not 0 <= float(v.ema_decay) < 1:
+    bad("ema_decay", "must be in [0, 1)")
+  for field in ("eta", "eta_max", "rho0", "rho", "gamma", "lambda_car", "car_beta", "mu"):
+    if float(v[field]) < 0:
+      bad(field, "must be >= 0")
+
+
+def initial_method_state(depth: int) -> dict:
+  """The per-depth acceptance EMA (mstep.update_acceptance_ema) before the first step: float32 [K] each."""
+  return {"ema": jnp.zeros((depth,), jnp.float32), "weight": jnp.zeros((depth,), jnp.float32)}
+
+
 def make_vsd_loss(config, target, draft):
   """loss_fn(params, frozen, batch, rng, method_state) -> (loss, (metrics, new method_state))."""
-  from vsd_jax.methods.vsd import check_config
   v = config.vsd
   check_config(v)
   k_max, s, m = int(v.depth), int(v.num_paths), int(v.num_anchors)
