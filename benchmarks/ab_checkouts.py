@@ -35,9 +35,11 @@ from vsd_jax.decoding.speculative import required_slots, speculative_generate
 from vsd_jax.decoding.tree import TreeConfig
 from vsd_jax.config_base import base_config
 from vsd_jax.training.trainer import MethodSteps
-try:
+import vsd_jax
+TREE = os.path.dirname(os.path.dirname(os.path.abspath(vsd_jax.__file__)))
+if os.path.isdir(os.path.join(TREE, "vsd_jax", "methods")):
   from vsd_jax.methods import build_method
-except ImportError:
+else:  # the layout before issue 11
   from vsd_jax.training.methods import build_method
 
 a = json.loads(sys.argv[1])
@@ -106,6 +108,9 @@ for name in ("eagle3", "vsd"):
   for _ in range(a["train_steps"]):
     jax.block_until_ready(steps(batch))
   out[f"train_{name}_step_s"] = (time.perf_counter() - t0) / a["train_steps"]
+stray = sorted(m.__file__ for n, m in sys.modules.items()
+               if n.startswith("vsd_jax") and getattr(m, "__file__", None) and not m.__file__.startswith(TREE))
+assert not stray, f"modules imported from outside {TREE}: {stray}"
 print("AB_JSON " + json.dumps(out))
 '''
 
