@@ -1,9 +1,9 @@
 """Decode tokens/s and train-step time of two checkouts of this project, alternated in one run.
 
   git worktree add /tmp/before <rev>      # or any clone at the revision to compare against
-  python benchmarks/ab_checkouts.py --a /tmp/before --b . --reps 2 --out runs/ab.json
+  python benchmarks/ab_checkouts.py --a /tmp/before --b . [--c /tmp/other] --reps 2 --out runs/ab.json
 
-Each rep runs one fresh process per checkout (a, b, a, b, ...), each importing `vsd_jax` from its own tree
+Each rep runs one fresh process per checkout (a, b[, c], a, b, ...), each importing `vsd_jax` from its own tree
 (PYTHONPATH=<tree>), on the same machine. A process loads the embedded default target (SmolLM2-135M GGUF) and
 the shipped GPU draft (`--draft`), then, after one untimed compile call each:
   - decoding, T=0, batch 1, the first --prompts mt_bench prompts padded to one shape, --max_new_tokens each:
@@ -134,6 +134,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--a", required=True, help="first checkout (e.g. the revision before a change)")
   p.add_argument("--b", default=here, help="second checkout (default: this one)")
+  p.add_argument("--c", default="", help="optional third checkout")
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--prompts_file", default=os.path.join(shared, "data", "eval", "eagle", "mt_bench", "question.jsonl"))
   p.add_argument("--prompts", type=int, default=4)
@@ -144,9 +145,10 @@ def main():
   p.add_argument("--train_steps", type=int, default=3)
   p.add_argument("--out", default="")
   args = p.parse_args()
-  runs = {"a": [], "b": []}
+  keys = ("a", "b", "c") if args.c else ("a", "b")
+  runs = {k: [] for k in keys}
   for rep in range(args.reps):
-    for key in ("a", "b"):
+    for key in keys:
       r = probe(getattr(args, key), args)
       runs[key].append(r)
       print(f"rep {rep} {key}: {json.dumps(r)}", flush=True)
@@ -157,7 +159,8 @@ def main():
 
   metrics = [("vanilla", "tokens_per_s"), ("tree", "tokens_per_s"), ("chain", "tokens_per_s"), ("tree", "tau"),
              ("chain", "tau"), ("train_eagle3_step_s",), ("train_vsd_step_s",)]
-  summary = {"/".join(m): {"a": med("a", m), "b": med("b", m), "b_over_a": med("b", m) / med("a", m)} for m in metrics}
+  summary = {"/".join(m): dict({k: med(k, m) for k in keys}, **{f"{k}_over_a": med(k, m) / med("a", m)
+                                                                 for k in keys[1:]}) for m in metrics}
   print(json.dumps(summary, indent=1))
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -66,21 +66,27 @@ def draft_fn_of(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Array
   return draft_fn
 
 
+def with_slots(step0: Eagle3Output, num_slots: int) -> Eagle3Output:
+  """A `sequence_step` output whose cache is padded (with empty slots) to num_slots >= its own."""
+  pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, num_slots - a.shape[3]), (0, 0)])    # [1, B, KV, S, D]
+  return step0._replace(kv_cache=KVCache(pad(step0.kv_cache.k), pad(step0.kv_cache.v)))
+
+
 def sequence_step(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Array, features: jax.Array,
-                  input_ids: jax.Array, valid: jax.Array, num_slots: int) -> Eagle3Output:
+                  input_ids: jax.Array, valid: jax.Array, num_slots: int = 0) -> Eagle3Output:
   """The draft's first step over whole sequences: row t reads the target features of t and token t+1.
 
-  features: [B, T, 3H]; input_ids: int32 [B, T]; valid: bool [B, T]; num_slots (static) >= T: the sequence
-  is written at slots 0..T-1 of a fresh draft cache (causal over valid tokens, RoPE positions among them).
-  The step attends over its T slots only; the cache is then padded to num_slots for the chains' window.
+  features: [B, T, 3H]; input_ids: int32 [B, T]; valid: bool [B, T]; num_slots (static, 0 = T) >= T: the
+  sequence is written at slots 0..T-1 of a fresh draft cache (causal over valid tokens, RoPE positions among
+  them). The step attends over its T slots only; the cache is then padded to num_slots (`with_slots`) for the
+  chains' window. One step-0 output serves several unrolls (VSD's paths and its EAGLE-3 term).
   Returns Eagle3Output(logits float32 [B, T, N] (q_1 of a chain anchored at row t), hidden [B, T, H], cache).
   """
   b, t = input_ids.shape
   out = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
                            positions_from_mask(valid), sequence_mask(valid, t),
                            init_draft_cache(draft_module.cfg, b, t), jnp.zeros((b,), jnp.int32))
-  pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, num_slots - t), (0, 0)])    # [1, B, KV, S, D]
-  return out._replace(kv_cache=KVCache(pad(out.kv_cache.k), pad(out.kv_cache.v)))
+  return with_slots(out, num_slots or t)
 
 
 class Chain(NamedTuple):

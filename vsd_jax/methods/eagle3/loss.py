@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsd_jax.data.draft_vocab import draft_to_target, draft_vocab_ids
-from vsd_jax.models.draft_unroll import chain_slots, draft_fn_of, left_shifter, sequence_step, unroll_chain
+from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, left_shifter, sequence_step, unroll_chain,
+                                         with_slots)
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
 
@@ -56,7 +57,7 @@ def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> Sof
 
 def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                input_ids: jax.Array, num_steps: int = 7, attention_mask: Optional[jax.Array] = None,
-               step_fn: Optional[Callable] = None):
+               step_fn: Optional[Callable] = None, step0=None):
   """Run the num_steps TTT steps (see the module docstring); returns step_fn's outputs stacked over steps.
 
   Step 0 is the draft over the sequence (`draft_unroll.sequence_step`); steps 1.. are one chain per row,
@@ -71,13 +72,15 @@ def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array,
     num_steps: static number of unrolled steps.
     attention_mask: bool [B, T] valid (non-padding) tokens; default all valid.
     step_fn: (k int32 [], logits float32 [B, T, N]) -> pytree; default returns the logits.
+    step0: the draft's step 0 over this sequence (`draft_unroll.sequence_step`), when the caller has it.
   Returns:
     step_fn's outputs with a leading [num_steps] axis.
   """
   b, t = input_ids.shape
   valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-  out0 = sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid,
-                       chain_slots(t, t, num_steps))
+  slots = chain_slots(t, t, num_steps)
+  out0 = (sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid, slots)
+          if step0 is None else with_slots(step0, slots))
   ids_after = left_shifter(input_ids)
   teacher = lambda k, logits, key: (ids_after(2 + k), None)  # z_{k+1}: the true token
   chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache, out0.logits,
@@ -90,7 +93,7 @@ def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array,
 def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                 input_ids: jax.Array, target_logits: jax.Array, loss_mask: jax.Array, t2d: jax.Array,
                 d2t: jax.Array, num_steps: int = 7, decay: float = 0.8,
-                attention_mask: Optional[jax.Array] = None):
+                attention_mask: Optional[jax.Array] = None, step0=None):
   """EAGLE-3 TTT loss: sum_k decay^k * (soft cross-entropy of step k vs the target). Pure and jittable.
 
   target_logits may be the full [B, T, V] logits or their `SoftLabels` (precomputed features mode).
@@ -105,6 +108,7 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     t2d: bool [V]; d2t: int32 [N] (draft id i -> target id i + d2t[i]).
     num_steps: static number of TTT steps; decay: step weight base (weight decay**k).
     attention_mask: bool [B, T] valid tokens; default all valid.
+    step0: optional precomputed step 0 (see `ttt_unroll`).
   Returns:
     (loss scalar, metrics) with metrics = {
       "step_loss": [num_steps] mean soft CE over the counted rows of each step,
@@ -145,7 +149,7 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     return step_loss, jax.lax.stop_gradient(step_acc), num
 
   step_loss, step_acc, num = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps,
-                                        attention_mask, step_stats)
+                                        attention_mask, step_stats, step0)
   step_acc = step_acc.astype(jnp.float32)
   weights = jnp.asarray(decay, jnp.float32) ** jnp.arange(num_steps, dtype=jnp.float32)
   loss = jnp.sum(weights * step_loss)

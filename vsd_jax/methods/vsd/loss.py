@@ -10,7 +10,8 @@ from vsd_jax.methods.eagle3 import scalar_metrics
 from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.methods.vsd import estep, mstep, utility
 from vsd_jax.methods.vsd.oracle import oracle_logits, oracle_slots
-from vsd_jax.methods.vsd.paths import choose_anchors, sample_draft_paths, score_draft_paths
+from vsd_jax.methods.vsd.paths import choose_anchors, unroll_draft_paths
+from vsd_jax.models.draft_unroll import sequence_step
 from vsd_jax.models.features import target_pass
 
 
@@ -66,12 +67,17 @@ def make_vsd_loss(config, target, draft):
     tp = target_pass(model, frozen["target"], ids, valid, cache_slots=oracle_slots(t, m, s, k_max))
     anchors, ok = choose_anchors(loss_mask, valid, m, r_anchor)
 
-    # E-step: proposals from q_old, the oracle over all of them, utilities, posterior weights.
-    paths = sample_draft_paths(params, draft, embed, tp.features, ids, valid, anchors, d2t, r_paths,
-                               num_paths=s, depth=k_max, temperature=draft_temperature)
+    # One draft pass: step 0 over the sequences (shared with the EAGLE-3 term), then the S paths per anchor,
+    # sampled from q_old (this step's q, ids drawn under stop_gradient) with differentiable logits for the M-step.
+    step0 = sequence_step(draft, params, embed, tp.features, ids, valid)
+    paths = unroll_draft_paths(params, draft, embed, tp.features, ids, valid, anchors, d2t, num_paths=s,
+                               depth=k_max, temperature=draft_temperature, rng=r_paths, step0=step0)
+    logq_old = jax.lax.stop_gradient(paths.logq)
+
+    # E-step: the oracle over all proposals, utilities, posterior weights.
     p_logits = oracle_logits(model, frozen["target"], tp.kv_cache, t, tp.logits, anchors, paths.tokens)
-    a = utility.acceptance(p_logits, paths.tokens, jnp.exp(paths.logq), v.accept_mode,
-                               float(v.accept_temperature)).reshape(rows, s, k_max)
+    a = utility.acceptance(p_logits, paths.tokens, jnp.exp(logq_old), v.accept_mode,
+                           float(v.accept_temperature)).reshape(rows, s, k_max)
     okf = ok.reshape(rows).astype(jnp.float32)
     u = utility.utility(a, v.utility) * okf[:, None]
     est = estep.estep_weights(u, r_chain, v.estep, int(v.burn_in))
@@ -82,13 +88,11 @@ def make_vsd_loss(config, target, draft):
     new_state = mstep.update_acceptance_ema(method_state, batch_c, reach > 0, float(v.ema_decay))
 
     # M-step: ARW on the weighted sample, CAR on the proposals' reachable positions.
-    scored = score_draft_paths(params, draft, embed, tp.features, ids, valid, anchors, d2t, paths.draft_ids,
-                               temperature=draft_temperature)
-    logq = scored.logq.reshape(rows, s, k_max)
+    logq = paths.logq.reshape(rows, s, k_max)
     if bool(v.arw):
       eta_k = mstep.rejection_strength(c_k, float(v.eta), float(v.eta_max))
       like, unlike = mstep.arw_token_weights(realised, a, eta_k, rho0=float(v.rho0), rho=float(v.rho),
-                                                 gamma=float(v.gamma))
+                                             gamma=float(v.gamma))
     else:  # the plain EM M-step: likelihood of every token of the E-step sample
       like = jnp.broadcast_to(float(v.gamma) ** jnp.arange(k_max, dtype=jnp.float32), a.shape)
       unlike = jnp.zeros_like(a)
@@ -98,15 +102,14 @@ def make_vsd_loss(config, target, draft):
     loss_car = jnp.zeros(())
     if float(v.lambda_car) > 0:
       visited = (jnp.arange(1, k_max + 1)[None, None, :] <= realised[..., None] + 1) * okf[:, None, None]
-      loss_car = mstep.car_loss(scored.logits.reshape(rows, s, k_max, -1), p_logits.reshape(rows, s, k_max, -1),
-                                    draft_vocab_ids(d2t), visited,
-                                    float(v.car_beta))
+      loss_car = mstep.car_loss(paths.logits.reshape(rows, s, k_max, -1), p_logits.reshape(rows, s, k_max, -1),
+                                draft_vocab_ids(d2t), visited, float(v.car_beta))
       total = total + float(v.lambda_car) * loss_car
     loss_e3 = jnp.zeros(())
     if float(v.mu) > 0:
       loss_e3, m3 = eagle3_loss(params, draft, embed, tp.features, ids, tp.logits, loss_mask, frozen["t2d"], d2t,
                                 num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),
-                                attention_mask=valid)
+                                attention_mask=valid, step0=step0)
       metrics.update(scalar_metrics(m3))
       total = total + float(v.mu) * loss_e3
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, gather_rows, sequence_step, shift_left,
-                                         unroll_chain)
+                                         unroll_chain, with_slots)
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
 
@@ -39,8 +39,13 @@ class DraftPaths(NamedTuple):
 def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                        input_ids: jax.Array, attention_mask: jax.Array, anchors: jax.Array, d2t: jax.Array,
                        *, num_paths: int, depth: int, temperature: float = 1.0,
-                       rng: Optional[jax.Array] = None, draft_ids: Optional[jax.Array] = None) -> DraftPaths:
+                       rng: Optional[jax.Array] = None, draft_ids: Optional[jax.Array] = None,
+                       step0=None) -> DraftPaths:
   """Sample S draft paths of depth K per anchor (draft_ids=None), or score the given ones.
+
+  Sampling and scoring are one pass: the ids are drawn from the logits under stop_gradient while the logits
+  and logq keep their gradients, so VSD's E-step proposals (q_old = q at this step's parameters) and the
+  M-step's log-probabilities come from the same unroll.
 
   Args:
     draft_params: the draft's params; draft_module: Eagle3Draft (static).
@@ -50,6 +55,7 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
     d2t: int32 [N] draft id -> target id offsets.
     num_paths (S), depth (K): static. temperature: > 0, the draft's sampling temperature (q = softmax of
       logits / temperature). rng: PRNG key (sampling). draft_ids: int32 [B, M, S, K] paths to score.
+    step0: the draft's step 0 over the sequences (`draft_unroll.sequence_step`), when the caller has it.
   Returns:
     DraftPaths; when scoring, draft_ids/tokens are the given paths and logits/logq carry gradients.
   """
@@ -61,8 +67,9 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   s, k_max = num_paths, depth
   ms = m * s
   valid = attention_mask.astype(bool)
-  out0 = sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid,
-                       chain_slots(t, ms, k_max))
+  slots = chain_slots(t, ms, k_max)
+  out0 = (sequence_step(draft_module, draft_params, embed_matrix, features, input_ids, valid, slots)
+          if step0 is None else with_slots(step0, slots))
   row = anchors - 1                                                        # [B, M]: q_1 of anchor t is row t-1
   rep = lambda x: jnp.repeat(x, s, axis=1)
   given = None if draft_ids is None else draft_ids.reshape(b, ms, k_max)
@@ -73,7 +80,7 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
     if given is not None:
       z = jax.lax.dynamic_index_in_dim(given, i, axis=2, keepdims=False)
     else:
-      z = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+      z = jax.random.categorical(key, jax.lax.stop_gradient(logits) / temperature, axis=-1).astype(jnp.int32)
     return draft_to_target(z, d2t), z
 
   chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache,
