@@ -20,6 +20,15 @@ SHARED_DATA = os.environ.get(
     "VSD_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(config, items):
+  """The fast tier (-m "not slow") never loads the real target (~20 s, its tokenizer from the GGUF file most of
+  it): a test that uses the `target` fixture is slow, marked or not."""
+  for item in items:
+    if "target" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def target():
   from vsd_jax.weights import load_target

@@ -8,12 +8,15 @@ import types
 
 import jax
 import numpy as np
+import pytest
 
 from tests.tiny_models import tiny_target, vocab_maps
 from vsd_jax import parallel
 from vsd_jax.config_base import base_config
 from vsd_jax.methods import build_method
 from vsd_jax.training.trainer import train_loop
+
+pytestmark = pytest.mark.slow  # 3 train steps with compilation on each of 4 meshes, per method
 
 B, T = 8, 16
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]

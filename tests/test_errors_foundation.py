@@ -53,6 +53,7 @@ def test_prompt_longer_than_cache():
   assert check_capacity([10, 100], 20, 128) == 128
 
 
+@pytest.mark.slow
 def test_prompt_too_long_in_cli(tmp_path):
   p = tmp_path / "p.txt"
   p.write_text("hello there, " * 40 + "\n")
@@ -80,6 +81,7 @@ def test_unknown_config_field(tmp_path):
   assert "unknown config field 'generate.max_new_tokenz'" in r.stderr and "max_new_tokens" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_documented_fields(tmp_path, data_root):
   q = os.path.join(data_root, "eval", "eagle", "mt_bench", "question.jsonl")
   out = tmp_path / "o.jsonl"

@@ -5,6 +5,7 @@ import types
 
 import jax
 import numpy as np
+import pytest
 
 from tests.tiny_models import tiny_target, vocab_maps
 from vsd_jax.config_base import base_config
@@ -23,6 +24,7 @@ def _dataset(n=10, seed=0):
   return SequenceDataset(seqs, masks)
 
 
+@pytest.mark.slow
 def test_precomputed_loss_equals_in_step_loss(tmp_path):
   model, params = tiny_target()
   target = types.SimpleNamespace(model=model, params=params, config=model.cfg)

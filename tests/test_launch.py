@@ -106,6 +106,7 @@ def _dry_run(*args):
                          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_dry_run_compiles_on_host_devices_and_reports():
   r = _dry_run("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
                "--dry_run_device_memory_gib=16")
@@ -123,6 +124,7 @@ def test_dry_run_compiles_on_host_devices_and_reports():
   assert not os.path.exists("/nonexistent")  # nothing written, no weights read
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_what_does_not_fit():
   r = _dry_run("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
                "--dry_run_device_memory_gib=0.05")

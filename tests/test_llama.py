@@ -11,6 +11,8 @@ from tests.conftest import chat_ids
 from vsd_jax.decoding.runner import pad_prompts
 from vsd_jax.decoding.vanilla import generate
 
+pytestmark = pytest.mark.slow  # the real target and transformers' PyTorch model
+
 PROMPTS = [
     "Write a haiku about the sea.",
     "What is 17 times 23? Show your steps.",
@@ -58,7 +60,11 @@ def test_unscanned_layers_equal_scanned(target, forward):
   ids = jnp.asarray([chat_ids(target.tokenizer, PROMPTS[0])], jnp.int32)
   a = forward(target.model, target.params, ids)
   b = forward(LlamaForCausalLM(cfg), params, ids)
-  assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4
+  # Same arithmetic, fused differently (one scanned layer body vs 30 unrolled ones): float32 reassociation over
+  # 30 layers moves logits of magnitude ~20 by ~1e-4 (measured 1.06e-4); a wrong layer/parameter mapping moves
+  # them by O(1). Relative bound: 2e-5 of the largest logit.
+  a, b = np.asarray(a), np.asarray(b)
+  assert np.abs(a - b).max() <= 2e-5 * np.abs(a).max(), (np.abs(a - b).max(), np.abs(a).max())
 
 
 # bfloat16 params and compute: logits within BF16_MAX_ABS of float32 transformers, and the next-token

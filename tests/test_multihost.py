@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,7 @@ def _steps(workdir):
                 if os.path.basename(d).isdigit())
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoint_restores_in_one(tmp_path):
   two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "two"
   # The 2-process run and the 1-process reference run side by side (2 + 1 processes on the 2 cores).
@@ -78,6 +80,7 @@ def test_two_processes_equal_one_and_checkpoint_restores_in_one(tmp_path):
   np.testing.assert_allclose([lr[s] for s in (4, 5)], [l1[s] for s in (4, 5)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_saves_one_checkpoint_and_resumes(tmp_path):
   procs = _start(tmp_path, 2, 100000, total_steps=100000)
   deadline = time.time() + 90
@@ -101,7 +104,6 @@ def test_sigterm_on_one_host_saves_one_checkpoint_and_resumes(tmp_path):
 
 
 def test_process_local_slice_keeps_this_hosts_rows():
-  import pytest
   from vsd_jax import parallel
   batch = {"ids": np.arange(12).reshape(6, 2), "t": np.asarray(3)}
   parts = [parallel.process_local_slice(batch, i, 3) for i in range(3)]

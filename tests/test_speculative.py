@@ -21,6 +21,8 @@ from vsd_jax.decoding.speculative import required_slots, speculative_generate
 from vsd_jax.decoding.tree import TreeConfig
 from vsd_jax.decoding.vanilla import generate
 
+pytestmark = pytest.mark.slow  # every test needs tiny_setup() (a draft trained for 150 steps: ~50 s)
+
 N_SAMPLES = 20000
 PROMPT = [3, 1, 4, 1]
 TREE = TreeConfig(depth=3, top_k=3, total_tokens=8, mode="tree")

@@ -40,6 +40,7 @@ def test_hf_directory_matches_transformers(tmp_path, variant):
   assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_gguf_and_exported_hf_directory_agree(tmp_path, target):
   """The GGUF loader (dequantise + undo llama.cpp's q/k permutation) and transformers' own GGUF import
   followed by save_pretrained give the same parameters through our HF-directory loader."""
