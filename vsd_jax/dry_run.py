@@ -23,7 +23,8 @@ import time
 from typing import Any, Optional
 
 # Hub architectures by registry name: the one table (it imports no JAX; re-exported as dry_run.ARCHS).
-from vsd_jax.models.archs import ARCHS
+from vsd_jax.models import archs
+from vsd_jax.models.archs import ARCHS  # noqa: F401  (re-exported: dry_run.ARCHS)
 
 GIB = 1024 ** 3
 
@@ -83,11 +84,10 @@ def target_config(config):
   from vsd_jax.models.llama import LlamaConfig
   arch = dict(config.model.get("arch", None) or {})
   if not arch:
-    name = str(config.model.name).lower()
-    if name not in ARCHS:
-      raise DryRunError(f"no architecture known for model {config.model.name!r}: set config.model.arch "
-                        f"(LlamaConfig fields) or use one of {', '.join(sorted(ARCHS))} (vsd_jax/models/archs.py)")
-    arch = dict(ARCHS[name])
+    try:
+      arch = archs.arch(config.model.name)
+    except KeyError as e:
+      raise DryRunError(e.args[0]) from None
   arch["eos_token_ids"] = tuple(arch.get("eos_token_ids", (2,)))
   return LlamaConfig(**arch, dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype))
 

@@ -30,13 +30,12 @@ from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.models.masks import chain_attention_mask, positions_from_mask, sequence_mask
 
 
-def shift_left(x: jax.Array, n) -> jax.Array:
-  """x[:, n:] padded at the end with zeros (False) back to length T. x: [B, T, ...]; n: int or traced int32.
+def shift_left(x: jax.Array, n: int) -> jax.Array:
+  """x[:, n:] padded at the end with zeros (False) back to length T. x: [B, T, ...]; n: a Python int (inside a
+  scan over n, use `left_shifter`).
 
   The draft's row alignment: row t of a sequence holds the token at t + 1, so its inputs are shifted ids."""
-  if isinstance(n, int):
-    return jnp.pad(x[:, n:], [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
-  return left_shifter(x)(n)
+  return jnp.pad(x[:, n:], [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
 
 
 def left_shifter(x: jax.Array) -> Callable:
