@@ -1,80 +1,118 @@
-"""VSD vs EAGLE-3 on the embedded default target: the issue-5 table, reproducible on a 2-core CPU.
+"""VSD vs EAGLE-3 from a real base draft, on the embedded default target: one command, every figure.
 
-  python benchmarks/vsd_experiment.py --base_draft runs/tiny/draft --steps 24 --out runs/vsd_exp
+  python benchmarks/vsd_experiment.py --base_draft ../shared/drafts/smollm2-eagle3-gpu-1500/draft \
+      --data_cache runs/exp_cache --arms eagle3,vsd_exact,vsd --seeds 0,1 --steps 40 --out runs/vsd_exp15
 
-Design (sized to one working session): one cached dataset (configs/tiny_vsd.py = configs/tiny.py's data),
-one EAGLE-3 checkpoint (--base_draft, e.g. the draft `python -m vsd_jax.train --config configs/tiny.py`
-exports), and every arm a continuation of it for the same number of optimizer steps with the same lr
-schedule, batch and data order:
+(--data_cache: a writable copy of the base's data_cache; it is copied there when missing and --base_cache
+names the original.)
 
-  eagle3       EAGLE-3's TTT loss only (the fair baseline)
-  vsd          ARW + CAR + mu * EAGLE-3, MCMC E-step        (VSD_METHOD.md defaults, K/S/M of tiny_vsd)
-  vsd_no_arw   plain EM likelihood of the E-step sample instead of ARW
-  vsd_no_car   lambda_car = 0
-  vsd_snis     the SNIS E-step instead of MCMC
-Headline arms (eagle3, vsd) run with every --seeds value (the seed drives anchors, paths and data order).
+Design. Every arm continues the same base draft (--base_draft, `config.draft.init_from`) on the same data
+(configs/vsd_experiment.py: the base's own data settings and response cache) for the same number of
+optimizer steps, with the same lr schedule, batch and data order for a seed; arms differ only in the loss:
 
-Stage 1 trains each arm with `python -m vsd_jax.train` (its held-out report: EAGLE-3 step-0 agreement,
-simulated tau and the draft's own greedy chain tau on mt_bench), skipping arms whose report exists.
-Stage 2 loads the target once and, per eval set and temperature, runs vanilla decoding once and
-speculative decoding with every arm's draft (same prompts, same tree settings, batch 1), so every
-speedup is against a vanilla run of the same process. Writes <out>/results.json and <out>/results.md.
+  eagle3          EAGLE-3's TTT loss only (the baseline)
+  vsd             sampled VSD: MCMC E-step over S paths + oracle, ARW + CAR + mu * EAGLE-3 (VSD_METHOD.md)
+  vsd_no_arw      plain EM likelihood of the E-step sample instead of ARW
+  vsd_no_car      lambda_car = 0
+  vsd_snis        the SNIS E-step instead of MCMC
+  vsd_exact       exact J = log E_q[U] on the teacher-forced chain (T=0), + mu * EAGLE-3 (methods/vsd/exact.py)
+  vsd_reach       EAGLE-3's per-step CE reweighted by the exact reach probabilities (methods/vsd/exact.py)
+  eagle3_eqtime   EAGLE-3 given the wall time of the `vsd` arm of the same seed (more steps): equal compute
+
+Seeds: every arm runs at the first seed; the arms in --paired_arms (default eagle3 and every vsd_* arm named)
+at every seed. Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.jsonl}; the held-out report
+(mt_bench, never trained on) gives teacher-forced acc@k, tau_sim and the draft's own greedy chain tau.
+
+Evaluation loads the target once; per eval set, temperature and decoding mode (the evaluate CLI's default
+tree, and chain) it runs vanilla decoding once and speculative decoding with every draft on the same prompts
+(batch 1), so each speedup is against vanilla in the same process. Per-prompt accepted lengths give a paired
+comparison of each arm with `eagle3` over the same prompts: the ratio of mean tau with a bootstrap 95%
+interval (prompts resampled, seeds averaged per prompt). Writes OUT/summary.json and OUT/summary.md.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+CONFIG = os.path.join(REPO, "configs", "vsd_experiment.py")
 ARMS = {
-    "vsd": [],
     "eagle3": ["--config.method=eagle3"],
-    "vsd_no_arw": ["--config.vsd.arw=False"],
-    "vsd_no_car": ["--config.vsd.lambda_car=0.0"],
-    "vsd_snis": ["--config.vsd.estep=snis"],
+    "vsd": ["--config.method=vsd"],
+    "vsd_no_arw": ["--config.method=vsd", "--config.vsd.arw=False"],
+    "vsd_no_car": ["--config.method=vsd", "--config.vsd.lambda_car=0.0"],
+    "vsd_snis": ["--config.method=vsd", "--config.vsd.estep=snis"],
+    "vsd_exact": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u"],
+    "vsd_reach": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=reach"],
+    "eagle3_eqtime": ["--config.method=eagle3"],
 }
-HEADLINE = ("eagle3", "vsd")
+BASELINE = "eagle3"
 
 
 def runs(args):
-  """(arm, seed) in run order: every arm at the first seed, then the headline arms at the other seeds."""
+  """(arm, seed) in run order: every arm at the first seed, then the paired arms at the other seeds;
+  eagle3_eqtime after the vsd arm of its seed (its step count comes from their wall times)."""
   arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
   for arm in arms:
     if arm not in ARMS:
       sys.exit(f"error: unknown arm {arm!r}; use some of {list(ARMS)}")
-  return [(a, seeds[0]) for a in arms] + [(a, s) for s in seeds[1:] for a in arms if a in HEADLINE]
+  if "eagle3_eqtime" in arms and not {"eagle3", "vsd"} <= set(arms):
+    sys.exit("error: arm eagle3_eqtime needs the eagle3 and vsd arms (it gets vsd's wall time at eagle3's rate)")
+  paired = set(args.paired_arms.split(",")) if args.paired_arms else {a for a in arms if a != "eagle3_eqtime"}
+  order = sorted(arms, key=lambda a: a == "eagle3_eqtime")
+  return [(a, seeds[0]) for a in order] + [(a, s) for s in seeds[1:] for a in order if a in paired]
 
 
-def train_arm(args, arm, seed):
+def _report(workdir):
+  path = os.path.join(workdir, "report.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def train_s_per_step(rep) -> float:
+  return rep["stages"]["train_s"] / max(int(rep["steps"]), 1)
+
+
+def train_arm(args, arm, seed, reports):
   workdir = os.path.join(args.out, f"{arm}_s{seed}")
-  report = os.path.join(workdir, "report.json")
-  if os.path.isfile(report):
-    with open(report) as f:
-      r = json.load(f)
-    if r.get("steps") == args.steps and r.get("stopped") == "done":
-      return r
-  cmd = [sys.executable, "-m", "vsd_jax.train", "--config", os.path.join(REPO, "configs", "tiny_vsd.py"),
-         f"--config.workdir={workdir}", f"--config.draft.init_from={args.base_draft}", f"--config.seed={seed}",
-         f"--config.train.total_steps={args.steps}", f"--config.train.warmup_steps={args.warmup}",
-         f"--config.train.lr={args.lr}", f"--config.train.checkpoint_every={args.steps}",
-         "--config.train.progress_bar=False"] + ARMS[arm] + args.extra
+  steps = args.steps
+  if arm == "eagle3_eqtime":  # EAGLE-3's steps that fit in VSD's training wall time (same seed)
+    e3, vsd = reports[f"eagle3_s{seed}"], reports[f"vsd_s{seed}"]
+    steps = max(args.steps, int(round(args.steps * train_s_per_step(vsd) / train_s_per_step(e3))))
+  r = _report(workdir)
+  if r is not None and r.get("steps") == steps and r.get("stopped") == "done":
+    return r
+  if os.path.isdir(workdir):
+    shutil.rmtree(workdir)   # a partial run of other settings: start the arm again from the base
+  cmd = [sys.executable, "-m", "vsd_jax.train", "--config", CONFIG, f"--config.workdir={workdir}",
+         f"--config.data.cache_dir={args.data_cache}", f"--config.draft.init_from={args.base_draft}",
+         f"--config.seed={seed}", f"--config.train.total_steps={steps}",
+         f"--config.train.warmup_steps={args.warmup}", f"--config.train.lr={args.lr}",
+         f"--config.train.batch_size={args.batch_size}", f"--config.eval.heldout_limit={args.heldout_limit}",
+         "--config.train.checkpoint_every=100000"] + ARMS[arm] + args.extra
   print("+", " ".join(cmd), file=sys.stderr, flush=True)
   t0 = time.time()
   subprocess.run(cmd, check=True, cwd=REPO)
-  with open(report) as f:
-    r = json.load(f)
+  r = _report(workdir)
   r["wall_s"] = time.time() - t0
-  with open(report, "w") as f:
+  r["command"] = " ".join(cmd[1:])
+  with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(r, f, indent=1)
   return r
 
 
-def evaluate(args, arms):
+def evaluate(args, drafts: dict) -> dict:
+  """{draft name: dir} -> {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}."""
   import jax
   import jax.numpy as jnp
 
@@ -91,12 +129,12 @@ def evaluate(args, arms):
   from vsd_jax.weights.draft_io import load_draft
 
   target = load_target("smollm2-135m-instruct")
-  # Prompts encoded as the arms' training data was (configs/tiny_vsd.py), with the pipeline's end/pad ids.
-  enc = prompt_encoder(target, _load_file(os.path.join(REPO, "configs", "tiny_vsd.py")))
+  enc = prompt_encoder(target, _load_file(CONFIG))   # prompts encoded as the arms' training data was
   eos, pad_id = enc.eos_ids, enc.pad_id
-  tree_cfg = TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens)
+  trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),
+           "chain": TreeConfig(depth=args.chain_depth, mode="chain")}
   n = args.max_new_tokens
-  drafts = {name: load_draft(path, target.config) for name, path in arms.items()}
+  loaded = {name: load_draft(path, target.config) for name, path in drafts.items()}
   results = {}
   for bench in args.bench.split(","):
     items = read_prompt_file(os.path.join(args.data_dir, bench, "question.jsonl"))[:args.num_prompts]
@@ -110,79 +148,172 @@ def evaluate(args, arms):
         return o.tokens, o.num_new, o.rounds
 
       van = run_batches(prompts, 1, vcall, pad_id)
-      for name, (dcfg, dparams, d2t, _) in drafts.items():
-        draft = Eagle3Draft(dcfg)
+      for mode in args.modes.split(","):
+        tree_cfg = trees[mode]
+        for name, (dcfg, dparams, d2t, _) in loaded.items():
+          draft = Eagle3Draft(dcfg)
 
-        def scall(ids, lens):
-          slots = -(-required_slots(ids.shape[1], n, tree_cfg) // 128) * 128
-          o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
-                                   jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
-                                   eos_ids=eos, temperature=temp, pad_id=pad_id)
-          return o.tokens, o.num_new, o.rounds, o.accept_hist
+          def scall(ids, lens):
+            slots = -(-required_slots(ids.shape[1], n, tree_cfg) // 128) * 128
+            o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t),
+                                     jnp.asarray(ids), jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n,
+                                     cache_slots=slots, eos_ids=eos, temperature=temp, pad_id=pad_id)
+            return o.tokens, o.num_new, o.rounds, o.accept_hist
 
-        r = summarize(van, run_batches(prompts, 1, scall, pad_id))
-        results.setdefault(name, {})[f"{bench}@T={temp:g}"] = r
-        print(f"{name} {bench}@T={temp:g}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
-              f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)
+          spec = run_batches(prompts, 1, scall, pad_id)
+          r = summarize(van, spec)
+          r["prompt_tau"] = [g.new_tokens / max(g.rounds, 1) for g in spec]
+          r["prompt_tokens"] = [g.new_tokens for g in spec]
+          r["prompt_rounds"] = [g.rounds for g in spec]
+          results.setdefault(name, {})[f"{bench}@T={temp:g}/{mode}"] = r
+          print(f"{name} {bench}@T={temp:g}/{mode}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
+                f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)
   return results
 
 
-def table(args, reports, results) -> str:
-  temps = [f"{float(t):g}" for t in args.temperature.split(",")]
-  head = ["arm", "steps", "train s/step", "held-out acc@0", "tau_sim", "chain tau (greedy)"]
-  for t in temps:
-    head += [f"tau T={t}", f"speedup T={t}"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def bootstrap_ratio(a_tokens, a_rounds, b_tokens, b_rounds, reps=10000, seed=0):
+  """Ratio of tau (tokens/rounds pooled over prompts) of A over B on the same prompts, with a paired bootstrap
+  95% interval over prompts. Each argument: [P] per-prompt totals (averaged over seeds by the caller)."""
+  a_t, a_r, b_t, b_r = (np.asarray(x, np.float64) for x in (a_tokens, a_rounds, b_tokens, b_rounds))
+  point = (a_t.sum() / a_r.sum()) / (b_t.sum() / b_r.sum())
+  idx = np.random.default_rng(seed).integers(0, len(a_t), (reps, len(a_t)))
+  boot = (a_t[idx].sum(1) / a_r[idx].sum(1)) / (b_t[idx].sum(1) / b_r[idx].sum(1))
+  lo, hi = np.percentile(boot, [2.5, 97.5])
+  return float(point), float(lo), float(hi)
+
+
+def summarise(args, reports: dict, results: dict) -> dict:
+  """Per arm: held-out figures and per-set tau/speedup per seed, their mean/spread, and the paired ratios."""
+  out = {"args": vars(args), "runs": {}, "arms": {}, "paired_vs_eagle3": {}}
   for name, rep in reports.items():
-    h = rep.get("heldout", {})
-    row = [name, str(rep.get("steps", "-")),
-           f"{rep['stages']['train_s'] / max(rep.get('steps', 1), 1):.1f}" if "stages" in rep else "-",
-           f"{h['step_acc'][0]:.3f}" if h else "-", f"{h['tau_simulated']:.3f}" if h else "-",
-           f"{h['chain']['tau_chain']:.3f}" if h else "-"]
-    for t in temps:
-      rs = [r for k, r in results.get(name, {}).items() if k.endswith(f"@T={t}")]
-      row += [f"{sum(r['tau'] for r in rs) / len(rs):.3f}" if rs else "-",
-              f"{sum(r['speedup'] for r in rs) / len(rs):.2f}x" if rs else "-"]
+    h = rep.get("heldout", {}) if rep else {}
+    out["runs"][name] = dict(
+        steps=rep.get("steps") if rep else 0, wall_s=rep.get("wall_s") if rep else None,
+        train_s=rep["stages"]["train_s"] if rep and "stages" in rep else None,
+        heldout_acc=h.get("step_acc"), tau_sim=h.get("tau_simulated"),
+        chain_tau=h.get("chain", {}).get("tau_chain"), command=rep.get("command") if rep else None,
+        decoding={k: {f: v[f] for f in ("tau", "speedup", "identical_outputs", "prompts", "n_alpha")}
+                  for k, v in results.get(name, {}).items()})
+  arms = {}
+  for name in out["runs"]:
+    arm = name.rsplit("_s", 1)[0] if "_s" in name else name
+    arms.setdefault(arm, []).append(name)
+  keys = sorted({k for r in results.values() for k in r})
+  for arm, names in arms.items():
+    rs = [out["runs"][n] for n in names]
+    acc0 = [r["heldout_acc"][0] for r in rs if r["heldout_acc"]]
+    entry = {"seeds": names, "heldout_acc0": acc0, "chain_tau": [r["chain_tau"] for r in rs if r["chain_tau"]]}
+    for key in keys:
+      taus = [results[n][key]["tau"] for n in names if key in results.get(n, {})]
+      sps = [results[n][key]["speedup"] for n in names if key in results.get(n, {})]
+      if taus:
+        entry[key] = dict(tau_mean=float(np.mean(taus)), tau_min=min(taus), tau_max=max(taus),
+                          speedup_mean=float(np.mean(sps)))
+    out["arms"][arm] = entry
+  # Paired: each arm vs eagle3 over the same prompts, pooled over the sets of one (temperature, mode).
+  if BASELINE in arms:
+    groups = sorted({k.split("@", 1)[1] for k in keys})
+    for arm, names in arms.items():
+      if arm == BASELINE:
+        continue
+      common = [n for n in names if n.rsplit("_s", 1)[1] in {b.rsplit("_s", 1)[1] for b in arms[BASELINE]}]
+      base_names = [b for b in arms[BASELINE] if b.rsplit("_s", 1)[1] in {n.rsplit("_s", 1)[1] for n in common}]
+      if not common:
+        continue
+      for g in groups:
+        sets = [k for k in keys if k.endswith("@" + g) and all(k in results.get(n, {}) for n in common + base_names)]
+        if not sets:
+          continue
+        per = lambda ns, f: np.mean([np.concatenate([results[n][k][f] for k in sets]) for n in ns], axis=0)
+        ratio, lo, hi = bootstrap_ratio(per(common, "prompt_tokens"), per(common, "prompt_rounds"),
+                                        per(base_names, "prompt_tokens"), per(base_names, "prompt_rounds"))
+        out["paired_vs_eagle3"].setdefault(arm, {})[g] = dict(
+            ratio=ratio, ci95=[lo, hi], prompts=int(sum(len(results[common[0]][k]["prompt_tau"]) for k in sets)),
+            seeds=[n.rsplit("_s", 1)[1] for n in common])
+  return out
+
+
+def markdown(summary: dict) -> str:
+  runs = summary["runs"]
+  keys = sorted({k for r in runs.values() for k in r["decoding"]})
+  groups = sorted({k.split("@", 1)[1] for k in keys})
+  head = ["run", "steps", "train s", "held-out acc@0", "tau_sim", "chain tau (held-out)"]
+  head += [f"tau {g} (mean of sets)" for g in groups] + [f"speedup {g}" for g in groups]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda x, f="{:.3f}": f.format(x) if x is not None else "-"
+  for name, r in runs.items():
+    row = [name, str(r["steps"]), fmt(r["train_s"], "{:.0f}"), fmt(r["heldout_acc"][0] if r["heldout_acc"] else None),
+           fmt(r["tau_sim"]), fmt(r["chain_tau"])]
+    for what in ("tau", "speedup"):
+      for g in groups:
+        v = [d[what] for k, d in r["decoding"].items() if k.endswith("@" + g)]
+        row.append(fmt(float(np.mean(v)) if v else None, "{:.3f}" if what == "tau" else "{:.2f}x"))
     lines.append("| " + " | ".join(row) + " |")
+  if summary["paired_vs_eagle3"]:
+    lines += ["", "| arm / eagle3 (paired, same prompts) | " + " | ".join(groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for arm, by in summary["paired_vs_eagle3"].items():
+      cells = [f"{by[g]['ratio']:.3f} [{by[g]['ci95'][0]:.3f}, {by[g]['ci95'][1]:.3f}]" if g in by else "-"
+               for g in groups]
+      lines.append(f"| {arm} (seeds {','.join(next(iter(by.values()))['seeds'])}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--base_draft", default=os.path.join(REPO, "runs", "tiny", "draft"))
-  ap.add_argument("--out", default=os.path.join(REPO, "runs", "vsd_exp"))
-  ap.add_argument("--arms", default=",".join(ARMS))
+  ap.add_argument("--base_draft", default=os.path.join(REPO, "..", "shared", "drafts", "smollm2-eagle3-gpu-1500",
+                                                       "draft"))
+  ap.add_argument("--data_cache", default=os.path.join(REPO, "runs", "exp_cache"),
+                  help="writable response cache (copied from --base_cache when it does not exist)")
+  ap.add_argument("--base_cache", default=None, help="default: <base_draft>/../data_cache")
+  ap.add_argument("--out", default=os.path.join(REPO, "runs", "vsd_exp15"))
+  ap.add_argument("--arms", default="eagle3,vsd_exact,vsd")
+  ap.add_argument("--paired_arms", default="", help="arms run at every seed (default: all but eagle3_eqtime)")
   ap.add_argument("--seeds", default="0,1")
-  ap.add_argument("--steps", type=int, default=12)
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--lr", type=float, default=3e-4)
+  ap.add_argument("--steps", type=int, default=40)
+  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--warmup", type=int, default=4)
+  ap.add_argument("--lr", type=float, default=2e-4)
+  ap.add_argument("--heldout_limit", type=int, default=24)
   ap.add_argument("--bench", default="mt_bench,humaneval,gsm8k,alpaca,sum,qa")
   ap.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "eval", "eagle"))
   ap.add_argument("--temperature", default="0,1")
-  ap.add_argument("--num_prompts", type=int, default=2)
-  ap.add_argument("--max_new_tokens", type=int, default=48)
-  ap.add_argument("--tree_depth", type=int, default=4)
-  ap.add_argument("--top_k", type=int, default=4)
-  ap.add_argument("--total_tokens", type=int, default=8)
+  ap.add_argument("--modes", default="tree,chain")
+  ap.add_argument("--num_prompts", type=int, default=10)
+  ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--tree_depth", type=int, default=5)    # the evaluate CLI's defaults
+  ap.add_argument("--top_k", type=int, default=8)
+  ap.add_argument("--total_tokens", type=int, default=12)
+  ap.add_argument("--chain_depth", type=int, default=5)
+  ap.add_argument("--eval_runs", default="", help="comma-separated runs to decode with (default: all, and the base)")
   ap.add_argument("--skip_eval", action="store_true")
   ap.add_argument("extra", nargs="*", help="more --config.x=y overrides for every arm (after --)")
   args = ap.parse_args()
   if not os.path.isfile(os.path.join(args.base_draft, "draft_config.json")):
-    sys.exit(f"error: --base_draft {args.base_draft!r} holds no trained draft; run "
-             "`python -m vsd_jax.train --config configs/tiny.py` first (it exports <workdir>/draft)")
+    sys.exit(f"error: --base_draft {args.base_draft!r} holds no trained draft (draft_config.json); pass the "
+             "`draft` folder of ../shared/drafts/smollm2-eagle3-gpu-1500 or a <workdir>/draft of vsd_jax.train")
+  if not os.path.isdir(args.data_cache):
+    src = args.base_cache or os.path.join(os.path.dirname(os.path.abspath(args.base_draft)), "data_cache")
+    if not os.path.isdir(src):
+      sys.exit(f"error: --data_cache {args.data_cache!r} does not exist and there is no {src!r} to copy it from; "
+               "pass --base_cache <the base draft's data_cache>")
+    shutil.copytree(src, args.data_cache)
   os.makedirs(args.out, exist_ok=True)
-  reports = {"base (start point)": {}}
+  reports = {"base": None}
   for arm, seed in runs(args):
-    reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed)
+    reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed, reports)
   results = {}
   if not args.skip_eval:
-    drafts = {"base (start point)": args.base_draft}
-    drafts.update({name: os.path.join(args.out, name, "draft") for name in reports if name != "base (start point)"})
+    names = args.eval_runs.split(",") if args.eval_runs else list(reports)
+    drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in names}
     results = evaluate(args, drafts)
-  md = table(args, reports, results)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(dict(args=vars(args), reports=reports, results=results), f, indent=1, default=float)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(args.out, "decoding.json"), "w") as f:
+      json.dump(results, f)
+  summary = summarise(args, reports, results)
+  md = markdown(summary)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write(md + "\n")
   print(md)
 

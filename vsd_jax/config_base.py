@@ -86,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.vsd.accept_mode = "greedy"       # a_k: "greedy" (T=0 decoding) or "stochastic" (min(1, p^T/q))
   c.vsd.accept_temperature = 1.0     # T of p^T in stochastic mode
   c.vsd.utility = "expected_length"  # U = sum_k prod_{j<=k} a_j, or "full_accept" (prod_k a_k)
-  c.vsd.estep = "mcmc"               # "mcmc" (independence MH over the proposals) or "snis"
+  c.vsd.estep = "mcmc"               # "mcmc" (independence MH over the proposals), "snis", or "exact" (no
+                                     # sampling: J on the teacher-forced chain, methods/vsd/exact.py)
+  c.vsd.exact_form = "log_u"         # estep="exact": "log_u" (mu * EAGLE-3 + lambda_exact * -J) or "reach"
+  c.vsd.lambda_exact = 1.0           # estep="exact", form "log_u": weight of -J
   c.vsd.burn_in = 2                  # chain states dropped (mcmc)
   c.vsd.arw = True                   # Adaptive Rejection Weighting; False = plain EM likelihood of the sample
   c.vsd.eta = 0.5                    # unlikelihood strength: eta_k = eta * clip(c_k / (1 - c_k), 0, eta_max)

@@ -38,6 +38,17 @@ from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
 
 
+class TTTRows(NamedTuple):
+  """Per-row, per-step quantities of the TTT unroll, each float32 [K, B, T] (K = num_steps; row t, step k
+  predicts the data token y = x_{t+2+k}). What VSD's exact objective (`vsd_jax.methods.vsd.exact`) reads."""
+  ce: jax.Array          # soft cross-entropy of step k vs the target (EAGLE-3's per-row loss), 0 where not counted
+  ce_counted: jax.Array  # 1 where EAGLE-3 counts the row's CE (exists and the target's argmax is in the vocabulary)
+  logq_data: jax.Array   # log q_k(y): the draft's log-probability of the data token (-inf outside its vocabulary)
+  greedy: jax.Array      # 1 where y is the target's argmax at that prefix (greedy decoding would accept it)
+  overlap: jax.Array     # alpha_k = sum_v min(p_k(v), q_k(v)) over the draft vocabulary (p renormalised there)
+  exists: jax.Array      # 1 where y is a response token of a valid row (the row/step exists)
+
+
 class SoftLabels(NamedTuple):
   """What EAGLE-3's loss reads from the target's logits: storable per token instead of [V] logits."""
   draft_logits: jax.Array   # [B, T, N] the target's logits at the draft-vocabulary ids
@@ -93,7 +104,7 @@ def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array,
 def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                 input_ids: jax.Array, target_logits: jax.Array, loss_mask: jax.Array, t2d: jax.Array,
                 d2t: jax.Array, num_steps: int = 7, decay: float = 0.8,
-                attention_mask: Optional[jax.Array] = None, step0=None):
+                attention_mask: Optional[jax.Array] = None, step0=None, with_rows: bool = False):
   """EAGLE-3 TTT loss: sum_k decay^k * (soft cross-entropy of step k vs the target). Pure and jittable.
 
   target_logits may be the full [B, T, V] logits or their `SoftLabels` (precomputed features mode).
@@ -109,6 +120,7 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     num_steps: static number of TTT steps; decay: step weight base (weight decay**k).
     attention_mask: bool [B, T] valid tokens; default all valid.
     step0: optional precomputed step 0 (see `ttt_unroll`).
+    with_rows: also return metrics["rows"], the per-row `TTTRows` [num_steps, B, T] (static flag).
   Returns:
     (loss scalar, metrics) with metrics = {
       "step_loss": [num_steps] mean soft CE over the counted rows of each step,
@@ -133,28 +145,45 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
   target_p = jax.nn.softmax(jax.lax.stop_gradient(labels.draft_logits.astype(jnp.float32)), axis=-1)  # [B, T, N]
   is_loss_token = loss_mask.astype(bool) & valid
 
-  p_at, top_at, loss_at, in_draft_at = map(left_shifter, (target_p, target_top, is_loss_token, top_in_draft))
+  p_at, top_at, loss_at, in_draft_at, ids_at = map(
+      left_shifter, (target_p, target_top, is_loss_token, top_in_draft, input_ids.astype(jnp.int32)))
+  # target id -> draft id (-1 outside the draft vocabulary), for log q of the data token
+  to_draft = jnp.where(t2d.astype(bool), jnp.cumsum(t2d.astype(jnp.int32)) - 1, -1)
 
   def step_stats(k, logits):
     p = p_at(1 + k)
     top = top_at(1 + k)
     predicts_loss_token = loss_at(2 + k) & valid                                         # [B, T]
     counted = predicts_loss_token & in_draft_at(1 + k)
-    ce = -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)                     # [B, T]
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.sum(p * logq, axis=-1)                                                     # [B, T]
     num = jnp.sum(counted)
     step_loss = jnp.sum(jnp.where(counted, ce, 0.0)) / jnp.maximum(num, 1)
     pred = jnp.argmax(logits, axis=-1)
     hit = predicts_loss_token & (draft_to_target(pred, d2t) == top)
     step_acc = jnp.sum(hit) / jnp.maximum(jnp.sum(predicts_loss_token), 1)
-    return step_loss, jax.lax.stop_gradient(step_acc), num
+    out = (step_loss, jax.lax.stop_gradient(step_acc), num)
+    if not with_rows:
+      return out
+    y = ids_at(2 + k)                                                                    # the data token
+    yd = to_draft[y]
+    logq_y = jnp.where(yd >= 0, jnp.take_along_axis(logq, jnp.maximum(yd, 0)[..., None], axis=-1)[..., 0],
+                       -jnp.inf)
+    overlap = jnp.sum(jnp.minimum(p, jnp.exp(logq)), axis=-1)
+    f = lambda x: x.astype(jnp.float32)
+    return out + (TTTRows(jnp.where(counted, ce, 0.0), f(counted), logq_y, f((top == y) & (yd >= 0)), overlap,
+                          f(predicts_loss_token)),)
 
-  step_loss, step_acc, num = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps,
-                                        attention_mask, step_stats, step0)
+  unrolled = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps, attention_mask,
+                        step_fn=step_stats, step0=step0)
+  step_loss, step_acc, num = unrolled[:3]
   step_acc = step_acc.astype(jnp.float32)
   weights = jnp.asarray(decay, jnp.float32) ** jnp.arange(num_steps, dtype=jnp.float32)
   loss = jnp.sum(weights * step_loss)
   metrics = {"step_loss": step_loss, "step_acc": step_acc, "tau": 1.0 + jnp.sum(jnp.cumprod(step_acc)),
              "num_tokens": num[0]}
+  if with_rows:
+    metrics["rows"] = unrolled[3]
   return loss, metrics
 
 
