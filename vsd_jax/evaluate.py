@@ -8,6 +8,8 @@ Per set and temperature: tau (new tokens / target forwards), n-alpha (acceptance
 both, speedup; at T=0 the outputs are compared token for token and any mismatch is explained by the
 target's logit gap at the first differing token. Writes results.json, results.md and plots. Prompts are
 encoded, and decoding stops, as in training (config.data.chat_template; data/chat.py prompt_encoder).
+The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
+one device with the default mesh).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def main(_):
   from vsd_jax.data.chat import prompt_encoder
   from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.models.eagle3 import Eagle3Draft
+  from vsd_jax import parallel
   from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import load_draft
 
@@ -85,7 +88,8 @@ def main(_):
   data_dir = F.data_dir or os.path.join(cfg.data.root, "eval", "eagle")
   out_dir = F.output_dir or os.path.join(cfg.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg))
   dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
   tree_timing = None
   if F.total_tokens == "auto":

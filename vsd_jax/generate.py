@@ -13,6 +13,9 @@ new_tokens, wall_time (seconds of the batch holding this prompt, compilation exc
 
 With --draft DIR (from `vsd_jax.train`) decoding is speculative with a draft tree (--tree_depth, --top_k,
 --total_tokens, --mode); `rounds` then counts verification forwards, so tau = new_tokens / rounds.
+
+The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
+one device with the default mesh).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(_):
   from vsd_jax.data.chat import prompt_encoder
   from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.decoding.vanilla import generate
+  from vsd_jax import parallel
   from vsd_jax.weights import load_target
 
   cfg = _CONFIG.value
@@ -62,7 +66,8 @@ def main(_):
   batch_size = flags.FLAGS.batch_size or g.batch_size
 
   items = read_prompt_file(flags.FLAGS.prompts)[:flags.FLAGS.limit]
-  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg))
   tok = target.tokenizer
   enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
   prompts = [enc.encode_user(msg, g.system_prompt) for _, msg in items]

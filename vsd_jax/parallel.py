@@ -55,7 +55,10 @@ def mesh_shape(config, num_devices: int) -> tuple:
 def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A Mesh over all (or the given) devices with axes (data, fsdp, tensor), in GSPMD (Auto) mode."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(config, len(devices))
+  return _mesh(mesh_shape(config, len(devices)), devices)
+
+
+def _mesh(shape: tuple, devices: Sequence[jax.Device]) -> Mesh:
   try:
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, AssertionError, NotImplementedError):
@@ -242,6 +245,34 @@ def model_param_shardings(model: nn.Module, mesh: Mesh, rules: Rules, *example_a
   frozen target's: `model_param_shardings(LlamaForCausalLM(cfg), mesh, rules, ids)` with ids int32 [1, T]."""
   return shardings_from_init(lambda r: model.init(r, *example_args)["params"], jax.random.PRNGKey(0),
                              mesh=mesh, rules=rules)
+
+
+def model_abstract_params(model: nn.Module, mesh: Mesh, rules: Rules, *example_args) -> Any:
+  """A Flax model's (unboxed) parameters as jax.ShapeDtypeStructs carrying their NamedShardings (logical axes
+  under `rules`): what weights.load_target builds on a mesh and what --dry_run counts; no array is made."""
+  shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, *example_args)["params"]), jax.random.PRNGKey(0))
+  shardings = model_param_shardings(model, mesh, rules, *example_args)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def decode_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The mesh generate/evaluate place the target on: config.mesh's fsdp x tensor axes over the first devices,
+  data = 1 (decoding does not split the batch across devices). With the defaults (fsdp = tensor = 1) that is
+  one device, as decoding always ran; an axis of -1 takes the remaining devices. Where fewer devices are
+  present than fsdp x tensor (a pod config on a workstation), one device, with a warning."""
+  devices = list(jax.devices() if devices is None else devices)
+  fsdp, tensor = int(config.mesh.fsdp), int(config.mesh.tensor)
+  if fsdp == -1 and tensor == -1:
+    raise MeshError(f"mesh.fsdp={fsdp}, mesh.tensor={tensor}: at most one mesh axis may be -1")
+  fsdp = len(devices) // max(tensor, 1) if fsdp == -1 else fsdp
+  tensor = len(devices) // max(fsdp, 1) if tensor == -1 else tensor
+  if fsdp < 1 or tensor < 1:
+    raise MeshError(f"mesh.fsdp={config.mesh.fsdp}, mesh.tensor={config.mesh.tensor}: sizes must be positive or -1")
+  if fsdp * tensor > len(devices):
+    logging.warning("mesh.fsdp x mesh.tensor = %d x %d devices but %d are present: decoding on one device",
+                    fsdp, tensor, len(devices))
+    fsdp = tensor = 1
+  return _mesh((1, fsdp, tensor), devices[:fsdp * tensor])
 
 
 def frozen_shardings(frozen: dict, target_shardings: Any, mesh: Mesh) -> dict:

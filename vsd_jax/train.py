@@ -72,7 +72,12 @@ def main(_):
   os.makedirs(config.workdir, exist_ok=True)
   stages, t0 = {}, time.time()
 
-  target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  # The target is read straight into its training layout (sharded by its logical axes, as --dry_run compiles
+  # it, not replicated per device): each device's block from the files, so a target larger than a chip loads.
+  mesh = parallel.make_mesh(config)
+  rules = parallel.logical_axis_rules(config)
+  target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                       mesh=mesh, rules=rules)
   stages["load_target_s"] = time.time() - t0
   t = time.time()
   data = prepare_data(config, target)
@@ -106,9 +111,7 @@ def main(_):
       epoch, skip = epoch + 1, 0
 
   t = time.time()
-  # The frozen target is sharded by its logical axes (as --dry_run compiles it), not replicated per device.
-  mesh = parallel.make_mesh(config)
-  frozen_sh = parallel.target_frozen_shardings(frozen, target.model, mesh, parallel.logical_axis_rules(config))
+  frozen_sh = parallel.target_frozen_shardings(frozen, target.model, mesh, rules)  # the layout it was loaded in
   result = train_loop(config, loss_fn, init_params, frozen, make_batches, mesh=mesh, frozen_shardings=frozen_sh,
                       method_state=method.method_state)
   stages["train_s"] = time.time() - t
@@ -117,15 +120,16 @@ def main(_):
   else:  # parameters sharded across hosts: gather whole arrays on every host; process 0 writes
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(result.state.params, tiled=True)
-    if jax.process_index() != 0:
-      return
-  draft_dir = save_draft(os.path.join(config.workdir, "draft"), draft.cfg, params, data.draft_vocab.d2t,
-                         data.draft_vocab.t2d, target.config)
+  draft_dir = os.path.join(config.workdir, "draft")
+  if jax.process_index() == 0:
+    save_draft(draft_dir, draft.cfg, params, data.draft_vocab.d2t, data.draft_vocab.t2d, target.config)
   report = dict(stopped=result.stopped, steps=int(result.step), draft=draft_dir, data=data.stats)
-  if result.stopped == "done" and jax.process_index() == 0:
+  if result.stopped == "done":  # on every process: the target is sharded across them, its forwards are collective
     t = time.time()
     report["heldout"] = heldout_report(config, target, data.draft_vocab, params)
     stages["heldout_s"] = time.time() - t
+  if jax.process_index() != 0:
+    return
   stages["total_s"] = time.time() - t0
   report["stages"] = stages
   # Non-padding sequence tokens through target + draft per second (this run's steps; approximate on resume).

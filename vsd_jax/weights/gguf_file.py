@@ -31,8 +31,9 @@ def _field(reader, key, default=None):
   return default if f is None else f.contents()
 
 
-def read_gguf(path: str, **config_overrides):
-  """Returns (LlamaConfig, params numpy pytree, chat_template or None) from a GGUF file."""
+def open_gguf(path: str, **config_overrides):
+  """Returns (LlamaConfig, get, has, chat_template or None) of a GGUF file: get(hf_name) dequantises one
+  tensor (float32, HF layout, q/k un-permuted); has(hf_name) says whether the file holds it."""
   import gguf  # imported here: only GGUF users need it
 
   if not os.path.isfile(path):
@@ -87,5 +88,10 @@ def read_gguf(path: str, **config_overrides):
       w = unpermute_qk(w, cfg.num_kv_heads)
     return w
 
-  params = params_from_hf(cfg, get, lambda n: n in tensors)
-  return cfg, params, _field(reader, "tokenizer.chat_template")
+  return cfg, get, (lambda n: n in tensors), _field(reader, "tokenizer.chat_template")
+
+
+def read_gguf(path: str, **config_overrides):
+  """Returns (LlamaConfig, params numpy pytree, chat_template or None) from a GGUF file."""
+  cfg, get, has, chat_template = open_gguf(path, **config_overrides)
+  return cfg, params_from_hf(cfg, get, has), chat_template

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy reader reads BF16)
 import numpy as np
 
 from vsd_jax.weights.convert import config_from_hf_dict, params_from_hf
@@ -44,20 +45,26 @@ class _TensorIndex:
     return name in self.files
 
   def get(self, name) -> np.ndarray:
+    """The whole tensor, float32."""
+    return self.get_slice(name, ())
+
+  def get_slice(self, name, index: tuple) -> np.ndarray:
+    """Block `index` (a tuple of slices; () = all) of a tensor, float32; safetensors read only that block."""
     if name not in self.files:
       raise ValueError(f"checkpoint has no tensor {name!r}")
     kind, f = self.files[name]
     if kind == "bin":
-      return self._bins[name].float().numpy()
+      return self._bins[name][tuple(index)].float().numpy()
     from safetensors import safe_open
     if f not in self._open:
       self._open[f] = safe_open(f, framework="numpy")
-    x = self._open[f].get_tensor(name)
+    h = self._open[f]
+    x = h.get_slice(name)[tuple(index)] if index else h.get_tensor(name)
     return x.astype(np.float32) if x.dtype != np.float32 else x
 
 
-def read_hf_dir(directory: str, **config_overrides):
-  """Returns (LlamaConfig, params numpy pytree) from an HF checkpoint directory."""
+def open_hf_dir(directory: str, **config_overrides):
+  """Returns (LlamaConfig, _TensorIndex) of an HF checkpoint directory; no tensor is read yet."""
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{directory!r} has no config.json; pass an HF checkpoint directory, a GGUF "
@@ -67,4 +74,10 @@ def read_hf_dir(directory: str, **config_overrides):
   index = _TensorIndex(directory)
   if not index.has("lm_head.weight") and not cfg.tie_word_embeddings:
     cfg = cfg.replace(tie_word_embeddings=True)
+  return cfg, index
+
+
+def read_hf_dir(directory: str, **config_overrides):
+  """Returns (LlamaConfig, params numpy pytree) from an HF checkpoint directory."""
+  cfg, index = open_hf_dir(directory, **config_overrides)
   return cfg, params_from_hf(cfg, index.get, index.has)

@@ -90,20 +90,39 @@ def load_tokenizer(kind: str, path: str):
 
 
 def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float32",
-                param_dtype: Optional[str] = None, with_tokenizer: bool = True, **config_overrides) -> Target:
+                param_dtype: Optional[str] = None, with_tokenizer: bool = True, mesh=None, rules=None,
+                **config_overrides) -> Target:
   """Load a LLaMA-family target: registry name, GGUF path or HF directory.
 
   dtype is the compute dtype; param_dtype (default = dtype) the storage dtype of the parameters.
+  mesh, rules: place every parameter straight into its NamedSharding on `mesh`, from the model's logical axis
+    names under `rules` (parallel.logical_axis_rules(config); the layout parallel.target_frozen_shardings
+    gives). HF safetensors: each device's block is read from the files by itself (transposes applied per
+    block), so host memory holds one parameter's local blocks at a time and no device ever holds more than its
+    shard. GGUF (quantised, small): each parameter is dequantised whole on host, then cut into its blocks.
+    Without a mesh: the whole model read to host, then one device array per parameter (jnp.asarray).
   """
-  from vsd_jax.weights.gguf_file import read_gguf
-  from vsd_jax.weights.hf import read_hf_dir
+  from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
+  from vsd_jax.weights.gguf_file import open_gguf
+  from vsd_jax.weights.hf import open_hf_dir
 
+  if mesh is not None and rules is None:
+    raise ValueError("load_target(mesh=...) also needs rules (parallel.logical_axis_rules(config)), the logical "
+                     "axis rules that map the parameters' axes to the mesh")
   overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
   kind, path = resolve(name_or_path)
   if kind == "gguf":
-    cfg, params, _ = read_gguf(path, **overrides)
+    cfg, get, has, _ = open_gguf(path, **overrides)
+    get_slice = lambda name, index: get(name)[tuple(index)]  # noqa: E731
   else:
-    cfg, params = read_hf_dir(path, **overrides)
-  params = jax.tree.map(jnp.asarray, params)
+    cfg, index = open_hf_dir(path, **overrides)
+    get, get_slice, has = index.get, index.get_slice, index.has
+  model = LlamaForCausalLM(cfg)
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, params_from_hf(cfg, get, has))
+  else:
+    from vsd_jax import parallel
+    abstract = parallel.model_abstract_params(model, mesh, rules, jnp.zeros((1, 8), jnp.int32))
+    params = params_from_hf_sharded(cfg, get_slice, has, abstract, whole_params=kind == "gguf")
   tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
-  return Target(LlamaForCausalLM(cfg), params, tokenizer, cfg, path)
+  return Target(model, params, tokenizer, cfg, path)
