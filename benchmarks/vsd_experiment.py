@@ -111,6 +111,33 @@ def train_arm(args, arm, seed, reports):
   return r
 
 
+def copy_base_cache(src: str, dst: str) -> None:
+  """Copy the base's data cache to a writable folder and name its response file by the key this checkout
+  computes for configs/vsd_experiment.py. The shipped base's cache was keyed by its GGUF's absolute path on
+  the GPU machine (fixed since: `data.pipeline.model_id` no longer depends on the install path); the responses
+  themselves are the same target's (same packaged GGUF, same generation settings and chat template)."""
+  import glob
+
+  from vsd_jax.cli_config import _load_file
+  from vsd_jax.data.chat import prompt_encoder
+  from vsd_jax.data.pipeline import data_cache_dir, gen_settings, model_id
+  from vsd_jax.data.regenerate import cache_path
+  from vsd_jax.weights import load_target
+
+  shutil.copytree(src, dst)
+  files = glob.glob(os.path.join(dst, "responses-*.jsonl"))
+  if len(files) != 1:
+    return
+  config = _load_file(CONFIG)
+  config.data.cache_dir = dst
+  target = load_target(config.model.name, with_tokenizer=True)
+  want = cache_path(data_cache_dir(config), model_id(target), gen_settings(config.data),
+                    prompt_encoder(target, config).template_text)
+  if os.path.abspath(files[0]) != os.path.abspath(want):
+    print(f"re-keying {files[0]} -> {want}", file=sys.stderr)
+    os.rename(files[0], want)
+
+
 def evaluate(args, drafts: dict) -> dict:
   """{draft name: dir} -> {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}."""
   import jax
@@ -297,7 +324,7 @@ def main():
     if not os.path.isdir(src):
       sys.exit(f"error: --data_cache {args.data_cache!r} does not exist and there is no {src!r} to copy it from; "
                "pass --base_cache <the base draft's data_cache>")
-    shutil.copytree(src, args.data_cache)
+    copy_base_cache(src, args.data_cache)
   os.makedirs(args.out, exist_ok=True)
   reports = {"base": None}
   for arm, seed in runs(args):

@@ -351,3 +351,20 @@ def test_prepare_data_end_to_end(target, data_root, tmp_path):
   fake = FakeGenerate()
   prepare_data(c, target, call=fake, progress=False)
   assert fake.calls > 0
+
+
+def test_response_cache_key_does_not_depend_on_where_the_model_is_installed(tmp_path):
+  """A cache made on another machine (the shipped GPU base's data_cache) must be found: the key names the
+  weights by file name and size, not by absolute path."""
+  import types
+
+  from vsd_jax.data.pipeline import model_id
+  cfg = types.SimpleNamespace(dtype="float32", param_dtype="float32")
+  for d in ("a/site-packages/pkg", "b/other"):
+    os.makedirs(tmp_path / d)
+    (tmp_path / d / "m.gguf").write_bytes(b"x" * 100)
+  ids = {model_id(types.SimpleNamespace(source=str(tmp_path / d / "m.gguf"), config=cfg))
+         for d in ("a/site-packages/pkg", "b/other")}
+  assert len(ids) == 1
+  (tmp_path / "b/other/m.gguf").write_bytes(b"x" * 101)
+  assert model_id(types.SimpleNamespace(source=str(tmp_path / "b/other/m.gguf"), config=cfg)) not in ids
