@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Train speculative-decoding drafts with Variational Speculative Decoding (VSD) in JAX/Flax.",
     packages=find_packages(include=["vsd_jax", "vsd_jax.*"]),
+    package_data={"vsd_jax.data": ["*.json"]},  # sample_images.json: the offline multimodal prompt set
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

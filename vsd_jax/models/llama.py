@@ -207,13 +207,26 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
   cfg: LlamaConfig
 
+  def setup(self):
+    # In setup (not inline in __call__) so that `embed` can be called on its own: a multimodal model
+    # (models/llava.py) embeds the text, places image features, and passes the result as inputs_embeds.
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+
+  def embed(self, input_ids):
+    """Token embeddings [B, T, H] (compute dtype) of int32 input_ids [B, T]: the default inputs_embeds."""
+    return self.embed_tokens(input_ids)
+
   @nn.compact
   def __call__(self, input_ids, positions=None, attention_mask=None, kv_cache: Optional[KVCache] = None,
-               write_index=None, hidden_layers: Sequence[int] = (), return_logits: bool = True):
+               write_index=None, hidden_layers: Sequence[int] = (), return_logits: bool = True,
+               inputs_embeds=None):
     """Forward pass.
 
     Args:
-      input_ids: int32 [B, T].
+      input_ids: int32 [B, T]; may be None when inputs_embeds is given.
       positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
         default causal with slot == position (`masks.causal_mask`).
@@ -222,22 +235,24 @@ class LlamaForCausalLM(nn.Module):
       write_index: int32 [B]; default zeros.
       hidden_layers: static layer indices whose *input* hidden states are returned.
       return_logits: static; False skips the vocabulary projection.
+      inputs_embeds: optional [B, T, H] layer-0 inputs used instead of `embed(input_ids)` (e.g. text
+        embeddings with image features placed at the image tokens); everything after the embedding is the
+        same call, so masks, the KV cache and hidden_layers behave as with input_ids.
     Returns:
       LlamaOutput(logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H]).
     """
     cfg = self.cfg
-    b, t = input_ids.shape
+    if inputs_embeds is None:
+      x = self.embed_tokens(input_ids)
+    else:
+      x = inputs_embeds.astype(cfg.jnp_dtype)
+    b, t = x.shape[:2]
     if write_index is None:
       write_index = jnp.zeros((b,), jnp.int32)
     if positions is None:
       positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if attention_mask is None:
       attention_mask = causal_mask(b, t, None if kv_cache is None else kv_cache.num_slots, write_index)
-    embed = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        name="embed_tokens")
-    x = embed(input_ids)
     collect = len(hidden_layers) > 0
     cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
     if cfg.scan_layers:
@@ -261,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
     if return_logits:
       h = _norm(cfg, "norm")(x)
       if cfg.tie_word_embeddings:
-        logits = embed.attend(h).astype(jnp.float32)
+        logits = self.embed_tokens.attend(h).astype(jnp.float32)
       else:
         logits = _dense(cfg.vocab_size, "lm_head", ("embed", "vocab"), cfg)(h).astype(jnp.float32)
     return LlamaOutput(logits=logits, kv_cache=new_cache, hidden_states=hidden)

@@ -5,6 +5,7 @@ bool [B, T, S] over S key slots (the KV cache's slots, or the T new tokens witho
 only in the mask:
 
     causal_mask          prefill / training forward, slot == position            (model default)
+    full_mask            bidirectional: every query sees every key (the CLIP vision tower, models/clip.py)
     decode_mask          one new token per row at its own slot (vanilla decoding)
     sequence_mask        a padded sequence at slots 0..T-1 of a larger cache, causal over valid tokens
     tree_attention_mask  committed prefix (< L, per row or per query) + a window of scratch/tree slots
@@ -40,6 +41,11 @@ def causal_mask(batch: int, num_queries: int, num_slots: Optional[int] = None,
     return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
   q_slot = write_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
   return jnp.arange(num_slots)[None, None, :] <= q_slot[:, :, None]
+
+
+def full_mask(batch: int, num_queries: int, num_slots: Optional[int] = None) -> jax.Array:
+  """bool [B, T, S] all True: bidirectional attention over S key slots (default S = T), as in a ViT encoder."""
+  return jnp.ones((batch, num_queries, num_queries if num_slots is None else num_slots), bool)
 
 
 def decode_mask(positions: jax.Array, num_slots: int) -> jax.Array:

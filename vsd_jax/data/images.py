@@ -1,0 +1,145 @@
+"""Images for multimodal (LLaVA) prompts: find and open image files, check them, and turn a prompt with `<image>`
+placeholders plus its images into model inputs with the checkpoint's own transformers processor.
+
+    prepare_prompt(processor, "USER: <image>\\nWhat is this? ASSISTANT:", ["cat.png"])
+      -> MultimodalPrompt(input_ids int32 [T] with each <image> expanded to the model's image-token count,
+                          pixel_values float32 [N, C, S, S] resized / cropped / normalised by the processor)
+
+The processor (LlavaProcessor = the checkpoint's tokenizer + CLIPImageProcessor, PIL backend: no torch at run
+time) does all resizing and normalisation; nothing here touches pixels beyond opening the file. Bad input is an
+`ImageInputError` naming the file or the prompt and the fix: a missing or unreadable file, a mode the processor
+would silently mangle (16-bit / float images are clipped to 0..255), an animated or multi-page file, and a
+prompt whose `<image>` placeholders and images differ in number.
+
+Image references: a path (relative ones under an image folder, as LLaVA-Instruct's `image` field), or
+`pkg:<package>/<path inside it>` for a file shipped inside an installed package (the offline sample images:
+`pkg:skimage/data/astronaut.png`, `pkg:matplotlib/mpl-data/sample_data/grace_hopper.jpg`), found without
+importing the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+# 8-bit modes that PIL converts to RGB faithfully (LLaVA's own loader does `Image.open(f).convert("RGB")`; the
+# processor converts the same way). Wider modes ("I;16", "I", "F") would be clipped to 0..255 without a word.
+ACCEPTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+PACKAGE_PREFIX = "pkg:"
+# How to install the packages whose bundled images the sample prompt sets use (their wheels ship the files).
+PACKAGE_INSTALL = {"skimage": "pip install --no-deps scikit-image==0.26.0", "matplotlib": "pip install matplotlib"}
+
+
+class ImageInputError(ValueError):
+  """A bad image or image prompt; the message names the file or prompt and the fix."""
+
+
+@dataclasses.dataclass
+class MultimodalPrompt:
+  input_ids: np.ndarray                 # int32 [T], each <image> expanded to the model's image-token count
+  pixel_values: Optional[np.ndarray]    # float32 [N, C, S, S] in placeholder order, or None without images
+  name: str = "prompt"
+
+
+def resolve_image_path(image: str, image_folder: Optional[str] = None) -> str:
+  """The file an image reference names: `pkg:<package>/<path>` inside an installed package, a relative path
+  under image_folder (when given), or the path itself. Existence is checked by `open_image`."""
+  if image.startswith(PACKAGE_PREFIX):
+    package, _, rel = image[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+      hint = PACKAGE_INSTALL.get(package, f"pip install {package}")
+      raise ImageInputError(f"image {image!r}: package {package!r} is not installed; its wheel ships the file. "
+                            f"Install it with `{hint}`.")
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)
+  if image_folder and not os.path.isabs(image):
+    return os.path.join(image_folder, image)
+  return image
+
+
+def check_image(image, name: str = "image"):
+  """Raise ImageInputError unless `image` (a PIL image) is one still picture in an accepted mode; returns it."""
+  frames = getattr(image, "n_frames", 1)
+  if frames > 1:
+    raise ImageInputError(f"{name}: has {frames} frames (animated or multi-page); LLaVA takes one still image. "
+                          "Save the frame you mean as its own file.")
+  if image.mode not in ACCEPTED_MODES:
+    raise ImageInputError(f"{name}: image mode {image.mode!r} is not an 8-bit mode ({', '.join(ACCEPTED_MODES)}); "
+                          "the processor would clip it to 0..255. Convert it to 8-bit RGB first (e.g. scale it "
+                          "to 0..255 and save as PNG).")
+  return image
+
+
+def open_image(path: str):
+  """Open, fully read and check an image file (PIL image, mode as stored). Errors name the file."""
+  from PIL import Image, UnidentifiedImageError
+  if not os.path.isfile(path):
+    raise ImageInputError(f"image file not found: {path!r}. Check the path (relative image paths are taken under "
+                          "the data set's image folder).")
+  try:
+    image = Image.open(path)
+    image.load()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ImageInputError(f"cannot read image file {path!r} ({type(e).__name__}: {e}); is it a complete image "
+                          "(PNG, JPEG, ...)?") from e
+  return check_image(image, f"image file {path!r}")
+
+
+def load_processor(path: str, required: bool = True):
+  """The checkpoint directory's transformers processor (LlavaProcessor), PIL backend; None when the directory
+  has no processor files and not required."""
+  if not any(os.path.isfile(os.path.join(path, f)) for f in ("processor_config.json", "preprocessor_config.json")):
+    if not required:
+      return None
+    raise ImageInputError(f"{path!r} has no processor_config.json / preprocessor_config.json, so images cannot be "
+                          "prepared the model's way; use the checkpoint's full directory (llava-hf repos ship them).")
+  from transformers import AutoProcessor
+  return AutoProcessor.from_pretrained(path, backend="pil")
+
+
+def image_token_of(processor) -> tuple:
+  """(placeholder string, token id) of a LlavaProcessor."""
+  return processor.image_token, int(processor.image_token_id)
+
+
+def prepare_prompt(processor, text: str, images: Sequence[Union[str, "object"]] = (), name: str = "prompt",
+                   image_folder: Optional[str] = None) -> MultimodalPrompt:
+  """Token ids and pixel values of one prompt with `<image>` placeholders, through the checkpoint's processor.
+
+  images: one per placeholder, in order: image references (`resolve_image_path`) or PIL images.
+  The processor expands each placeholder to the model's image-token count (patches, as LLaVA's features).
+  """
+  placeholder, _ = image_token_of(processor)
+  n_tokens = text.count(placeholder)
+  refs = [im for im in images if isinstance(im, str)]
+  if n_tokens != len(images):
+    which = f" ({', '.join(map(repr, refs))})" if refs else ""
+    if n_tokens < len(images):
+      fix = f"add a {placeholder} where each extra image goes, or pass fewer images"
+    else:
+      fix = f"pass one image per {placeholder}, or remove the extra {placeholder}"
+    raise ImageInputError(f"{name}: {n_tokens} {placeholder} placeholder(s) but {len(images)} image(s){which}; "
+                          f"{fix}. Prompt: {text[:200]!r}")
+  opened = []
+  for i, im in enumerate(images):
+    if isinstance(im, str):
+      opened.append(open_image(resolve_image_path(im, image_folder)))
+    else:
+      opened.append(check_image(im, f"{name}: image {i}"))
+  out = processor(text=text, images=opened or None, return_tensors="np")
+  pixels = out.get("pixel_values") if opened else None
+  return MultimodalPrompt(np.asarray(out["input_ids"][0], np.int32),
+                          None if pixels is None else np.asarray(pixels, np.float32), name)
+
+
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, num_image_tokens: int) -> list:
+  """Token ids with each image token repeated num_image_tokens times: the processor's expansion done on ids
+  (for prompts tokenised elsewhere, e.g. by a chat template, with one image token per image)."""
+  out = []
+  for t in ids:
+    out.extend([t] * num_image_tokens if t == image_token_id else [t])
+  return out
