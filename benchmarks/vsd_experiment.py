@@ -25,7 +25,7 @@ at every seed. Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.js
 
 Evaluation loads the target once; per eval set, temperature and decoding mode (the evaluate CLI's default
 tree, and chain) it runs vanilla decoding once and speculative decoding with every draft on the same prompts
-(batch 1), so each speedup is against vanilla in the same process. Per-prompt accepted lengths give a paired
+(batch --eval_batch, default 1), so each speedup is against vanilla in the same process. Per-prompt accepted lengths give a paired
 comparison of each arm with `eagle3` over the same prompts: the ratio of mean tau with a bootstrap 95%
 interval (prompts resampled, seeds averaged per prompt). Writes OUT/summary.json and OUT/summary.md.
 """
@@ -96,7 +96,7 @@ def train_arm(args, arm, seed, reports):
     shutil.rmtree(workdir)   # a partial run of other settings: start the arm again from the base
   cmd = [sys.executable, "-m", "vsd_jax.train", "--config", CONFIG, f"--config.workdir={workdir}",
          f"--config.data.cache_dir={args.data_cache}", f"--config.draft.init_from={args.base_draft}",
-         f"--config.seed={seed}", f"--config.train.total_steps={steps}",
+         f"--config.seed={seed}", f"--config.train.total_steps={steps}", f"--config.model.name={args.model}",
          f"--config.train.warmup_steps={args.warmup}", f"--config.train.lr={args.lr}",
          f"--config.train.batch_size={args.batch_size}", f"--config.eval.heldout_limit={args.heldout_limit}",
          "--config.train.checkpoint_every=100000"] + ARMS[arm] + args.extra
@@ -111,7 +111,7 @@ def train_arm(args, arm, seed, reports):
   return r
 
 
-def copy_base_cache(src: str, dst: str) -> None:
+def copy_base_cache(src: str, dst: str, model: str) -> None:
   """Copy the base's data cache to a writable folder and name its response file by the key this checkout
   computes for configs/vsd_experiment.py. The shipped base's cache was keyed by its GGUF's absolute path on
   the GPU machine (fixed since: `data.pipeline.model_id` no longer depends on the install path); the responses
@@ -130,7 +130,8 @@ def copy_base_cache(src: str, dst: str) -> None:
     return
   config = _load_file(CONFIG)
   config.data.cache_dir = dst
-  target = load_target(config.model.name, with_tokenizer=True)
+  config.model.name = model
+  target = load_target(model, with_tokenizer=True)
   want = cache_path(data_cache_dir(config), model_id(target), gen_settings(config.data),
                     prompt_encoder(target, config).template_text)
   if os.path.abspath(files[0]) != os.path.abspath(want):
@@ -155,7 +156,7 @@ def evaluate(args, drafts: dict) -> dict:
   from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import load_draft
 
-  target = load_target("smollm2-135m-instruct")
+  target = load_target(args.model)
   enc = prompt_encoder(target, _load_file(CONFIG))   # prompts encoded as the arms' training data was
   eos, pad_id = enc.eos_ids, enc.pad_id
   trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),
@@ -174,8 +175,8 @@ def evaluate(args, drafts: dict) -> dict:
                      cache_slots=check_capacity(lens, n, 2048), eos_ids=eos, pad_id=pad_id)
         return o.tokens, o.num_new, o.rounds
 
-      van = run_batches(prompts, 1, vcall, pad_id)
-      for mode in args.modes.split(","):
+      van = run_batches(prompts, args.eval_batch, vcall, pad_id)
+      for mode in (args.modes if temp == 0 or not args.t1_modes else args.t1_modes).split(","):
         tree_cfg = trees[mode]
         for name, (dcfg, dparams, d2t, _) in loaded.items():
           draft = Eagle3Draft(dcfg)
@@ -187,7 +188,7 @@ def evaluate(args, drafts: dict) -> dict:
                                      cache_slots=slots, eos_ids=eos, temperature=temp, pad_id=pad_id)
             return o.tokens, o.num_new, o.rounds, o.accept_hist
 
-          spec = run_batches(prompts, 1, scall, pad_id)
+          spec = run_batches(prompts, args.eval_batch, scall, pad_id)
           r = summarize(van, spec)
           r["prompt_tau"] = [g.new_tokens / max(g.rounds, 1) for g in spec]
           r["prompt_tokens"] = [g.new_tokens for g in spec]
@@ -237,16 +238,16 @@ def summarise(args, reports: dict, results: dict) -> dict:
         entry[key] = dict(tau_mean=float(np.mean(taus)), tau_min=min(taus), tau_max=max(taus),
                           speedup_mean=float(np.mean(sps)))
     out["arms"][arm] = entry
-  # Paired: each arm vs eagle3 over the same prompts, pooled over the sets of one (temperature, mode).
+  # Paired: each arm vs eagle3 over the same prompts and seeds, pooled over the sets of one (temperature, mode).
+  seed_of = lambda n: n.rsplit("_s", 1)[1] if "_s" in n else None
   if BASELINE in arms:
     groups = sorted({k.split("@", 1)[1] for k in keys})
+    base_seeds = {seed_of(b): b for b in arms[BASELINE]}
     for arm, names in arms.items():
-      if arm == BASELINE:
+      common = [n for n in names if seed_of(n) in base_seeds]
+      if arm == BASELINE or not common:
         continue
-      common = [n for n in names if n.rsplit("_s", 1)[1] in {b.rsplit("_s", 1)[1] for b in arms[BASELINE]}]
-      base_names = [b for b in arms[BASELINE] if b.rsplit("_s", 1)[1] in {n.rsplit("_s", 1)[1] for n in common}]
-      if not common:
-        continue
+      base_names = [base_seeds[seed_of(n)] for n in common]
       for g in groups:
         sets = [k for k in keys if k.endswith("@" + g) and all(k in results.get(n, {}) for n in common + base_names)]
         if not sets:
@@ -256,7 +257,7 @@ def summarise(args, reports: dict, results: dict) -> dict:
                                         per(base_names, "prompt_tokens"), per(base_names, "prompt_rounds"))
         out["paired_vs_eagle3"].setdefault(arm, {})[g] = dict(
             ratio=ratio, ci95=[lo, hi], prompts=int(sum(len(results[common[0]][k]["prompt_tau"]) for k in sets)),
-            seeds=[n.rsplit("_s", 1)[1] for n in common])
+            seeds=[seed_of(n) for n in common])
   return out
 
 
@@ -276,6 +277,17 @@ def markdown(summary: dict) -> str:
         v = [d[what] for k, d in r["decoding"].items() if k.endswith("@" + g)]
         row.append(fmt(float(np.mean(v)) if v else None, "{:.3f}" if what == "tau" else "{:.2f}x"))
     lines.append("| " + " | ".join(row) + " |")
+  for g in groups:   # per set
+    sets = sorted({k.split("@", 1)[0] for k in keys if k.endswith("@" + g)})
+    lines += ["", f"tau per set, {g} (speedup in brackets; T=0: outputs identical to vanilla / prompts)", "",
+              "| run | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, r in runs.items():
+      cells = []
+      for b in sets:
+        d = r["decoding"].get(f"{b}@{g}")
+        same = f", {d['identical_outputs']}/{d['prompts']}" if d and g.startswith("T=0/") else ""
+        cells.append(f"{d['tau']:.2f} ({d['speedup']:.2f}x{same})" if d else "-")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   if summary["paired_vs_eagle3"]:
     lines += ["", "| arm / eagle3 (paired, same prompts) | " + " | ".join(groups) + " |",
               "|---|" + "---|" * len(groups)]
@@ -290,6 +302,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--base_draft", default=os.path.join(REPO, "..", "shared", "drafts", "smollm2-eagle3-gpu-1500",
                                                        "draft"))
+  ap.add_argument("--model", default="smollm2-135m-instruct", help="the target: registry name or GGUF/HF path")
   ap.add_argument("--data_cache", default=os.path.join(REPO, "runs", "exp_cache"),
                   help="writable response cache (copied from --base_cache when it does not exist)")
   ap.add_argument("--base_cache", default=None, help="default: <base_draft>/../data_cache")
@@ -306,6 +319,9 @@ def main():
   ap.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "eval", "eagle"))
   ap.add_argument("--temperature", default="0,1")
   ap.add_argument("--modes", default="tree,chain")
+  ap.add_argument("--t1_modes", default=None, help="decoding modes at T>0 (default --modes)")
+  ap.add_argument("--eval_batch", type=int, default=1, help="prompts decoded together (tau does not depend on it; "
+                  "speedups are for this batch size)")
   ap.add_argument("--num_prompts", type=int, default=10)
   ap.add_argument("--max_new_tokens", type=int, default=128)
   ap.add_argument("--tree_depth", type=int, default=5)    # the evaluate CLI's defaults
@@ -324,7 +340,7 @@ def main():
     if not os.path.isdir(src):
       sys.exit(f"error: --data_cache {args.data_cache!r} does not exist and there is no {src!r} to copy it from; "
                "pass --base_cache <the base draft's data_cache>")
-    copy_base_cache(src, args.data_cache)
+    copy_base_cache(src, args.data_cache, args.model)
   os.makedirs(args.out, exist_ok=True)
   reports = {"base": None}
   for arm, seed in runs(args):
@@ -332,10 +348,26 @@ def main():
   results = {}
   if not args.skip_eval:
     names = args.eval_runs.split(",") if args.eval_runs else list(reports)
-    drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in names}
-    results = evaluate(args, drafts)
-    with open(os.path.join(args.out, "decoding.json"), "w") as f:
-      json.dump(results, f)
+    # Decoding results are kept per run in OUT/decoding.json (with the settings they were measured under), so
+    # a later call that adds arms decodes only those; vanilla is rerun with them (speedups stay same-process).
+    path = os.path.join(args.out, "decoding.json")
+    settings = {k: getattr(args, k) for k in ("bench", "temperature", "modes", "t1_modes", "num_prompts",
+                                               "max_new_tokens", "tree_depth", "top_k", "total_tokens",
+                                               "chain_depth", "eval_batch")}
+    saved = {}
+    if os.path.isfile(path):
+      with open(path) as f:
+        saved = json.load(f)
+      if saved.get("settings") != settings:
+        saved = {}
+    results = saved.get("results", {})
+    todo = [n for n in names if n not in results]
+    if todo:
+      drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in todo}
+      results.update(evaluate(args, drafts))
+      with open(path, "w") as f:
+        json.dump({"settings": settings, "results": results}, f)
+    results = {n: results[n] for n in names}
   summary = summarise(args, reports, results)
   md = markdown(summary)
   with open(os.path.join(args.out, "summary.json"), "w") as f:

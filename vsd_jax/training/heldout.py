@@ -7,11 +7,13 @@ import copy
 
 def heldout_config(config):
   """config with data.sources = the held-out prompts (config.eval) only. Its VSD loss carries EAGLE-3's term
-  (mu = 1, so one target pass gives both metric sets) and no CAR; only metrics are read from it."""
+  (mu = 1, so one target pass gives both metric sets) and no CAR; only metrics are read from it. The chains
+  are always the sampled ones (estep "mcmc"; the metrics do not depend on the E-step's weights), so a run
+  trained with estep "exact" is measured like every other."""
   ev = copy.deepcopy(config)
   with ev.unlocked():
     ev.data.sources = dict(heldout=dict(type="eagle", path=config.eval.heldout_path, limit=int(config.eval.heldout_limit)))
-    ev.vsd.lambda_car, ev.vsd.mu = 0.0, 1.0
+    ev.vsd.lambda_car, ev.vsd.mu, ev.vsd.estep = 0.0, 1.0, "mcmc"
   return ev
 
 
