@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Train speculative-decoding drafts with Variational Speculative Decoding (VSD) in JAX/Flax.",
     packages=find_packages(include=["vsd_jax", "vsd_jax.*"]),
-    package_data={"vsd_jax.data": ["*.json"]},  # sample_images.json: the offline multimodal prompt set
+    # sample_images.json / sample_images_questions.jsonl: the offline multimodal prompt set (training / evaluate)
+    package_data={"vsd_jax.data": ["*.json", "*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

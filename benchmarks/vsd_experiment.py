@@ -139,6 +139,30 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
     os.rename(files[0], want)
 
 
+def base_heldout(args) -> dict:
+  """The base draft's held-out report on the same prompts and settings as every arm's (train.py's report)."""
+  import numpy as np
+
+  from vsd_jax.cli_config import _load_file
+  from vsd_jax.data.draft_vocab import DraftVocab
+  from vsd_jax.training.heldout import heldout_report
+  from vsd_jax.weights import load_target
+  from vsd_jax.weights.draft_io import load_draft
+
+  config = _load_file(CONFIG)
+  config.model.name, config.eval.heldout_limit = args.model, args.heldout_limit
+  config.data.cache_dir = args.data_cache
+  for o in args.extra:   # --config.data.root=... and the like
+    key, _, value = o.removeprefix("--config.").partition("=")
+    if key == "data.root":
+      config.data.root = value
+  target = load_target(args.model)
+  _, params, d2t, t2d = load_draft(args.base_draft, target.config)
+  vocab = DraftVocab(d2t=d2t, t2d=t2d, counts=np.zeros(d2t.shape, np.int64), coverage=float("nan"))
+  t0 = time.time()
+  return {"steps": 0, "heldout": heldout_report(config, target, vocab, params), "wall_s": time.time() - t0}
+
+
 def evaluate(args, drafts: dict) -> dict:
   """{draft name: dir} -> {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}."""
   import jax
@@ -342,7 +366,13 @@ def main():
                "pass --base_cache <the base draft's data_cache>")
     copy_base_cache(src, args.data_cache, args.model)
   os.makedirs(args.out, exist_ok=True)
-  reports = {"base": None}
+  base_path = os.path.join(args.out, "base_heldout.json")
+  if not os.path.isfile(base_path):
+    base = base_heldout(args)
+    with open(base_path, "w") as f:
+      json.dump(base, f)
+  with open(base_path) as f:
+    reports = {"base": json.load(f)}
   for arm, seed in runs(args):
     reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed, reports)
   results = {}

@@ -53,6 +53,15 @@ def test_prompt_longer_than_cache():
   assert check_capacity([10, 100], 20, 128) == 128
 
 
+def test_cache_slots_follow_the_padded_shape():
+  """Prompts of 100 and 120 tokens pad to one shape [1, 128]; with 16 new tokens they need 116 and 136 slots.
+  They get the same slots (one compiled program per shape, as run_batches assumes), enough for either."""
+  (a, la), (b, lb) = pad_prompts([[1] * 100], 0), pad_prompts([[1] * 120], 0)
+  assert a.shape == b.shape == (1, 128)
+  assert check_capacity(la, 16, 8192) == check_capacity(lb, 16, 8192) == 256
+  assert check_capacity([100], 20, 128) == 128  # padded 128 + 20 exceeds the model's 128: capped, still >= 120
+
+
 @pytest.mark.slow
 def test_prompt_too_long_in_cli(tmp_path):
   p = tmp_path / "p.txt"

@@ -115,9 +115,9 @@ def test_encoder_applies_the_configured_template_like_the_pipeline(tiny_target, 
   seen = {}
   real_call = pipeline.make_target_call
 
-  def recording_target_call(target, settings, max_pos, eos, pad_id):
+  def recording_target_call(target, settings, max_pos, eos, pad_id, pixels=None):
     seen.update(eos=tuple(eos), pad_id=pad_id)
-    return real_call(target, settings, max_pos, eos, pad_id)
+    return real_call(target, settings, max_pos, eos, pad_id, pixels)
 
   monkeypatch.setattr(pipeline, "make_target_call", recording_target_call)
   data = pipeline.prepare_data(cfg, tiny_target, progress=False, draft_vocab=False)

@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from tests.tiny_models import tiny_setup, vocab_maps
+from tests.tiny_models import init_draft_params, tiny_setup, tiny_target, vocab_maps
 from vsd_jax.config_base import base_config
-from vsd_jax.models.eagle3 import init_draft_cache
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_cache
 from vsd_jax.methods.vsd import estep as vsd_estep, mstep as vsd_mstep, utility as vsd_utility
 from vsd_jax.models.features import target_features, target_pass
 from vsd_jax.methods.vsd import build as build_vsd, check_config as check_vsd_config
-from vsd_jax.methods.vsd.oracle import oracle_logits, oracle_slots
+from vsd_jax.methods.vsd.oracle import oracle_outputs, oracle_slots, reduce_logits
 from vsd_jax.methods.vsd.paths import choose_anchors, sample_draft_paths, score_draft_paths
 
 
@@ -65,19 +65,23 @@ def test_acceptance_and_utility_by_hand():
   logits = jnp.log(jnp.array([[[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]]]))  # [1, K=3, V=3]
   z = jnp.array([[1, 2, 2]])
   q = jnp.array([[0.5, 0.6, 0.3]])
-  a_g = vsd_utility.acceptance(logits, z, q, "greedy")
+  p = reduce_logits(logits, z)  # what the oracle hands the E-step
+  a_g = vsd_utility.acceptance("greedy", z, q, p.argmax, p.token_prob)
   np.testing.assert_array_equal(np.asarray(a_g), [[1, 0, 1]])
   assert float(vsd_utility.expected_length(a_g)[0]) == 1.0
   assert float(vsd_utility.full_acceptance(a_g)[0]) == 0.0
-  a_s = vsd_utility.acceptance(logits, z, q, "stochastic", 1.0)
+  a_s = vsd_utility.acceptance("stochastic", z, q, p.argmax, p.token_prob)
   np.testing.assert_allclose(np.asarray(a_s), [[1.0, 0.5, 1.0]], rtol=1e-6)
   # U = 1 + 0.5 + 0.5 = 2.0; kappa = 0.5
   np.testing.assert_allclose(float(vsd_utility.expected_length(a_s)[0]), 2.0, rtol=1e-6)
   np.testing.assert_allclose(float(vsd_utility.full_acceptance(a_s)[0]), 0.5, rtol=1e-6)
   # Temperature 0.5 sharpens p: p^T(z) = softmax(log p / 0.5)
   p_t = np.array([0.5, 0.2, 0.3]) ** 2 / np.sum(np.array([0.5, 0.2, 0.3]) ** 2)
-  a_t = vsd_utility.acceptance(logits, z, q, "stochastic", 0.5)
+  p_half = reduce_logits(logits, z, 0.5)
+  a_t = vsd_utility.acceptance("stochastic", z, q, p_half.argmax, p_half.token_prob)
   np.testing.assert_allclose(float(a_t[0, 1]), min(1.0, p_t[2] / 0.6), rtol=1e-5)
+  with pytest.raises(ValueError, match="acceptance mode"):
+    vsd_utility.acceptance("sampled", z, q, p.argmax, p.token_prob)
   # Realised length with shared uniforms.
   a = jnp.array([[1.0, 0.5, 1.0, 0.2]])
   assert int(vsd_utility.accepted_length(a, jnp.array([[0.3, 0.4, 0.9, 0.1]]))[0]) == 4
@@ -99,6 +103,129 @@ def test_arw_weights_by_hand():
   # eta_k = eta * clip(c / (1 - c), 0, eta_max)
   np.testing.assert_allclose(np.asarray(vsd_mstep.rejection_strength(jnp.array([0.5, 0.2, 0.99]), 0.5, 4.0)),
                              [0.5, 0.5 * 0.25, 2.0], rtol=1e-5)
+
+
+def test_arw_loss_with_unlikelihood_by_hand():
+  """ARW's loss on a weighted sample with a nonzero unlikelihood weight: per path, -log q(z_k) for k <= L and
+  eta_k (1 - a_k) * -log(1 - q(z_{L+1})) at the first rejection, summed with the E-step weights / #anchors."""
+  q = np.array([[[0.5, 0.2, 0.9, 0.3], [0.3, 0.6, 0.1, 0.8]],
+                [[0.4, 0.4, 0.4, 0.4], [0.7, 0.1, 0.2, 0.5]]])                  # q(z_k) [A=2, S=2, K=4]
+  a = np.array([[[1.0, 1.0, 0.2, 1.0], [1.0, 0.4, 1.0, 1.0]],
+                [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]])
+  ell = np.array([[2, 1], [4, 0]])                                               # realised L
+  w = np.array([[0.25, 0.75], [0.0, 0.0]])                                       # anchor 1 unsupported
+  eta_k = np.array([0.5, 1.0, 1.5, 2.0])
+  like, unlike = vsd_mstep.arw_token_weights(jnp.asarray(ell), jnp.asarray(a, jnp.float32), jnp.asarray(eta_k))
+  got = vsd_mstep.weighted_path_loss(jnp.log(jnp.asarray(q, jnp.float32)), like, unlike, jnp.asarray(w, jnp.float32))
+  # Anchor 0: path 0 accepts 2 then rejects z_3 (a = 0.2); path 1 accepts 1 then rejects z_2 (a = 0.4).
+  path0 = -np.log(0.5) - np.log(0.2) + 1.5 * (1 - 0.2) * -np.log(1 - 0.9)
+  path1 = -np.log(0.3) + 1.0 * (1 - 0.4) * -np.log(1 - 0.6)
+  np.testing.assert_allclose(float(got), 0.25 * path0 + 0.75 * path1, rtol=1e-5)  # one anchor counts
+  # The term pushes q(z_{L+1}) down: its gradient in log q is + eta (1 - a) q / (1 - q) > 0.
+  g = jax.grad(lambda lq: vsd_mstep.weighted_path_loss(lq, like, unlike, jnp.asarray(w, jnp.float32)))(
+      jnp.log(jnp.asarray(q, jnp.float32)))
+  np.testing.assert_allclose(float(g[0, 0, 2]), 0.25 * 1.5 * 0.8 * 0.9 / 0.1, rtol=1e-4)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_car_loss_by_hand():
+  """CAR = sum_k visited_k c(p_k) KL(p_k || q_k) / sum_k visited_k with p_k the target restricted to the draft
+  vocabulary and renormalised, c(p) = (max_v p(v))^beta over the full vocabulary; KL in that direction."""
+  rng = np.random.default_rng(0)
+  k, v, beta = 3, 7, 2.0
+  ids = np.array([1, 2, 4, 6])                                                   # draft vocabulary (target ids)
+  tl, dl = 2.0 * rng.normal(size=(k, v)), rng.normal(size=(k, len(ids)))
+  visited = np.array([1.0, 0.0, 1.0])
+  p, q = _softmax(tl[:, ids]), _softmax(dl)
+  conf = _softmax(tl).max(-1) ** beta
+  want = np.sum(visited * conf * np.sum(p * np.log(p / q), -1)) / visited.sum()
+  flipped = np.sum(visited * conf * np.sum(q * np.log(q / p), -1)) / visited.sum()
+  assert abs(flipped - want) > 0.05 * want  # the example tells KL(p || q) from KL(q || p)
+  out = reduce_logits(jnp.asarray(tl, jnp.float32), jnp.zeros((k,), jnp.int32), draft_ids=jnp.asarray(ids))
+  car = lambda d: vsd_mstep.car_loss(d, out.draft_logits, out.top_logp, jnp.asarray(visited), beta)
+  np.testing.assert_allclose(float(car(jnp.asarray(dl, jnp.float32))), want, rtol=1e-5)
+  # d/d draft logits of KL(p || q) = q - p (the flipped direction's gradient is not).
+  g = jax.grad(car)(jnp.asarray(dl, jnp.float32))
+  np.testing.assert_allclose(np.asarray(g), (visited * conf)[:, None] * (q - p) / visited.sum(), atol=1e-6)
+
+
+def test_reduce_logits_against_log_softmax():
+  """The oracle's reduction gives log_softmax's numbers: p^T(z), argmax, max log p, the draft-vocabulary slice."""
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 50))
+  z = jax.random.randint(jax.random.PRNGKey(1), (2, 3, 4), 0, 50)
+  ids = jnp.array([0, 3, 7, 20, 49])
+  for temp in (1.0, 0.7):
+    out = reduce_logits(x, z, temp, ids)
+    logp_t = jax.nn.log_softmax(x / temp, axis=-1)
+    np.testing.assert_allclose(np.asarray(out.token_prob),
+                               np.exp(np.take_along_axis(np.asarray(logp_t), np.asarray(z)[..., None], -1)[..., 0]),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.argmax), np.argmax(np.asarray(x), -1))
+    np.testing.assert_allclose(np.asarray(out.top_logp), np.max(np.asarray(jax.nn.log_softmax(x, -1)), -1), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.draft_logits), np.asarray(x)[..., np.asarray(ids)])
+  assert reduce_logits(x, z).draft_logits is None
+  with pytest.raises(ValueError, match="temperature"):
+    reduce_logits(x, z, 0.0)
+
+
+def test_dry_run_oracle_memory():
+  """--dry_run's oracle figure: the full logits B*M*S*K*V*4 bytes against the reduced outputs, 4 bytes each of
+  token_prob, argmax, top_logp plus N draft-vocabulary logits per path token (N = 0 with CAR off)."""
+  from vsd_jax.dry_run import GIB, vsd_oracle_memory
+
+  c = base_config()
+  c.data.draft_vocab_size = 32000
+  b, v = 16, 128256
+  tokens = b * c.vsd.num_anchors * c.vsd.num_paths * c.vsd.depth
+  got = vsd_oracle_memory(c, v, b, 2)
+  np.testing.assert_allclose(got["full_logits"]["whole"], tokens * v * 4 / GIB)
+  np.testing.assert_allclose(got["reduced"]["whole"], tokens * (12 + 4 * 32000) / GIB)
+  np.testing.assert_allclose(got["reduced"]["per_device"], got["reduced"]["whole"] / 8)
+  c.vsd.lambda_car = 0.0
+  np.testing.assert_allclose(vsd_oracle_memory(c, v, b, 2)["reduced"]["whole"], tokens * 12 / GIB)
+
+
+def test_oracle_and_paths_ignore_the_padding_side():
+  """One sequence gives the same oracle outputs and draft paths unpadded, right-padded and LEFT-padded: RoPE
+  positions come from the valid mask (anchor t's node z_k at pos(t) + k), and padding slots are never attended.
+  (With slot-index positions, as before issue 15, the left-padded p_k differ.)"""
+  model, params = tiny_target()
+  embed = params["embed_tokens"]["embedding"]
+  d2t, _ = vocab_maps(8, range(2, 8))
+  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)
+  draft, dparams = Eagle3Draft(dcfg), init_draft_params(dcfg, jax.random.PRNGKey(1), embed)
+  n, pad, m, s, k = 9, 3, 2, 3, 3
+  seq = jax.random.randint(jax.random.PRNGKey(2), (1, n), 0, 8)
+  draft_ids = jax.random.randint(jax.random.PRNGKey(3), (1, m, s, k), 0, 6)
+  tokens = draft_ids + d2t[draft_ids]
+  anchors = jnp.array([[2, 7]], jnp.int32)
+  zeros, ones = jnp.zeros((1, pad), jnp.int32), jnp.ones((1, n), bool)
+  layouts = dict(unpadded=(seq, ones, 0),
+                 right=(jnp.concatenate([seq, zeros], 1), jnp.concatenate([ones, zeros.astype(bool)], 1), 0),
+                 left=(jnp.concatenate([zeros, seq], 1), jnp.concatenate([zeros.astype(bool), ones], 1), pad))
+  got = {}
+  for name, (ids, valid, shift) in layouts.items():
+    t = ids.shape[1]
+    tp = target_pass(model, params, ids, valid, cache_slots=oracle_slots(t, m, s, k))
+    out = oracle_outputs(model, params, tp.kv_cache, t, tp.logits, valid, anchors + shift, tokens, temperature=0.7,
+                         draft_ids=jnp.arange(8))  # the draft-vocabulary slice = the full logits here
+    paths = score_draft_paths(dparams, draft, embed, tp.features, ids, valid, anchors + shift, d2t, draft_ids)
+    got[name] = (out, paths.logq)
+  want, want_logq = got["unpadded"]
+  assert want.draft_logits.shape == (1, m, s, k, 8)
+  assert jax.eval_shape(lambda: want) == jax.eval_shape(  # the shapes --dry_run reports (vsd_oracle_memory)
+      lambda: reduce_logits(jnp.zeros((1, m, s, k, 8)), tokens, 0.7, jnp.arange(8)))
+  for name in ("right", "left"):
+    out, logq = got[name]
+    np.testing.assert_allclose(np.asarray(out.draft_logits), np.asarray(want.draft_logits), atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(np.asarray(out.token_prob), np.asarray(want.token_prob), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(np.asarray(out.top_logp), np.asarray(want.top_logp), atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(out.argmax), np.asarray(want.argmax), err_msg=name)
+    np.testing.assert_allclose(np.asarray(logq), np.asarray(want_logq), atol=1e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------- oracle and paths on a tiny target
@@ -132,8 +259,9 @@ def test_oracle_equals_plain_target_forward(tiny):
   # The cached pass gives the features/logits of the plain pass.
   f_plain, l_plain = target_features(tiny.model, tiny.params, tiny.ids, tiny.valid)
   np.testing.assert_allclose(np.asarray(tp.logits)[0], np.asarray(l_plain)[0], atol=1e-5)
-  p = oracle_logits(tiny.model, tiny.params, tp.kv_cache, T, tp.logits, anchors, paths.tokens)
-  assert p.shape == (B, M, S, K, 8)
+  p = oracle_outputs(tiny.model, tiny.params, tp.kv_cache, T, tp.logits, tiny.valid, anchors, paths.tokens,
+                     draft_ids=jnp.arange(8))  # the "draft-vocabulary" slice of all 8 ids: the full logits
+  assert p.draft_logits.shape == (B, M, S, K, 8)
   worst = 0.0
   for b in range(B):
     for m in range(M):
@@ -141,7 +269,11 @@ def test_oracle_equals_plain_target_forward(tiny):
       for s in range(S):
         seq = jnp.concatenate([tiny.ids[b, :t + 1], paths.tokens[b, m, s, :K - 1]])[None]
         ref = tiny.model.apply({"params": tiny.params}, seq).logits[0, t:t + K]
-        worst = max(worst, float(jnp.max(jnp.abs(ref - p[b, m, s]))))
+        worst = max(worst, float(jnp.max(jnp.abs(ref - p.draft_logits[b, m, s]))))
+        want = reduce_logits(ref, paths.tokens[b, m, s])
+        np.testing.assert_array_equal(np.asarray(p.argmax[b, m, s]), np.asarray(want.argmax))
+        np.testing.assert_allclose(np.asarray(p.token_prob[b, m, s]), np.asarray(want.token_prob), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(p.top_logp[b, m, s]), np.asarray(want.top_logp), atol=1e-5)
   assert worst <= 1e-5, worst
 
 
@@ -304,6 +436,7 @@ def test_vsd_config_errors_name_the_field():
     check_vsd_config(_vsd_config(estep="gibbs").vsd)
   with pytest.raises(ValueError, match="vsd.draft_temperature"):
     check_vsd_config(_vsd_config(draft_temperature=0.0).vsd)
+  check_vsd_config(_vsd_config(estep="exact").vsd)  # vsd.exact's objective, dispatched by make_vsd_loss
 
 
 # ---------------------------------------------------------------- exact EM on an enumerable toy

@@ -71,3 +71,16 @@ def tiny_setup(vocab=8, draft_vocab=6, train_steps=150, seed=0):
   for _ in range(train_steps):
     trained, opt, _ = step(trained, opt, feats, seqs, logits, mask)
   return model, params, draft, trained, random_params, d2t, t2d
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_random_setup(seed=0):
+  """A tiny float32 target (vocabulary 8), a random draft over its ids 2..7 (so small that its top-3 often holds
+  the target's argmax: drafts get accepted without training), 3 right-padded prompts of different lengths.
+  -> (target model, params, draft module, draft params, d2t, prompts int32 [3, 7], lens int32 [3])."""
+  model, params = tiny_target(vocab=8, seed=seed)
+  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)
+  d2t, _ = vocab_maps(8, range(2, 8))
+  dp = init_draft_params(dcfg, jax.random.PRNGKey(seed + 1), params["embed_tokens"]["embedding"])
+  prompts = jax.random.randint(jax.random.PRNGKey(seed + 2), (3, 7), 0, 8)
+  return model, params, Eagle3Draft(dcfg), dp, d2t, prompts, jnp.asarray([7, 4, 6], jnp.int32)

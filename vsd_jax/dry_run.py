@@ -80,7 +80,8 @@ def device_memory_gib(config, override: float = 0.0) -> Optional[float]:
 
 
 def target_config(config):
-  """LlamaConfig of the target from config.model.arch, else ARCHS[config.model.name]."""
+  """LlamaConfig of the target from config.model.arch, else ARCHS[config.model.name]; a LlavaConfig (that
+  language model + config.model.llava, else LLAVA_ARCHS[config.model.name]) for a multimodal target."""
   from vsd_jax.models.llama import LlamaConfig
   arch = dict(config.model.get("arch", None) or {})
   if not arch:
@@ -89,7 +90,22 @@ def target_config(config):
     except KeyError as e:
       raise DryRunError(e.args[0]) from None
   arch["eos_token_ids"] = tuple(arch.get("eos_token_ids", (2,)))
-  return LlamaConfig(**arch, dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype))
+  dtypes = dict(dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype))
+  text = LlamaConfig(**arch, **dtypes)
+  llava = config.model.get("llava", None) or archs.llava_arch(config.model.name)
+  if not llava:
+    return text
+  from vsd_jax.models.clip import ClipVisionConfig
+  from vsd_jax.models.llava import LlavaConfig
+  llava = dict(llava)
+  return LlavaConfig(text=text, vision=ClipVisionConfig(**dict(llava.pop("vision")), **dtypes), **llava)
+
+
+def target_model(cfg):
+  """The target module of a target_config: LlamaForCausalLM, or LlavaForConditionalGeneration for a LlavaConfig."""
+  from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  from vsd_jax.models.llava import LlavaForConditionalGeneration
+  return LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
 
 
 @dataclasses.dataclass
@@ -129,6 +145,56 @@ def _count(tree) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def target_bytes_per_device(config, mesh=None) -> tuple:
+  """(bytes per device, bytes of the whole model) of the target as weights.load_target(mesh=..., rules=...) places
+  it on config's mesh (the frozen target's layout in training): from the abstract shapes and logical shardings
+  of the architecture (target_config), no weights read. mesh: default the config's (mesh_size devices)."""
+  import sys
+  if mesh is None and "jax" not in sys.modules:
+    ensure_host_devices(mesh_size(config))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vsd_jax import parallel
+
+  if mesh is None:
+    n = mesh_size(config)
+    if jax.device_count() < n:
+      raise DryRunError(f"the mesh needs {n} devices but JAX has {jax.device_count()}; set "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts")
+    mesh = parallel.make_mesh(config, jax.devices()[:n])
+  abstract = parallel.model_abstract_params(target_model(target_config(config)), mesh,
+                                            parallel.logical_axis_rules(config), jnp.zeros((1, 8), jnp.int32))
+  whole = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(abstract))
+  return _bytes_per_device(abstract), int(whole)
+
+
+def vsd_oracle_memory(config, vocab_size: int, batch: int, batch_per_device: int) -> dict:
+  """GiB of what VSD's oracle returns per step (config.vsd's M, S, K): the reduced `OracleOutputs` the loss reads
+  (shapes from `oracle.reduce_logits` itself, draft_logits only with lambda_car > 0) against the float32 logits
+  [B, M, S, K, V] the oracle returned before issue 15. Each {"whole", "per_device"} (batch split over devices)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vsd_jax.methods.vsd.oracle import reduce_logits
+
+  v = config.vsd
+  shape = (batch, int(v.num_anchors), int(v.num_paths), int(v.depth))
+  n = min(int(config.data.draft_vocab_size), vocab_size)
+  draft_ids = jax.ShapeDtypeStruct((n,), jnp.int32) if float(v.lambda_car) > 0 else None
+  out = jax.eval_shape(functools.partial(reduce_logits, temperature=1.0),
+                       jax.ShapeDtypeStruct(shape + (vocab_size,), jnp.float32),
+                       jax.ShapeDtypeStruct(shape, jnp.int32), draft_ids=draft_ids)
+  reduced = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(out))
+  full = math.prod(shape) * vocab_size * 4
+  split = lambda nbytes: dict(whole=nbytes / GIB, per_device=nbytes * batch_per_device / batch / GIB)
+  return dict(full_logits=split(full), reduced=split(reduced))
+
+
 def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   """Compile config's train step for its mesh on abstract inputs; return the per-device report.
 
@@ -141,7 +207,6 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   import jax.numpy as jnp
 
   from vsd_jax import parallel
-  from vsd_jax.models.llama import LlamaForCausalLM
   from vsd_jax.methods import build_method
   from vsd_jax.training.state import make_optimizer, state_shardings
   from vsd_jax.training.trainer import make_train_step
@@ -151,7 +216,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   mesh = parallel.make_mesh(config, jax.devices()[:n])
   rules = parallel.logical_axis_rules(config)
   tcfg = target_config(config)
-  model = LlamaForCausalLM(tcfg)
+  model = target_model(tcfg)
   t = int(seq_len) or int(tuple(config.data.buckets)[-1])
   b = int(config.train.batch_size)
 
@@ -180,6 +245,11 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   abstract_frozen = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), method.frozen, frozen_sh)
   host_batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+  if hasattr(tcfg, "vision"):  # LLaVA: every row carries data.max_images (>= 1) images, as the pipeline batches them
+    v = tcfg.vision
+    host_batch["pixel_values"] = jax.ShapeDtypeStruct(
+        (b, max(1, int(config.data.get("max_images", 1) or 1)), v.num_channels, v.image_size, v.image_size),
+        jnp.float32)
   batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
   abstract_batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           host_batch, batch_sh)
@@ -223,6 +293,11 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
       # Target forward 2*N*tokens; draft forward + backward 6*N*tokens per TTT step (EAGLE-3's unroll).
       flops_per_step_analytic=2.0 * target_n * tokens + 6.0 * draft_n * tokens * int(config.draft.ttt_steps),
       device_memory_gib=limit, lower_s=t1 - t0, compile_s=t2 - t1)
+  loaded_b, whole_b = target_bytes_per_device(config, mesh)
+  report["loaded_target_gib"] = dict(per_device=loaded_b / GIB, whole=whole_b / GIB)
+  if str(config.method) == "vsd" and str(config.vsd.estep) != "exact":  # the exact objective has no oracle
+    report["vsd_oracle_gib"] = vsd_oracle_memory(config, tcfg.vocab_size, b,
+                                                 abstract_batch["input_ids"].sharding.shard_shape((b, t))[0])
   if limit is not None and total_b / GIB > limit:
     raise DoesNotFitError(
         f"{report['model']} ({report['method']}) does not fit: {total_b / GIB:.2f} GiB per device on mesh "
@@ -239,7 +314,14 @@ def format_report(r: dict) -> str:
            f"  target params {r['target_params'] / 1e9:.2f}B, draft params {r['draft_params'] / 1e6:.1f}M",
            "  per device (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in g.items()),
            f"  device memory: {r['device_memory_gib'] if r['device_memory_gib'] else 'not set'} GiB",
+           f"  loaded target (weights.load_target on this mesh): {r['loaded_target_gib']['per_device']:.3f} GiB per "
+           f"device of {r['loaded_target_gib']['whole']:.3f} GiB",
            f"  FLOPs/step: XLA {r['flops_per_device_xla']:.3e} per device program, "
            f"analytic {r['flops_per_step_analytic']:.3e} total (2*N_target*tokens + 6*N_draft*tokens*ttt_steps)",
            f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"]
+  if "vsd_oracle_gib" in r:
+    o = r["vsd_oracle_gib"]
+    lines.insert(-1, f"  VSD oracle output: {o['reduced']['per_device']:.3f} GiB per device "
+                     f"({o['reduced']['whole']:.3f} whole), was {o['full_logits']['per_device']:.3f} "
+                     f"({o['full_logits']['whole']:.3f}) as full logits")
   return "\n".join(lines)

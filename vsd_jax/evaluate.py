@@ -6,10 +6,17 @@
 
 Per set and temperature: tau (new tokens / target forwards), n-alpha (acceptance by depth), tokens/s of
 both, speedup; at T=0 the outputs are compared token for token and any mismatch is explained by the
-target's logit gap at the first differing token. Writes results.json, results.md and plots. Prompts are
-encoded, and decoding stops, as in training (config.data.chat_template; data/chat.py prompt_encoder).
+target's logit gap at the first differing token. --precision highest makes every matmul of both decoders
+full float32 (XLA's GPU default for float32 is TF32), for outputs identical to vanilla on GPUs too. Writes
+results.json, results.md and plots. Prompts are encoded, and decoding stops, as in training
+(config.data.chat_template; data/chat.py prompt_encoder).
 The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
 one device with the default mesh).
+
+Multimodal sets (a LLaVA target, e.g. configs/llava.py): question.jsonl lines may carry "image" (a path or a
+list; relative to the set's folder or --image_folder; `pkg:<package>/<path>` for a file a package ships) with
+`<image>` placeholders in the first turn (none: "<image>\n" in front). Both decoders prefill with the images
+(the checkpoint's own processor prepares them), then decode as for text.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ import sys
 from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, run_app
+from vsd_jax.decoding.precision import PRECISIONS
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("draft", None, "Trained draft directory (<workdir>/draft of `vsd_jax.train`).")
-flags.DEFINE_string("bench", "mt_bench,humaneval,gsm8k,alpaca,sum,qa", "Comma-separated EAGLE sets.")
+flags.DEFINE_string("bench", "mt_bench,humaneval,gsm8k,alpaca,sum,qa", "Comma-separated EAGLE sets (names under "
+                    "--data_dir), or paths of question.jsonl files (ending in .jsonl), e.g. the offline image set "
+                    "vsd_jax/data/sample_images_questions.jsonl.")
 flags.DEFINE_string("data_dir", None, "Folder holding <bench>/question.jsonl (default <data.root>/eval/eagle).")
 flags.DEFINE_string("temperature", "0", "Comma-separated temperatures.")
 flags.DEFINE_integer("num_prompts", 10, "First N prompts of each set.")
@@ -37,15 +47,23 @@ flags.DEFINE_float("auto_max_ratio", 2.0, "Cost bound for --total_tokens=auto, i
 flags.DEFINE_string("mode", "tree", "tree | chain")
 flags.DEFINE_string("output_dir", None, "Where results go (default <workdir>/eval).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("image_folder", "", "Folder of relative image paths in question.jsonl (default: its folder).")
+flags.DEFINE_enum("precision", None, PRECISIONS, "Matmul precision of target and draft in both decoders (default: "
+                  "JAX's, TF32 for float32 on GPUs); 'highest' = full float32, for T=0 output identical to vanilla.")
 
 
-def first_mismatch_gap(target, prompt_ids, a, b):
-  """Target logit gap (top1 - top2) at the first position where outputs a and b differ."""
+def first_mismatch_gap(target, prompt_ids, a, b, precision=None, pixel_values=None):
+  """Target logit gap (top1 - top2) at the first position where outputs a and b differ.
+  pixel_values: a multimodal prompt's images [1, I, C, S, S] (LLaVA)."""
   import jax.numpy as jnp
   import numpy as np
+  from vsd_jax.decoding.precision import matmul_precision
+  from vsd_jax.models.features import image_inputs
   i = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
   seq = jnp.asarray([list(prompt_ids) + list(a[:i])], jnp.int32)
-  logits = np.asarray(target.model.apply({"params": target.params}, seq).logits[0, -1])
+  with matmul_precision(precision):
+    logits = np.asarray(target.model.apply({"params": target.params}, seq,
+                                           **image_inputs(dict(pixel_values=pixel_values))).logits[0, -1])
   top2 = np.sort(logits)[-2:]
   return dict(position=i, gap=float(top2[1] - top2[0]))
 
@@ -109,40 +127,52 @@ def main(_):
   temps = [float(t) for t in F.temperature.split(",")]
   results, mismatches = {}, {}
   for bench in F.bench.split(","):
-    items = read_prompt_file(os.path.join(data_dir, bench, "question.jsonl"))[:F.num_prompts]
-    prompts = [enc.encode_user(m, cfg.generate.system_prompt) for _, m in items]
+    path = bench if bench.endswith(".jsonl") else os.path.join(data_dir, bench, "question.jsonl")
+    bench = os.path.splitext(os.path.basename(bench))[0] if bench.endswith(".jsonl") else bench
+    items = read_prompt_file(path, with_images=True, image_folder=F.image_folder)[:F.num_prompts]
+    prompts = [enc.encode_user(m, cfg.generate.system_prompt) for _, m, _ in items]
+    images, pixels = None, None  # a multimodal set: each prompt's image files, and their loader
+    if any(im for _, _, im in items):
+      from vsd_jax.data.pipeline import multimodal_prompts
+      from vsd_jax.data.sources import Prompt
+      prompts, images, pixels = multimodal_prompts(
+          target, [Prompt(f"{path} question {q}", [], im) for q, _, im in items], prompts)
+    px = lambda rows: None if rows is None else jnp.asarray(pixels.batch(rows))  # noqa: E731
     for p in prompts:
       check_capacity([len(p)], n, max_pos, extra=required_slots(0, 0, tree_cfg))
     for temp in temps:
       key = jax.random.PRNGKey(F.seed)
 
-      def vcall(ids, lens):
+      def vcall(ids, lens, rows=None):
         o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
-                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=pad_id)
+                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=pad_id,
+                     precision=F.precision, pixel_values=px(rows))
         return o.tokens, o.num_new, o.rounds
 
-      def scall(ids, lens):
+      def scall(ids, lens, rows=None):
         slots = required_slots(ids.shape[1], n, tree_cfg)
         slots = -(-slots // 128) * 128
         o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
                                  jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
-                                 eos_ids=eos, temperature=temp, pad_id=pad_id)
+                                 eos_ids=eos, temperature=temp, pad_id=pad_id, precision=F.precision,
+                                 pixel_values=px(rows))
         return o.tokens, o.num_new, o.rounds, o.accept_hist
 
-      van = run_batches(prompts, 1, vcall, pad_id)
-      spec = run_batches(prompts, 1, scall, pad_id)
+      van = run_batches(prompts, 1, vcall, pad_id, extras=images)
+      spec = run_batches(prompts, 1, scall, pad_id, extras=images)
       name = f"{bench}@T={temp:g}"
       results[name] = summarize(van, spec)
       if temp == 0:
-        mismatches[name] = [dict(question_id=items[i][0], **first_mismatch_gap(target, prompts[i], v.output_ids,
-                                                                              s.output_ids))
+        mismatches[name] = [dict(question_id=items[i][0], **first_mismatch_gap(
+            target, prompts[i], v.output_ids, s.output_ids, F.precision, px(None if images is None else [images[i]])))
                             for i, (v, s) in enumerate(zip(van, spec)) if v.output_ids != s.output_ids]
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
             file=sys.stderr)
   meta = dict(draft=F.draft, tree=dict(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode),
               tree_size_timing=tree_timing,
-              max_new_tokens=n, num_prompts=F.num_prompts, jax=jax.__version__, device=str(jax.devices()[0]))
+              max_new_tokens=n, num_prompts=F.num_prompts, precision=F.precision, jax=jax.__version__,
+              device=str(jax.devices()[0]))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(dict(meta=meta, results=results, t0_mismatches=mismatches), f, indent=1)
   lines = ["| set | T | tau | n-alpha (depth 1..) | vanilla tok/s | spec tok/s | speedup | identical |",

@@ -13,6 +13,7 @@ new_tokens, wall_time (seconds of the batch holding this prompt, compilation exc
 
 With --draft DIR (from `vsd_jax.train`) decoding is speculative with a draft tree (--tree_depth, --top_k,
 --total_tokens, --mode); `rounds` then counts verification forwards, so tau = new_tokens / rounds.
+--precision highest makes every matmul full float32 (XLA's GPU default for float32 is TF32).
 
 The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
 one device with the default mesh).
@@ -27,6 +28,7 @@ import sys
 from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, run_app
+from vsd_jax.decoding.precision import PRECISIONS
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("prompts", None, "EAGLE question.jsonl or a text file with one prompt per line.")
@@ -42,6 +44,8 @@ flags.DEFINE_integer("tree_depth", 5, "Draft tree depth (with --draft).")
 flags.DEFINE_integer("top_k", 4, "Draft tree branching (with --draft).")
 flags.DEFINE_integer("total_tokens", 12, "Draft tokens verified per round (with --draft).")
 flags.DEFINE_string("mode", "tree", "tree | chain (with --draft).")
+flags.DEFINE_enum("precision", None, PRECISIONS, "Matmul precision of target and draft (default: JAX's, TF32 "
+                  "for float32 on GPUs); 'highest' = full float32, for T=0 output identical to vanilla.")
 
 
 def main(_):
@@ -81,7 +85,8 @@ def main(_):
   def call(ids, lens):
     slots = check_capacity(lens, max_new, max_pos)
     out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), rng, temperature,
-                   max_new_tokens=max_new, cache_slots=slots, eos_ids=eos, top_p=top_p, pad_id=pad_id)
+                   max_new_tokens=max_new, cache_slots=slots, eos_ids=eos, top_p=top_p, pad_id=pad_id,
+                   precision=flags.FLAGS.precision)
     return out.tokens, out.num_new, out.rounds
 
   if flags.FLAGS.draft:
@@ -102,7 +107,7 @@ def main(_):
       out = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
                                  jnp.asarray(lens), rng, tree_cfg=tree_cfg, max_new_tokens=max_new,
                                  cache_slots=slots, eos_ids=eos, temperature=temperature, top_p=top_p,
-                                 pad_id=pad_id)
+                                 pad_id=pad_id, precision=F.precision)
       return out.tokens, out.num_new, out.rounds
 
   with tqdm(total=len(prompts), desc="generate", file=sys.stderr) as bar:

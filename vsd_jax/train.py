@@ -95,14 +95,15 @@ def main(_):
     t = time.time()
     key = cache_key(data.dataset, model_id(target), data.draft_vocab.d2t)
     cache = build_feature_cache(target, data.dataset, data.draft_vocab.d2t, data.draft_vocab.t2d,
-                                os.path.join(data_cache_dir(config), f"features-{key}"), bs, buckets)
+                                os.path.join(data_cache_dir(config), f"features-{key}"), bs, buckets,
+                                pixels=data.pixels)
     stages["features_s"] = time.time() - t
 
   def make_batches(start_step):
     epoch, skip = divmod(start_step, per_epoch)
     while True:
       batches = iterate_batches(data.dataset, bs, seed=config.seed, epoch=epoch, buckets=buckets,
-                                sort_window=bs * 8, with_index=cache is not None)
+                                sort_window=bs * 8, with_index=cache is not None, pixels=data.pixels)
       if cache is not None:
         batches = with_cached_targets(batches, cache, data.draft_vocab.t2d)
       for i, b in enumerate(batches):

@@ -24,7 +24,8 @@ VICUNA_TEMPLATE = (
     "{% set turns = messages %}{% endif %}{% for m in turns %}{% if m['role'] == 'user' %}"
     "{{ ' USER: ' + m['content'] }}{% else %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}")
-NAMED_TEMPLATES = {"vicuna": VICUNA_TEMPLATE}
+# LLaVA-1.5 talks in Vicuna v1.1's format (LLaVA's conv_vicuna_v1: "USER: <image>\n... ASSISTANT: ...</s>").
+NAMED_TEMPLATES = {"vicuna": VICUNA_TEMPLATE, "llava": VICUNA_TEMPLATE}
 # Tokens that close an assistant turn in common templates (looked up in the tokenizer's vocabulary).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
 
@@ -173,14 +174,16 @@ def apply_length_limit(sequences: Sequence[tuple], max_length: int, policy: str)
   """Enforce max_length on (input_ids, loss_mask) pairs -> (kept pairs, LengthStats).
 
   "truncate" cuts a sequence to its first max_length tokens; "drop" removes it. Either way a sequence
-  with no loss-masked token left is removed. Counts are logged.
+  with no loss-masked token left is removed. Counts are logged. Items may carry more entries after the pair
+  (e.g. a multimodal sequence's images): they are kept with it.
   """
   if policy not in LENGTH_POLICIES:
     raise ValueError(f"unknown data.length_policy {policy!r}; choose one of: {', '.join(LENGTH_POLICIES)}.")
   if max_length < 2:
     raise ValueError(f"data.max_length={max_length} is too small; it must be at least 2.")
   stats, kept = LengthStats(), []
-  for ids, mask in sequences:
+  for item in sequences:
+    ids, mask, rest = item[0], item[1], tuple(item[2:])
     if len(ids) > max_length:
       if policy == "drop":
         stats.dropped += 1
@@ -190,7 +193,7 @@ def apply_length_limit(sequences: Sequence[tuple], max_length: int, policy: str)
     if not mask.any():
       stats.no_response += 1
       continue
-    kept.append((ids, mask))
+    kept.append((ids, mask) + rest)
   stats.kept = len(kept)
   if stats.truncated or stats.dropped or stats.no_response:
     log.warning("length limit: %s", stats.summary(max_length, policy))

@@ -2,13 +2,16 @@
 
 A batch is a dict of numpy arrays: input_ids int32 [B, T], loss_mask int32 [B, T] (1 on response tokens)
 and attention_mask int32 [B, T] (1 on real tokens, 0 on right padding). T is the smallest bucket that
-holds the batch's longest sequence, so a train step compiles once per bucket.
+holds the batch's longest sequence, so a train step compiles once per bucket. A multimodal dataset (images per
+sequence) batched with a `data.images.PixelLoader` adds pixel_values float32 [B, I, C, S, S] (row b's images,
+blank after its count; I = the loader's max_images, static).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -16,9 +19,11 @@ import numpy as np
 
 @dataclasses.dataclass
 class SequenceDataset:
-  """Per sequence i: input_ids[i] int32 [T_i] and loss_mask[i] int32 [T_i]."""
+  """Per sequence i: input_ids[i] int32 [T_i] and loss_mask[i] int32 [T_i]; a multimodal dataset also
+  images[i], the tuple of image files of its prompt (in the order of its image-token runs; () for text)."""
   input_ids: list
   loss_mask: list
+  images: Optional[list] = None
 
   def __post_init__(self):
     if len(self.input_ids) != len(self.loss_mask):
@@ -28,16 +33,30 @@ class SequenceDataset:
     for i, (x, m) in enumerate(zip(self.input_ids, self.loss_mask)):
       if x.shape != m.shape or x.ndim != 1:
         raise ValueError(f"sequence {i}: input_ids {x.shape} and loss_mask {m.shape} must be equal 1-D shapes")
+    if self.images is not None:
+      if len(self.images) != len(self.input_ids):
+        raise ValueError(f"{len(self.input_ids)} sequences but {len(self.images)} image lists")
+      self.images = [tuple(x) for x in self.images]
 
   @classmethod
   def from_pairs(cls, pairs: Sequence[tuple]) -> "SequenceDataset":
-    return cls([p[0] for p in pairs], [p[1] for p in pairs])
+    """(input_ids, loss_mask) pairs, or (input_ids, loss_mask, images) triples (a multimodal dataset)."""
+    images = [tuple(p[2]) for p in pairs] if pairs and len(pairs[0]) > 2 else None
+    return cls([p[0] for p in pairs], [p[1] for p in pairs], images)
+
+  @property
+  def max_images(self) -> int:
+    """Most images of one sequence (0 for a text dataset)."""
+    return max((len(x) for x in self.images), default=0) if self.images is not None else 0
 
   def __len__(self) -> int:
     return len(self.input_ids)
 
   def __getitem__(self, i: int) -> dict:
-    return {"input_ids": self.input_ids[i], "loss_mask": self.loss_mask[i]}
+    out = {"input_ids": self.input_ids[i], "loss_mask": self.loss_mask[i]}
+    if self.images is not None:
+      out["images"] = self.images[i]
+    return out
 
   @property
   def lengths(self) -> np.ndarray:
@@ -53,20 +72,25 @@ class SequenceDataset:
       h.update(np.int64(len(x)).tobytes())
       h.update(x.tobytes())
       h.update(m.tobytes())
+    if self.images is not None:  # a text dataset keeps its fingerprint
+      from vsd_jax.data.images import image_identity
+      h.update(json.dumps([[image_identity(p) for p in x] for x in self.images]).encode())
     return h.hexdigest()[:16]
 
   def save(self, path: str) -> None:
     """One .npz: concatenated ids/masks plus lengths."""
+    extra = {} if self.images is None else {"images": np.asarray(json.dumps(self.images))}
     np.savez(path, input_ids=np.concatenate(self.input_ids) if self.input_ids else np.zeros(0, np.int32),
              loss_mask=np.concatenate(self.loss_mask) if self.loss_mask else np.zeros(0, np.int32),
-             lengths=self.lengths)
+             lengths=self.lengths, **extra)
 
   @classmethod
   def load(cls, path: str) -> "SequenceDataset":
     with np.load(path) as z:
       cuts = np.cumsum(z["lengths"])[:-1]
+      images = json.loads(str(z["images"])) if "images" in z.files else None
       return cls(list(np.split(z["input_ids"], cuts)) if len(z["lengths"]) else [],
-                 list(np.split(z["loss_mask"], cuts)) if len(z["lengths"]) else [])
+                 list(np.split(z["loss_mask"], cuts)) if len(z["lengths"]) else [], images)
 
 
 def bucket_lengths(max_length: int, min_length: int = 64) -> tuple:
@@ -86,8 +110,10 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
                    "limit (data.max_length) before batching.")
 
 
-def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad_id: int = 0) -> dict:
-  """Right-pad the given sequences to `length` -> dict of int32 [len(indices), length] arrays."""
+def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad_id: int = 0,
+              pixels=None) -> dict:
+  """Right-pad the given sequences to `length` -> dict of int32 [len(indices), length] arrays; with `pixels` (a
+  data.images.PixelLoader) and a multimodal dataset also pixel_values float32 [len(indices), I, C, S, S]."""
   b = len(indices)
   ids = np.full((b, length), pad_id, np.int32)
   loss = np.zeros((b, length), np.int32)
@@ -97,18 +123,22 @@ def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad
     ids[row, :n] = dataset.input_ids[i]
     loss[row, :n] = dataset.loss_mask[i]
     attn[row, :n] = 1
-  return {"input_ids": ids, "loss_mask": loss, "attention_mask": attn}
+  out = {"input_ids": ids, "loss_mask": loss, "attention_mask": attn}
+  if pixels is not None and dataset.images is not None:
+    out["pixel_values"] = pixels.batch([dataset.images[i] for i in indices])
+  return out
 
 
 def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch: int = 0,
                     buckets: Optional[Sequence[int]] = None, pad_id: int = 0, drop_last: bool = True,
-                    sort_window: int = 0, with_index: bool = False) -> Iterator[dict]:
+                    sort_window: int = 0, with_index: bool = False, pixels=None) -> Iterator[dict]:
   """Shuffled, padded batches; deterministic given (seed, epoch).
 
   buckets: allowed T values (default bucket_lengths(longest sequence)). drop_last keeps B static by
   dropping the final partial batch (otherwise it is padded with all-zero-mask rows). sort_window > 0
   sorts each window of that many shuffled sequences by length before batching (and then shuffles the
   batch order), to cut padding. with_index adds "index": int32 [B], each row's dataset index (-1 = pad row).
+  pixels: a data.images.PixelLoader; a multimodal dataset's batches then carry pixel_values [B, I, C, S, S].
   """
   if len(dataset) == 0:
     raise ValueError("the dataset is empty; there is nothing to batch.")
@@ -130,10 +160,10 @@ def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch:
     groups = [groups[j] for j in rng.permutation(len(groups))]
   for idx in groups:
     length = pick_bucket(max(len(dataset.input_ids[i]) for i in idx), buckets)
-    batch = pad_batch(dataset, idx, length, pad_id)
-    if len(idx) < batch_size:  # last partial batch: pad rows carry no tokens
+    batch = pad_batch(dataset, idx, length, pad_id, pixels)
+    if len(idx) < batch_size:  # last partial batch: pad rows carry no tokens (and blank images)
       extra = batch_size - len(idx)
-      batch = {k: np.concatenate([v, np.full((extra, length), pad_id if k == "input_ids" else 0, np.int32)])
+      batch = {k: np.concatenate([v, np.full((extra,) + v.shape[1:], pad_id if k == "input_ids" else 0, v.dtype)])
                for k, v in batch.items()}
     if with_index:
       batch["index"] = np.asarray(idx + [-1] * (batch_size - len(idx)), np.int32)

@@ -143,3 +143,61 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, num_image_token
   for t in ids:
     out.extend([t] * num_image_tokens if t == image_token_id else [t])
   return out
+
+
+def sample_prompt_path() -> str:
+  """The offline sample prompt set shipped with the package: LLaVA-Instruct-format records (`image` +
+  `conversations`) about images that installed packages ship (scikit-image, matplotlib)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_images.json")
+
+
+def image_identity(path: str) -> str:
+  """What names an image file in cache keys: its file name and byte size (not where it is installed, so a cache
+  made on another machine is found, as data.pipeline.weights_identity does for weights)."""
+  return f"{os.path.basename(path)}:{os.path.getsize(path) if os.path.isfile(path) else -1}"
+
+
+class PixelLoader:
+  """Image files -> the processor's pixel values, per row of a batch with a static image count.
+
+    loader = PixelLoader(target.processor, max_images=2)
+    loader.batch([("a.png",), ("b.png", "c.png"), ()])  -> float32 [3, 2, C, S, S], blank (0) past a row's count
+
+  Each file is opened and checked (`open_image`: errors name the file) and prepared by the checkpoint's own image
+  processor, once: the last `cache_size` images are kept.
+  """
+
+  def __init__(self, processor, max_images: int = 1, cache_size: int = 1024):
+    if processor is None:
+      raise ImageInputError("the target has no image processor (its directory lacks processor_config.json / "
+                            "preprocessor_config.json), so image prompts cannot be prepared; use the checkpoint's "
+                            "full directory (llava-hf repos ship them).")
+    self.processor, self.max_images, self.cache_size = processor, max(1, int(max_images)), int(cache_size)
+    self._cache: dict = {}
+
+  def pixels(self, path: str) -> np.ndarray:
+    """float32 [C, S, S] of one image file."""
+    if path not in self._cache:
+      out = self.processor.image_processor(images=[open_image(path)], return_tensors="np")
+      if len(self._cache) >= self.cache_size:
+        self._cache.pop(next(iter(self._cache)))
+      self._cache[path] = np.asarray(out["pixel_values"][0], np.float32)
+    return self._cache[path]
+
+  def batch(self, rows: Sequence[Sequence[str]]) -> np.ndarray:
+    """float32 [len(rows), max_images, C, S, S]: row r's images at [r, :len(rows[r])], zeros after."""
+    out = None
+    for r, paths in enumerate(rows):
+      if len(paths) > self.max_images:
+        raise ImageInputError(f"a prompt has {len(paths)} images ({', '.join(map(repr, paths))}) but batches hold "
+                              f"at most {self.max_images}; raise the limit (data.max_images) or split the prompt.")
+      for i, path in enumerate(paths):
+        px = self.pixels(path)
+        if out is None:
+          out = np.zeros((len(rows), self.max_images) + px.shape, np.float32)
+        out[r, i] = px
+    if out is None:  # no image in this batch: blank images of the processor's output shape
+      from PIL import Image
+      shape = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
+      out = np.zeros((len(rows), self.max_images) + np.shape(shape["pixel_values"])[1:], np.float32)
+    return out

@@ -1,5 +1,11 @@
 """config.data -> training data: prompts -> chat template -> target responses (cached) -> sequences with
 loss masks (length limit applied) -> draft vocabulary. Every dropped or cut item is counted and logged.
+
+Prompts with images (LLaVA-Instruct sources, a LLaVA target): the chat template renders each `<image>` as the
+target's one image token, which is expanded to the model's image-token count (images.expand_image_tokens, what
+the processor does to text); the target regenerates the response from the multimodal prefill (pixel values by
+the checkpoint's own processor, data.images.PixelLoader); the sequences keep their image files, and batches made
+with TrainingData.pixels carry pixel_values. The loss mask is 0 on the whole prompt, image tokens included.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class TrainingData:
   draft_vocab: Optional[DraftVocab]  # None when prepared with draft_vocab=False (held-out data)
   stats: dict           # counts of every stage (prompts per source, dropped, truncated, unfinished, ...)
   response_cache: str   # path of the regenerated-response cache
+  pixels: Optional[object] = None  # data.images.PixelLoader of a multimodal dataset: pass to iterate_batches
 
 
 def data_cache_dir(config) -> str:
@@ -66,6 +73,9 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   enc = prompt_encoder(target, config)
   prompts, source_stats = load_prompts(d, d.system_prompt)
   prompt_ids = [enc.encode(p.messages) for p in prompts]
+  images, pixels = None, None
+  if any(p.images for p in prompts):
+    prompt_ids, images, pixels = multimodal_prompts(target, prompts, prompt_ids, int(d.get("max_images", 0) or 0))
 
   settings = gen_settings(d)
   max_pos = min(config.model.max_positions, target.config.max_position_embeddings)
@@ -83,15 +93,23 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   pad_id, eos = enc.pad_id, enc.eos_ids
   path = cache_path(data_cache_dir(config), model_id(target), settings, enc.template_text)
   if call is None:
-    call = make_target_call(target, settings, max_pos, eos, pad_id)
+    call = make_target_call(target, settings, max_pos, eos, pad_id, pixels)
   responses = regenerate([prompt_ids[i] for i in keep], call, path, int(d.regen.batch_size), pad_id,
-                         progress=progress)
+                         progress=progress, images=None if images is None else [images[i] for i in keep])
   unfinished = sum(1 for r in responses if not r or r[-1] not in eos)
   if unfinished:
     log.warning("%d of %d responses reached data.regen.max_new_tokens=%d without an end-of-turn token; kept as "
                 "generated (no end token appended)", unfinished, len(responses), settings.max_new_tokens)
 
-  pairs = [build_sequence(prompt_ids[i], r) for i, r in zip(keep, responses)]
+  # A response holding the image token (a LLaVA target may sample it: it is an ordinary row of the vocabulary)
+  # would be read as an image position with no image behind it; such sequences are dropped and counted.
+  image_token = getattr(target.config, "image_token_id", None)
+  with_image_token = set() if image_token is None else {n for n, r in enumerate(responses) if image_token in r}
+  if with_image_token:
+    log.warning("%d of %d responses contain the image token (id %d); those sequences are dropped",
+                len(with_image_token), len(responses), image_token)
+  pairs = [build_sequence(prompt_ids[i], r) + ((images[i],) if images is not None else ())
+           for n, (i, r) in enumerate(zip(keep, responses)) if n not in with_image_token]
   pairs, length_stats = apply_length_limit(pairs, int(d.max_length), d.length_policy)
   if not pairs:
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
@@ -102,8 +120,37 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
     vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))
   stats = dict(sources={k: dataclasses.asdict(s) for k, s in source_stats.items()}, prompts=len(prompts),
                prompt_too_long=len(too_long), unfinished=unfinished, length=dataclasses.asdict(length_stats),
+               response_with_image_token=len(with_image_token),
                sequences=len(dataset), loss_tokens=dataset.num_loss_tokens(),
                draft_vocab_coverage=None if vocab is None else vocab.coverage)
   log.info("training data: %d sequences, %d response tokens%s", len(dataset), stats["loss_tokens"],
            "" if vocab is None else f", draft vocab coverage {100 * vocab.coverage:.2f}%")
-  return TrainingData(dataset, vocab, stats, path)
+  return TrainingData(dataset, vocab, stats, path, pixels)
+
+
+def multimodal_prompts(target, prompts, prompt_ids, max_images: int = 0) -> tuple:
+  """Prompts with images for a LLaVA target -> (prompt ids with each image token expanded to the model's count,
+  each prompt's image files, a PixelLoader holding max_images (0: the most of one prompt) per row).
+
+  Raises ImageInputError naming the prompt when the target takes no images, or when a prompt's rendered image
+  tokens and its images differ in number (e.g. a chat template or tokenizer that splits `<image>`)."""
+  from vsd_jax.data.images import ImageInputError, PixelLoader, expand_image_tokens
+  cfg = target.config
+  if getattr(cfg, "image_token_id", None) is None:
+    first = next(p for p in prompts if p.images)
+    raise ImageInputError(f"prompt {first.id} has images but the target {target.source!r} is a text model; use a "
+                          "multimodal (LLaVA) target or a source without images")
+  out = []
+  for p, ids in zip(prompts, prompt_ids):
+    n = sum(1 for t in ids if t == cfg.image_token_id)
+    if n != len(p.images):
+      raise ImageInputError(f"prompt {p.id}: the chat template and tokenizer give {n} image token(s) (id "
+                            f"{cfg.image_token_id}) but the prompt has {len(p.images)} image(s); each <image> "
+                            "placeholder must become one image token (check data.chat_template and the tokenizer)")
+    out.append(expand_image_tokens(ids, cfg.image_token_id, cfg.num_image_tokens))
+  most = max(len(p.images) for p in prompts)
+  if max_images and most > max_images:
+    worst = max(prompts, key=lambda p: len(p.images))
+    raise ImageInputError(f"prompt {worst.id} has {most} images but data.max_images={max_images}; raise it or drop "
+                          "the prompt")
+  return out, [tuple(p.images) for p in prompts], PixelLoader(target.processor, max_images or most)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -35,8 +35,13 @@ def content_hash(*parts) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prompt_key(prompt_ids: Sequence[int]) -> str:
-  return hashlib.sha256(np.asarray(prompt_ids, np.int32).tobytes()).hexdigest()[:24]
+def prompt_key(prompt_ids: Sequence[int], images: Sequence[str] = ()) -> str:
+  """Cache key of a prompt: its token ids and, for a multimodal prompt, its images (file name and size each)."""
+  h = hashlib.sha256(np.asarray(prompt_ids, np.int32).tobytes())
+  if images:
+    from vsd_jax.data.images import image_identity
+    h.update(json.dumps([image_identity(p) for p in images]).encode())
+  return h.hexdigest()[:24]
 
 
 def cache_path(cache_dir: str, model_id: str, settings: GenSettings, template: str) -> str:
@@ -62,11 +67,13 @@ def read_cache(path: str) -> dict:
 
 
 def make_target_call(target, settings: GenSettings, max_positions: int, eos_ids: Sequence[int],
-                     pad_id: int) -> Callable:
-  """`call(ids [B,P], lens [B]) -> (tokens [B,N], num_new [B], rounds [B])` running vanilla.generate.
+                     pad_id: int, pixels=None) -> Callable:
+  """`call(ids [B,P], lens [B][, images]) -> (tokens [B,N], num_new [B], rounds [B])` running vanilla.generate.
 
   run_batches calls each new shape twice (compile, then timed); the repeat of an identical batch is
   answered from memory, so no batch is generated twice. Each generated batch gets its own PRNG key.
+  pixels: a data.images.PixelLoader for multimodal prompts: `images` (each row's image files, run_batches'
+  extras) become pixel_values [B, I, C, S, S] of the prefill.
   """
   import jax
   import jax.numpy as jnp
@@ -77,15 +84,16 @@ def make_target_call(target, settings: GenSettings, max_positions: int, eos_ids:
   state = {"n": 0, "last": None}
   base = jax.random.PRNGKey(settings.seed)
 
-  def call(ids, lens):
-    key = (ids.tobytes(), lens.tobytes())
+  def call(ids, lens, images=None):
+    key = (ids.tobytes(), lens.tobytes(), repr(images))
     if state["last"] is not None and state["last"][0] == key:
       return state["last"][1]
     slots = check_capacity(lens, settings.max_new_tokens, max_positions)
+    px = None if images is None else jnp.asarray(pixels.batch(images))
     out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens),
                    jax.random.fold_in(base, state["n"]), settings.temperature,
                    max_new_tokens=settings.max_new_tokens, cache_slots=slots, eos_ids=tuple(eos_ids),
-                   top_p=settings.top_p, pad_id=pad_id)
+                   top_p=settings.top_p, pad_id=pad_id, pixel_values=px)
     result = jax.device_get((out.tokens, out.num_new, out.rounds))
     state["n"] += 1
     state["last"] = (key, result)
@@ -95,15 +103,17 @@ def make_target_call(target, settings: GenSettings, max_positions: int, eos_ids:
 
 
 def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batch_size: int, pad_id: int,
-               chunk_batches: int = 8, progress: bool = True) -> list:
+               chunk_batches: int = 8, progress: bool = True, images: Optional[Sequence] = None) -> list:
   """Responses (list of token ids, EOS included when produced) for each prompt, from the cache at `path`
   or generated with `call` (see make_target_call) in batches; new results are appended to `path`.
 
   Prompts are generated in length order, in chunks of chunk_batches * batch_size, each saved when done.
+  images: per prompt its image files (multimodal prompts); they key the cache with the ids and are passed to
+  `call(ids, lens, images)`.
   """
   from tqdm import tqdm
 
-  keys = [prompt_key(p) for p in prompts]
+  keys = [prompt_key(p, images[i] if images is not None else ()) for i, p in enumerate(prompts)]
   cached = read_cache(path)
   todo = sorted({k: i for i, k in enumerate(keys) if k not in cached}.values(), key=lambda i: len(prompts[i]))
   log.info("regenerate: %d prompts, %d cached in %s, %d to generate", len(prompts), len(prompts) - len(todo),
@@ -115,7 +125,8 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
         open(path, "a", encoding="utf-8") as f:
       for start in range(0, len(todo), step):
         idx = todo[start:start + step]
-        results = run_batches([prompts[i] for i in idx], batch_size, call, pad_id, progress=bar.update)
+        results = run_batches([prompts[i] for i in idx], batch_size, call, pad_id, progress=bar.update,
+                              extras=None if images is None else [images[i] for i in idx])
         for i, r in zip(idx, results):
           cached[keys[i]] = r.output_ids
           f.write(json.dumps({"key": keys[i], "response": r.output_ids}) + "\n")

@@ -32,9 +32,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 6
 
 
 def check_capacity(prompt_lens, max_new_tokens: int, max_positions: int, extra: int = 0,
-                   names: Optional[Sequence[str]] = None) -> int:
-  """Cache slots needed; raises PromptTooLongError naming the prompt that cannot fit the model."""
-  need = int(np.max(prompt_lens)) + max_new_tokens + extra
+                   names: Optional[Sequence[str]] = None, multiple: int = 64) -> int:
+  """Cache slots for a batch; raises PromptTooLongError naming the prompt that cannot fit the model.
+
+  The slots count the padded prompt width (`pad_prompts` with this `multiple`), not the longest prompt, so
+  every batch of one padded shape gets the same slots and so one compiled program: `run_batches` compiles
+  once per shape, and a second program for the same shape would be compiled inside its timed call.
+  """
+  longest = int(np.max(prompt_lens))
+  need = longest + max_new_tokens + extra
   if need > max_positions:
     i = int(np.argmax(prompt_lens))
     label = names[i] if names is not None else f"prompt {i}"
@@ -42,7 +48,7 @@ def check_capacity(prompt_lens, max_new_tokens: int, max_positions: int, extra: 
         f"{label} has {int(prompt_lens[i])} tokens; with max_new_tokens={max_new_tokens}"
         f"{f' and {extra} draft slots' if extra else ''} it needs {need} positions but the model/cache "
         f"allows {max_positions}. Shorten the prompt or lower --max_new_tokens.")
-  return bucket(need, 128)
+  return bucket(min(bucket(longest, multiple) + max_new_tokens + extra, max_positions), 128)
 
 
 @dataclasses.dataclass
@@ -56,11 +62,13 @@ class Generation:
 
 
 def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callable, pad_id: int,
-                progress: Optional[Callable] = None) -> list:
+                progress: Optional[Callable] = None, extras: Optional[Sequence] = None) -> list:
   """Run `call(ids, lens) -> (tokens, num_new, rounds[, accept_hist])` over batches sorted by length.
 
   Each batch is called once to compile (not timed) and once timed, so wall_time excludes compilation.
   Returns a Generation per prompt, in the input order. The batch's wall time is given to each row.
+  extras: one entry per prompt (e.g. a multimodal prompt's image files); then `call(ids, lens, batch_extras)`
+  with the batch rows' entries, as a list in row order.
   """
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list = [None] * len(prompts)
@@ -71,12 +79,15 @@ def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callabl
     while len(batch) < batch_size:  # keep the batch shape static: repeat the last prompt
       batch.append(batch[-1])
     ids, lens = pad_prompts(batch, pad_id)
+    args = (ids, lens)
+    if extras is not None:
+      args += ([extras[i] for i in idx] + [extras[idx[-1]]] * (batch_size - len(idx)),)
     key = ids.shape
     if key not in compiled:
-      jax.block_until_ready(call(ids, lens))
+      jax.block_until_ready(call(*args))
       compiled.add(key)
     t0 = time.perf_counter()
-    out = jax.device_get(jax.block_until_ready(call(ids, lens)))
+    out = jax.device_get(jax.block_until_ready(call(*args)))
     dt = time.perf_counter() - t0
     tokens, num_new, rounds = out[:3]
     for row, i in enumerate(idx):

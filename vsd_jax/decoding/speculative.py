@@ -4,23 +4,27 @@ Per round: the draft grows a tree from its state at the last committed position,
 the tree in one forward (tree attention over its KV cache), the accepted path is compacted into place
 in the target cache, and the draft consumes the accepted tokens with the target's features of them.
 Rows advance independently (per-row committed lengths); finished rows idle until all are done.
+Multimodal prompts (a LLaVA target): the images go into the target's prefill only, so the draft's prefill reads
+the features of the multimodal prefill at text and image positions; every round after it is the usual one.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.sampling import sample_token
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
 from vsd_jax.decoding.vanilla import is_eos
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
 from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.models.draft_unroll import draft_fn_of
-from vsd_jax.models.features import fuse_features
+from vsd_jax.models.features import embedding_matrix, fuse_features, image_inputs
 from vsd_jax.models.kv_cache import KVCache, gather_slots
 
 
@@ -44,11 +48,12 @@ def _write_rows(buf, new, start):
 
 @functools.partial(jax.jit, static_argnames=(
     "target_model", "draft_model", "tree_cfg", "max_new_tokens", "cache_slots", "eos_ids", "temperature",
-    "top_p", "pad_id"))
+    "top_p", "pad_id", "precision"))
 def speculative_generate(target_model, target_params, draft_model, draft_params, d2t, prompt_ids, prompt_lens,
                          rng, *, tree_cfg: TreeConfig, max_new_tokens: int, cache_slots: int,
                          eos_ids: tuple = (), temperature: float = 0.0, top_p: float = 1.0,
-                         pad_id: int = 0) -> SpeculativeOutput:
+                         pad_id: int = 0, precision: Optional[str] = None, pixel_values=None,
+                         image_features=None) -> SpeculativeOutput:
   """Generate with draft trees verified by the target; lossless for greedy and sampled decoding.
 
   Args:
@@ -59,21 +64,34 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
     rng: PRNG key. tree_cfg: TreeConfig (static). temperature (static): 0 = greedy verification;
       > 0: tree mode uses the multi-draft rule, chain mode speculative sampling.
     max_new_tokens, cache_slots (>= required_slots(P, max_new_tokens, tree_cfg)), eos_ids, pad_id: static.
+    precision: static matmul precision of target and draft, 'default' | 'high' | 'highest'
+      (decoding/precision.py; 'highest' for T=0 output identical to vanilla on GPUs); None = JAX's setting.
+    pixel_values / image_features: a LLaVA target's images, used by the prefill only (see vanilla.generate).
   Returns:
     SpeculativeOutput(tokens [B, max_new_tokens], num_new [B], rounds [B], accept_hist [B, D+1]).
   """
+  with matmul_precision(precision):
+    return _speculative_generate(target_model, target_params, draft_model, draft_params, d2t, prompt_ids,
+                                 prompt_lens, rng, tree_cfg, max_new_tokens, cache_slots, eos_ids, temperature,
+                                 top_p, pad_id, dict(pixel_values=pixel_values, image_features=image_features))
+
+
+def _speculative_generate(target_model, target_params, draft_model, draft_params, d2t, prompt_ids, prompt_lens,
+                          rng, tree_cfg, max_new_tokens, cache_slots, eos_ids, temperature, top_p,
+                          pad_id, images=None) -> SpeculativeOutput:
   tcfg = target_model.cfg
   layers = tcfg.eagle3_layers
   b, p = prompt_ids.shape
   depth = tree_cfg.depth
   width = depth + 1                      # most tokens one round commits (accepted + bonus)
-  embed = target_params["embed_tokens"]["embedding"]
+  embed = embedding_matrix(target_params)
   draft_target_ids = draft_vocab_ids(d2t)
 
   # Prefill the target; its first token is the first root.
   tcache = KVCache.zeros(tcfg, b, cache_slots)
   out = target_model.apply({"params": target_params}, prompt_ids, kv_cache=tcache,
-                           write_index=jnp.zeros_like(prompt_lens), hidden_layers=layers)
+                           write_index=jnp.zeros_like(prompt_lens), hidden_layers=layers,
+                           **image_inputs(images or {}))
   last_logits = jnp.take_along_axis(out.logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
   rng, sub = jax.random.split(rng)
   root = sample_token(last_logits, sub, temperature, top_p)

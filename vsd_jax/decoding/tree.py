@@ -190,18 +190,26 @@ def _expand_chain(cfg, draft_fn, carry, d2t, root_token, root_logits, root_hidde
 
 
 def tree_forward(model, params, kv_cache, tokens, depths, ancestors, committed_len, hidden_layers=(),
-                 window_start=None):
+                 window_start=None, positions=None, key_valid=None):
   """The target over a tree (decoding verification and the VSD oracle share this call).
 
   tokens, depths: int32 [B, T]; ancestors: bool [B, T, T]; committed_len: int32 [B] (the tree's root sits
   at position/slot L), or [B, T] per node (several trees over one sequence's prefixes: node i is at
   position committed_len[i] + depths[i] and sees the slots < committed_len[i]).
   window_start: int32 [B] slot of node 0 (default committed_len, which must then be [B]).
+  positions: int32 [B, T] RoPE positions of the nodes, when slot != position (a left-padded prefix);
+    default committed_len + depths.
+  key_valid: bool [B, S0] (S0 <= slots): the prefix slots holding real tokens (padding is never attended);
+    default all.
   Writes the tree's keys/values at slots window_start .. window_start+T-1 of kv_cache.
   Returns LlamaOutput: logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H].
   """
   write = committed_len if window_start is None else window_start
   mask = tree_attention_mask(committed_len, ancestors, kv_cache.num_slots, window_start)
-  positions = (committed_len[:, None] if committed_len.ndim == 1 else committed_len) + depths
+  if key_valid is not None:
+    pad = kv_cache.num_slots - key_valid.shape[1]
+    mask = mask & jnp.pad(key_valid.astype(bool), ((0, 0), (0, pad)), constant_values=True)[:, None, :]
+  if positions is None:
+    positions = (committed_len[:, None] if committed_len.ndim == 1 else committed_len) + depths
   return model.apply({"params": params}, tokens, positions=positions, attention_mask=mask, kv_cache=kv_cache,
                      write_index=write, hidden_layers=hidden_layers)

@@ -2,17 +2,23 @@
 
 Prompts are right-padded: row b's prompt fills slots [0, prompt_lens[b]) and its new tokens follow it,
 so slot index == RoPE position in every row and the mask is "slot <= my position".
+
+Multimodal prompts (a LLaVA target): pixel_values / image_features go into the prefill only (the image tokens of
+the prompt get their features); every step after it feeds text tokens to the same model, i.e. its language model.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.sampling import sample_token
+from vsd_jax.models.features import image_inputs
 from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.models.masks import decode_mask
 
@@ -28,19 +34,20 @@ def is_eos(tokens: jax.Array, eos_ids: tuple) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32))
 
 
-def prefill(model, params, prompt_ids, prompt_lens, cache: KVCache):
+def prefill(model, params, prompt_ids, prompt_lens, cache: KVCache, **images):
   """Run the prompt through the target, filling the cache. Returns (logits at each row's last prompt
-  token float32 [B, V], cache, output)."""
+  token float32 [B, V], cache, output). images: a LLaVA target's pixel_values / image_features (see generate)."""
   out = model.apply({"params": params}, prompt_ids, kv_cache=cache,
-                    write_index=jnp.zeros_like(prompt_lens))
+                    write_index=jnp.zeros_like(prompt_lens), **image_inputs(images))
   last = jnp.take_along_axis(out.logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
   return last, out.kv_cache, out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_slots", "eos_ids", "top_p",
-                                              "pad_id"))
+                                              "pad_id", "precision"))
 def generate(model, params, prompt_ids, prompt_lens, rng, temperature=0.0, *, max_new_tokens: int,
-             cache_slots: int, eos_ids: tuple = (), top_p: float = 1.0, pad_id: int = 0) -> GenerateOutput:
+             cache_slots: int, eos_ids: tuple = (), top_p: float = 1.0, pad_id: int = 0,
+             precision: Optional[str] = None, pixel_values=None, image_features=None) -> GenerateOutput:
   """Generate up to max_new_tokens per row with one compiled loop, no host round trips.
 
   Args:
@@ -48,13 +55,24 @@ def generate(model, params, prompt_ids, prompt_lens, rng, temperature=0.0, *, ma
     prompt_ids: int32 [B, P], right-padded. prompt_lens: int32 [B], each in [1, P].
     rng: PRNG key. temperature: float scalar (0 = greedy). top_p: static nucleus mass.
     max_new_tokens, cache_slots (>= P + max_new_tokens), eos_ids, pad_id: static.
+    precision: static matmul precision, 'default' | 'high' | 'highest' (decoding/precision.py); None = JAX's.
+    pixel_values: a LLaVA target's images, per row float [B, I, C, S, S] (blank padding past a row's count) or
+      flat [N, C, S, S] in image-token order; or image_features [B, I, P, H] / [N, P, H]. Used by the prefill
+      only. None: a text prompt (any target).
   Returns:
     GenerateOutput with tokens [B, max_new_tokens], num_new [B], rounds [B].
   """
+  with matmul_precision(precision):
+    return _generate(model, params, prompt_ids, prompt_lens, rng, temperature, max_new_tokens, cache_slots,
+                     eos_ids, top_p, pad_id, dict(pixel_values=pixel_values, image_features=image_features))
+
+
+def _generate(model, params, prompt_ids, prompt_lens, rng, temperature, max_new_tokens, cache_slots, eos_ids,
+              top_p, pad_id, images=None) -> GenerateOutput:
   b, p = prompt_ids.shape
   cfg = model.cfg
   cache = KVCache.zeros(cfg, b, cache_slots)
-  last_logits, cache, _ = prefill(model, params, prompt_ids, prompt_lens, cache)
+  last_logits, cache, _ = prefill(model, params, prompt_ids, prompt_lens, cache, **(images or {}))
   rng, sub = jax.random.split(rng)
   first = sample_token(last_logits, sub, temperature, top_p)
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -61,11 +61,11 @@ def _head_from_target(init_params: Callable, target, vocab) -> Callable:
   import jax.numpy as jnp
 
   from vsd_jax.data.draft_vocab import draft_vocab_ids
+  from vsd_jax.models.features import language_model_params, output_matrix
 
-  tp = target.params
-  out = tp["embed_tokens"]["embedding"] if target.config.tie_word_embeddings else tp["lm_head"]["kernel"].T
+  out = output_matrix(target.params, target.config.tie_word_embeddings)
   ids = draft_vocab_ids(jnp.asarray(vocab.d2t, jnp.int32))
-  kernel, scale = jnp.take(out, ids, axis=0).T, tp["norm"]["scale"]
+  kernel, scale = jnp.take(out, ids, axis=0).T, language_model_params(target.params)["norm"]["scale"]
 
   def init(rng):
     params = init_params(rng)

@@ -9,6 +9,11 @@
         processor to P image tokens (vsd_jax.data.images), so image i fills the i-th run of P image tokens.
     -> LlamaForCausalLM(inputs_embeds=...) : the same call (positions, masks, KV cache, hidden_layers) as text.
 
+Per-row images (training batches, batched decoding): pixel_values [B, I, C, S, S] (image_features [B, I, P, H])
+hold row b's images at [b, :n_b] and blank padding after them, I static; row b's k-th image token gets row b's
+feature row k (`place_image_features_per_row`), so rows with different image counts share one static shape and
+a batch sharded over its rows keeps each row's images on its device.
+
 Image tokens and features must be equally many; that is checked where the inputs are made
 (vsd_jax.data.images.prepare_prompt), since under jit a count is not a Python value. Feature rows past the
 last image token are unused, so a batch may pad its images with blank ones up to a static count.
@@ -100,6 +105,14 @@ def place_image_features(embeds: jax.Array, image_features: jax.Array, is_image:
   return jnp.where(flat[:, None], rows[k], embeds.reshape(b * t, h)).reshape(b, t, h)
 
 
+def place_image_features_per_row(embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
+  """embeds [B, T, H] with row b's k-th image position replaced by row k of image_features[b] ([B, I, P, H]: its
+  I*P rows in order; rows past the row's image tokens, e.g. blank padding images, are unused)."""
+  b = embeds.shape[0]
+  rows = image_features.reshape(b, 1, -1, image_features.shape[-1])
+  return jax.vmap(place_image_features)(embeds[:, None], rows, is_image[:, None])[:, 0]
+
+
 class LlavaProjector(nn.Module):
   """multi_modal_projector: [.., Hv * len(feature_layers)] -> linear_1 -> GELU -> linear_2 -> [.., H]."""
   cfg: LlavaConfig
@@ -127,7 +140,12 @@ class LlavaForConditionalGeneration(nn.Module):
     self.language_model = LlamaForCausalLM(self.cfg.text)
 
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
-    """pixel_values float [N, C, S, S] (the processor's output) -> image features [N, num_image_tokens, H]."""
+    """pixel_values float [N, C, S, S] (the processor's output) -> image features [N, num_image_tokens, H];
+    per-row images [B, I, C, S, S] -> [B, I, num_image_tokens, H]."""
+    if pixel_values.ndim == 5:
+      b, i = pixel_values.shape[:2]
+      out = self.image_features(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
+      return out.reshape((b, i) + out.shape[1:])
     h = self.vision_tower(pixel_values)
     if self.cfg.vision_feature_select_strategy == "default":
       h = h[:, 1:]
@@ -139,13 +157,14 @@ class LlavaForConditionalGeneration(nn.Module):
     """LlamaForCausalLM's call (same arguments and LlamaOutput; see there) plus the images of the batch.
 
     input_ids: int32 [B, T], each image expanded to cfg.num_image_tokens tokens cfg.image_token_id.
-    pixel_values: float [N, C, S, S], the batch's images in the order of their image tokens; or
-    image_features: [N, num_image_tokens, H] already computed (`image_features`). Neither: a text-only call
-      (prefill without images, or a decoding step after a prefill with images).
+    pixel_values: float [N, C, S, S], the batch's images in the order of their image tokens, or per row
+      [B, I, C, S, S] (row b's images first, blank padding after); or
+    image_features: [N, num_image_tokens, H] / [B, I, num_image_tokens, H] already computed (`image_features`).
+      Neither: a text-only call (prefill without images, or a decoding step after a prefill with images).
     """
     if pixel_values is not None and image_features is not None:
       raise ValueError("pass pixel_values or image_features, not both")
-    if pixel_values is not None and pixel_values.shape[0] == 0:  # a batch without images
+    if pixel_values is not None and 0 in pixel_values.shape[:pixel_values.ndim - 3]:  # a batch without images
       pixel_values = None
     if pixel_values is not None:
       image_features = self.image_features(pixel_values)
@@ -156,6 +175,6 @@ class LlavaForConditionalGeneration(nn.Module):
               hidden_layers=hidden_layers, return_logits=return_logits)
     if image_features is None:
       return self.language_model(input_ids, **kw)
-    embeds = place_image_features(self.language_model.embed(input_ids), image_features,
-                                  input_ids == self.cfg.image_token_id)
+    place = place_image_features_per_row if image_features.ndim == 4 else place_image_features
+    embeds = place(self.language_model.embed(input_ids), image_features, input_ids == self.cfg.image_token_id)
     return self.language_model(None, inputs_embeds=embeds, **kw)

@@ -70,8 +70,9 @@ def cache_key(dataset: SequenceDataset, model_id: str, d2t: np.ndarray) -> str:
 
 
 def build_feature_cache(target, dataset: SequenceDataset, d2t: np.ndarray, t2d: np.ndarray, directory: str,
-                        batch_size: int, buckets: tuple) -> FeatureCache:
-  """Run the target over every sequence once (or reuse a finished pass in `directory`)."""
+                        batch_size: int, buckets: tuple, pixels=None) -> FeatureCache:
+  """Run the target over every sequence once (or reuse a finished pass in `directory`). pixels: the PixelLoader
+  of a multimodal dataset (its images go into the target's pass, as in the in-step mode)."""
   meta_path = os.path.join(directory, "meta.json")
   if os.path.isfile(meta_path):
     return FeatureCache(directory)
@@ -85,14 +86,16 @@ def build_feature_cache(target, dataset: SequenceDataset, d2t: np.ndarray, t2d: 
   d2t_j, t2d_j = jax.numpy.asarray(d2t), jax.numpy.asarray(t2d)
 
   @jax.jit
-  def run(params, ids, valid):
-    out = target_pass(target.model, params, ids, valid)
+  def run(params, ids, valid, pixel_values=None):
+    out = target_pass(target.model, params, ids, valid, pixel_values=pixel_values)
     lab = soft_labels(out.logits, t2d_j, d2t_j)
     return out.features.astype(np.float16), lab.draft_logits.astype(np.float16), lab.target_top
 
   done = 0
-  for batch in iterate_batches(dataset, batch_size, seed=0, buckets=buckets, drop_last=False, with_index=True):
-    f, lab, top = jax.device_get(run(target.params, batch["input_ids"], batch["attention_mask"].astype(bool)))
+  for batch in iterate_batches(dataset, batch_size, seed=0, buckets=buckets, drop_last=False, with_index=True,
+                               pixels=pixels):
+    f, lab, top = jax.device_get(run(target.params, batch["input_ids"], batch["attention_mask"].astype(bool),
+                                     batch.get("pixel_values")))
     for row, i in enumerate(batch["index"]):
       if i < 0:
         continue

@@ -11,8 +11,12 @@ def heldout_config(config):
   are always the sampled ones (estep "mcmc"; the metrics do not depend on the E-step's weights), so a run
   trained with estep "exact" is measured like every other."""
   ev = copy.deepcopy(config)
+  # config.eval.heldout_source: a whole source spec (e.g. LLaVA-Instruct prompts with images), else EAGLE's file.
+  source = config.eval.get("heldout_source", None)
+  source = dict(source) if source else dict(type="eagle", path=config.eval.heldout_path,
+                                            limit=int(config.eval.heldout_limit))
   with ev.unlocked():
-    ev.data.sources = dict(heldout=dict(type="eagle", path=config.eval.heldout_path, limit=int(config.eval.heldout_limit)))
+    ev.data.sources = dict(heldout=source)
     ev.vsd.lambda_car, ev.vsd.mu, ev.vsd.estep = 0.0, 1.0, "mcmc"
   return ev
 
@@ -25,11 +29,13 @@ def heldout_report(config, target, vocab, params) -> dict:
   from vsd_jax.data.pipeline import prepare_data
 
   ev = heldout_config(config)
-  return heldout_metrics(ev, target, vocab, params, prepare_data(ev, target, draft_vocab=False).dataset)
+  data = prepare_data(ev, target, draft_vocab=False)
+  return heldout_metrics(ev, target, vocab, params, data.dataset, pixels=data.pixels)
 
 
-def heldout_metrics(ev, target, vocab, params, ds) -> dict:
-  """The report's figures for the SequenceDataset `ds` under `ev` (a heldout_config); see heldout_report."""
+def heldout_metrics(ev, target, vocab, params, ds, pixels=None) -> dict:
+  """The report's figures for the SequenceDataset `ds` under `ev` (a heldout_config); see heldout_report.
+  pixels: the PixelLoader of a multimodal `ds` (TrainingData.pixels)."""
   import jax
   import numpy as np
 
@@ -44,7 +50,8 @@ def heldout_metrics(ev, target, vocab, params, ds) -> dict:
   metrics_fn = jax.jit(make_vsd_loss(ev, target, draft))  # one target pass: EAGLE-3's and the chains' metrics
   state = initial_method_state(int(ev.vsd.depth))
   sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0
-  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(ev.data.buckets), drop_last=False)):
+  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(ev.data.buckets), drop_last=False,
+                                            pixels=pixels)):
     _, (cm, _) = metrics_fn(params, frozen, batch, jax.random.PRNGKey(i), state)
     w = float(cm["num_tokens"])
     for k in [f"acc_{j}" for j in range(int(ev.draft.ttt_steps))]:
@@ -59,7 +66,7 @@ def heldout_metrics(ev, target, vocab, params, ds) -> dict:
   steps = int(ev.draft.ttt_steps)
   acc = [mean[f"acc_{k}"] for k in range(steps)]
   depth = int(ev.vsd.depth)
-  return dict(heldout=ev.eval.heldout_path, sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
+  return dict(heldout=str(ev.data.sources.heldout.get("path", ev.eval.heldout_path)), sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
               step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
               chain=dict(accept_mode=str(ev.vsd.accept_mode), depth=depth, anchors=int(anchors),
                          tau_chain=1.0 + chain.get("mean_u", 0.0),

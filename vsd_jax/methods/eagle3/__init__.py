@@ -1,4 +1,9 @@
-"""EAGLE-3 as a training method: the draft head trained with the training-time-test loss (`loss.py`)."""
+"""EAGLE-3 as a training method: the draft head trained with the training-time-test loss (`loss.py`).
+
+Multimodal (LLaVA) targets: a batch's images (batch["pixel_values"] [B, I, C, S, S]) go into the target's pass,
+so the draft reads the features of the multimodal prefill at text and image positions; image positions are
+never predicted (`drop_image_tokens`: loss_mask 0 at image tokens, as the EAGLE-3 / ViSpec baselines train).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,17 @@ def scalar_metrics(metrics: dict) -> dict:
   return out
 
 
+def drop_image_tokens(loss_mask, input_ids, target_config):
+  """loss_mask with 0 at the image tokens of a multimodal target (LlavaConfig.image_token_id); unchanged for text
+  targets. Image tokens sit in the prompt, which the mask already leaves out; this makes it hold by construction
+  for any data (e.g. a response cut inside an image run, or hand-made batches)."""
+  import jax.numpy as jnp
+  image_token = getattr(target_config, "image_token_id", None)  # LlamaConfig has none
+  if image_token is None:
+    return loss_mask
+  return jnp.where(input_ids == image_token, jnp.zeros_like(loss_mask), loss_mask)
+
+
 def build(config, target, vocab) -> Method:
   """Method for config.method == "eagle3": draft module, init_params(rng) (boxed), loss_fn(params, frozen,
   batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on."""
@@ -21,7 +37,7 @@ def build(config, target, vocab) -> Method:
 
   from vsd_jax.methods.eagle3.loss import SoftLabels, eagle3_loss, validate_vocab_maps
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
-  from vsd_jax.models.features import target_features
+  from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
 
   dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]))
   draft = Eagle3Draft(dcfg)
@@ -29,7 +45,7 @@ def build(config, target, vocab) -> Method:
   frozen = dict(target=target.params, t2d=jnp.asarray(vocab.t2d), d2t=jnp.asarray(vocab.d2t))
 
   def init_params(rng):
-    embed = target.params["embed_tokens"]["embedding"]
+    embed = embedding_matrix(target.params)
     feats = jnp.zeros((1, 2, 3 * dcfg.hidden_size), dcfg.jnp_dtype)
     return draft.init(rng, embed, jnp.zeros((1, 2), jnp.int32), feats)["params"]
 
@@ -40,9 +56,11 @@ def build(config, target, vocab) -> Method:
       feats = batch["features"]
       logits = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
     else:
-      feats, logits = target_features(target.model, frozen["target"], batch["input_ids"], valid)
-    loss, m = eagle3_loss(params, draft, frozen["target"]["embed_tokens"]["embedding"], feats, batch["input_ids"],
-                          logits, batch["loss_mask"], frozen["t2d"], frozen["d2t"],
+      feats, logits = target_features(target.model, frozen["target"], batch["input_ids"], valid,
+                                      **image_inputs(batch))
+    loss_mask = drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config)
+    loss, m = eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats, batch["input_ids"],
+                          logits, loss_mask, frozen["t2d"], frozen["d2t"],
                           num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),
                           attention_mask=valid)
     return loss, scalar_metrics(m)

@@ -1,11 +1,12 @@
 """VSD as a training method: one online EM iteration per batch (shared/docs/VSD_METHOD.md).
 
     paths.py    the draft's own paths from M anchors per sequence (the decode-time chain unroll)
-    oracle.py   the target's p_k along every path, in one tree forward
+    oracle.py   the target's p_k along every path, in one tree forward, reduced to what acceptance and CAR read
     utility.py  acceptance a_k, path utility U, realised length, per-depth acceptance c_k
     estep.py    independence Metropolis-Hastings / SNIS weights from the oracle-filtered posterior
     mstep.py    Adaptive Rejection Weighting, Confidence-Aware Regularization, rejection strength
-    loss.py     the loss the trainer differentiates: E-step, then ARW + CAR + mu * EAGLE-3's TTT loss
+    loss.py     the loss the trainer differentiates, in named pieces: batch_pass, e_step (EStepOut),
+                m_step_loss (MStepLoss: ARW + CAR + mu * EAGLE-3's TTT loss), monitors (Monitors)
 
 Per batch: the target runs once over the sequences (features, logits, KV cache); M anchors per sequence;
 E-step: S draft paths of depth K per anchor from q_old (stop_gradient), the oracle's p_k for all of them,

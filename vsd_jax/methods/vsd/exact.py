@@ -30,9 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.methods.eagle3 import scalar_metrics
+from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
 from vsd_jax.methods.eagle3.loss import SoftLabels, TTTRows, eagle3_loss
-from vsd_jax.models.features import target_features
+from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
 
 EXACT_FORMS = ("log_u", "reach")
 
@@ -104,9 +104,12 @@ def make_exact_loss(config, target, draft):
       feats = batch["features"]
       labels = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
     else:
-      feats, labels = target_features(target.model, frozen["target"], batch["input_ids"], valid)
-    loss_e3, m3 = eagle3_loss(params, draft, frozen["target"]["embed_tokens"]["embedding"], feats,
-                              batch["input_ids"], labels, batch["loss_mask"], frozen["t2d"], frozen["d2t"],
+      feats, labels = target_features(target.model, frozen["target"], batch["input_ids"], valid,
+                                      **image_inputs(batch))
+    loss_e3, m3 = eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats,
+                              batch["input_ids"], labels,
+                              drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config),
+                              frozen["t2d"], frozen["d2t"],
                               num_steps=num_steps, decay=decay, attention_mask=valid, with_rows=True)
     rows = jax.tree_util.tree_map(lambda x: x[:depth], m3.pop("rows"))
     terms = exact_terms(rows, accept_mode)

@@ -1,18 +1,34 @@
-"""VSD's loss for the generic trainer: one online EM iteration per batch (see the package docstring)."""
+"""VSD's loss for the generic trainer: one online EM iteration per batch (see the package docstring).
+
+The step in named pieces, each pure and jittable with typed outputs (A = B*M anchor rows, S proposals per
+anchor, K depth, N draft vocabulary):
+
+    batch_pass    the target's pass over the sequences (features, logits, KV cache), the anchors, the draft's
+                  step 0 (shared by the paths and the EAGLE-3 term)                             -> BatchPass
+    e_step        S proposals per anchor from q_old, the oracle's reduced p_k along them, acceptance, utility,
+                  posterior weights, realised lengths, per-depth acceptance                     -> EStepOut
+    m_step_loss   ARW on the weighted sample + lambda_car * CAR + mu * EAGLE-3's TTT loss      -> MStepLoss
+    monitors      ELBO, E_q[U], kappa, chain acceptance, ESS, per-depth acceptance            -> Monitors
+
+`make_vsd_loss` composes them into the trainer's loss_fn and carries the acceptance EMA c_k (ARW's eta_k)
+between steps; config.vsd.estep == "exact" goes to `vsd_jax.methods.vsd.exact` instead.
+"""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from vsd_jax.data.draft_vocab import draft_vocab_ids
-from vsd_jax.methods.eagle3 import scalar_metrics
+from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
 from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.methods.vsd import estep, mstep, utility
-from vsd_jax.methods.vsd.oracle import oracle_logits, oracle_slots
-from vsd_jax.methods.vsd.paths import choose_anchors, unroll_draft_paths
+from vsd_jax.methods.vsd.oracle import OracleOutputs, oracle_outputs, oracle_slots
+from vsd_jax.methods.vsd.paths import DraftPaths, choose_anchors, unroll_draft_paths
 from vsd_jax.models.draft_unroll import sequence_step
-from vsd_jax.models.features import target_pass
+from vsd_jax.models.features import TargetPass, embedding_matrix, image_inputs, target_pass
 
 
 def check_config(v) -> None:
@@ -32,8 +48,8 @@ def check_config(v) -> None:
     bad("accept_temperature", "must be > 0 with accept_mode='stochastic'")
   if v.utility not in utility.UTILITIES:
     bad("utility", f"use one of {utility.UTILITIES}")
-  if v.estep not in estep.ESTEPS:
-    bad("estep", f"use one of {estep.ESTEPS}")
+  if v.estep not in estep.ESTEPS + ("exact",):
+    bad("estep", f"use one of {estep.ESTEPS + ('exact',)}")
   if not 0 <= float(v.ema_decay) < 1:
     bad("ema_decay", "must be in [0, 1)")
   for field in ("eta", "eta_max", "rho0", "rho", "gamma", "lambda_car", "car_beta", "mu"):
@@ -46,91 +62,175 @@ def initial_method_state(depth: int) -> dict:
   return {"ema": jnp.zeros((depth,), jnp.float32), "weight": jnp.zeros((depth,), jnp.float32)}
 
 
+class BatchPass(NamedTuple):
+  """What every piece of the step reads: the batch, the target's pass over it, the anchors, the draft's step 0."""
+  ids: jax.Array         # int32 [B, T]
+  valid: jax.Array       # bool [B, T] valid tokens
+  loss_mask: jax.Array   # [B, T] 1 on response tokens
+  target: TargetPass     # features [B, T, 3H], logits float32 [B, T, V], kv_cache (oracle_slots(T, M, S, K) slots)
+  step0: Any             # Eagle3Output: the draft over the sequences (`draft_unroll.sequence_step`), [B, T, ...]
+  anchors: jax.Array     # int32 [B, M] anchor positions t (context s[<=t])
+  ok: jax.Array          # bool [B, M] the anchor exists (False: fewer eligible positions than M)
+
+
+class EStepOut(NamedTuple):
+  """One batch's E-step (VSD_METHOD.md section 4); A = B*M anchor rows, in batch-major order."""
+  paths: DraftPaths        # [B, M, S, K] proposals z ~ q_old (ids under stop_gradient); logits [.., K, N] and
+                           # logq keep their gradients: the M-step differentiates the same unroll
+  oracle: OracleOutputs    # [B, M, S, K] the target's reduced p_k along them (draft_logits [.., K, N] with CAR)
+  anchor_ok: jax.Array     # float32 [A] 1 on anchors that exist
+  accept: jax.Array        # float32 [A, S, K] a_k
+  utility: jax.Array       # float32 [A, S] U(z) (0 on anchors that do not exist)
+  posterior: estep.EStep   # weights float32 [A, S] over the proposals, supported/accept_rate/ess [A]
+  realised: jax.Array      # int32 [A, S] realised accepted length L (one shared uniform per token)
+  depth_accept: jax.Array  # float32 [K] this batch's per-depth acceptance c_k over the proposals
+  depth_reach: jax.Array   # float32 [K] its denominators (0: no proposal reached depth k)
+
+
+class MStepLoss(NamedTuple):
+  """The M-step objective (VSD_METHOD.md section 5), scalars."""
+  total: jax.Array         # arw + lambda_car * car + mu * eagle3: what the trainer differentiates
+  arw: jax.Array           # Adaptive Rejection Weighting on the weighted sample (plain EM likelihood with arw off)
+  car: jax.Array           # Confidence-Aware Regularization (0 with lambda_car = 0)
+  eagle3: jax.Array        # EAGLE-3's TTT loss (0 with mu = 0)
+  eagle3_metrics: dict     # its metrics (`eagle3_loss`), {} with mu = 0
+
+
+class Monitors(NamedTuple):
+  """Training-time monitors (VSD_METHOD.md section 7), scalars unless shown; anchor means over existing anchors."""
+  mean_u: jax.Array        # E_q[U] over the proposals: tau_chain - 1
+  log_mean_u: jax.Array    # log E_q[U]: the batch-level estimate of J
+  kappa: jax.Array         # E_q[prod_k a_k]: full-path acceptance
+  elbo: jax.Array          # mean over supported anchors of E_w[log U] - KL(w || uniform over the proposals)
+  supported: jax.Array     # fraction of anchors with some U > 0
+  chain_accept: jax.Array  # MH moves accepted per proposal, over supported anchors (1 for snis)
+  ess_frac: jax.Array      # effective sample size of the snis weights / S, over supported anchors
+  anchors: jax.Array       # number of existing anchors
+  c: jax.Array             # float32 [K] this batch's per-depth acceptance
+  c_ema: jax.Array         # float32 [K] the EMA ARW used (read before this batch's update)
+
+  def scalars(self) -> dict:
+    """Flat scalar metrics for the trainer: every field, the [K] ones as c_1.. / c_ema_1.."""
+    out = {k: x for k, x in self._asdict().items() if k not in ("c", "c_ema")}
+    for k in range(self.c.shape[0]):
+      out[f"c_{k + 1}"] = self.c[k]
+      out[f"c_ema_{k + 1}"] = self.c_ema[k]
+    return out
+
+
+def batch_pass(v, target_model, draft, params, frozen: dict, batch: dict, rng: jax.Array) -> BatchPass:
+  """The target's pass (with the oracle's cache slots), M anchors per sequence (rng), the draft's step 0."""
+  ids = batch["input_ids"]
+  valid = batch["attention_mask"].astype(bool)
+  t = ids.shape[1]
+  k, s, m = int(v.depth), int(v.num_paths), int(v.num_anchors)
+  tp = target_pass(target_model, frozen["target"], ids, valid, cache_slots=oracle_slots(t, m, s, k),
+                   **image_inputs(batch))  # a LLaVA batch's images: the multimodal prefill
+  loss_mask = drop_image_tokens(batch["loss_mask"], ids, target_model.cfg)  # never an image token (LLaVA)
+  anchors, ok = choose_anchors(loss_mask, valid, m, rng)
+  step0 = sequence_step(draft, params, embedding_matrix(frozen["target"]), tp.features, ids, valid)
+  return BatchPass(ids, valid, loss_mask, tp, step0, anchors, ok)
+
+
+def e_step(v, target_model, draft, params, frozen: dict, bp: BatchPass, rngs: tuple) -> EStepOut:
+  """Proposals from q_old (this step's q, ids under stop_gradient), the oracle over all of them, acceptance,
+  utility, posterior weights (config.vsd.estep), realised lengths and per-depth acceptance.
+  rngs: PRNG keys (paths, chain, realised-length uniforms)."""
+  r_paths, r_chain, r_u = rngs
+  k_max, s = int(v.depth), int(v.num_paths)
+  b, t = bp.ids.shape
+  rows = b * int(v.num_anchors)
+  d2t = frozen["d2t"].astype(jnp.int32)
+  embed = embedding_matrix(frozen["target"])
+  paths = unroll_draft_paths(params, draft, embed, bp.target.features, bp.ids, bp.valid, bp.anchors, d2t,
+                             num_paths=s, depth=k_max, temperature=float(v.draft_temperature), rng=r_paths,
+                             step0=bp.step0)
+  stochastic = v.accept_mode == "stochastic"
+  p = oracle_outputs(target_model, frozen["target"], bp.target.kv_cache, t, bp.target.logits, bp.valid, bp.anchors,
+                     paths.tokens, temperature=float(v.accept_temperature) if stochastic else 1.0,
+                     draft_ids=draft_vocab_ids(d2t) if float(v.lambda_car) > 0 else None)
+  q_tok = jnp.exp(jax.lax.stop_gradient(paths.logq))
+  a = utility.acceptance(v.accept_mode, paths.tokens, q_tok, p.argmax, p.token_prob).reshape(rows, s, k_max)
+  okf = bp.ok.reshape(rows).astype(jnp.float32)
+  u = utility.utility(a, v.utility) * okf[:, None]
+  est = estep.estep_weights(u, r_chain, v.estep, int(v.burn_in))
+  est = est._replace(weights=est.weights * okf[:, None])
+  realised = utility.accepted_length(a, jax.random.uniform(r_u, a.shape))
+  depth_c, reach = utility.depth_acceptance(a.reshape(rows * s, k_max), jnp.repeat(okf, s))
+  return EStepOut(paths, p, okf, a, u, est, realised, depth_c, reach)
+
+
+def m_step_loss(config, draft, params, frozen: dict, bp: BatchPass, e: EStepOut, c_ema: jax.Array) -> MStepLoss:
+  """ARW on the E-step's weighted sample, CAR on the proposals' reachable positions (k <= L + 1), mu * EAGLE-3.
+  c_ema: float32 [K] the per-depth acceptance EMA before this batch (ARW's rejection strength eta_k)."""
+  v = config.vsd
+  rows, s, k_max = e.accept.shape
+  logq = e.paths.logq.reshape(rows, s, k_max)
+  if bool(v.arw):
+    eta_k = mstep.rejection_strength(c_ema, float(v.eta), float(v.eta_max))
+    like, unlike = mstep.arw_token_weights(e.realised, e.accept, eta_k, rho0=float(v.rho0), rho=float(v.rho),
+                                           gamma=float(v.gamma))
+  else:  # the plain EM M-step: likelihood of every token of the E-step sample
+    like = jnp.broadcast_to(float(v.gamma) ** jnp.arange(k_max, dtype=jnp.float32), e.accept.shape)
+    unlike = jnp.zeros_like(e.accept)
+  loss_arw = mstep.weighted_path_loss(logq, like, unlike, e.posterior.weights)
+  total = loss_arw
+  loss_car = jnp.zeros(())
+  if float(v.lambda_car) > 0:
+    visited = (jnp.arange(1, k_max + 1)[None, None, :] <= e.realised[..., None] + 1) * e.anchor_ok[:, None, None]
+    loss_car = mstep.car_loss(e.paths.logits.reshape(rows, s, k_max, -1),
+                              e.oracle.draft_logits.reshape(rows, s, k_max, -1),
+                              e.oracle.top_logp.reshape(rows, s, k_max), visited, float(v.car_beta))
+    total = total + float(v.lambda_car) * loss_car
+  loss_e3, m3 = jnp.zeros(()), {}
+  if float(v.mu) > 0:
+    embed = embedding_matrix(frozen["target"])
+    loss_e3, m3 = eagle3_loss(params, draft, embed, bp.target.features, bp.ids, bp.target.logits, bp.loss_mask,
+                              frozen["t2d"], frozen["d2t"].astype(jnp.int32), num_steps=int(config.draft.ttt_steps),
+                              decay=float(config.draft.step_decay), attention_mask=bp.valid, step0=bp.step0)
+    total = total + float(v.mu) * loss_e3
+  return MStepLoss(total, loss_arw, loss_car, loss_e3, m3)
+
+
+def monitors(e: EStepOut, c_ema: jax.Array) -> Monitors:
+  """The E-step's monitors (all under stop_gradient in effect: they read no differentiable quantity)."""
+  rows, s, _ = e.accept.shape
+  okf = e.anchor_ok
+  anchors_n = jnp.maximum(jnp.sum(okf), 1.0)
+  mean_u = jnp.sum(e.utility) / (anchors_n * s)
+  sup = e.posterior.supported.astype(jnp.float32) * okf
+  sup_n = jnp.maximum(jnp.sum(sup), 1.0)
+  return Monitors(
+      mean_u=mean_u,
+      log_mean_u=jnp.log(jnp.maximum(mean_u, 1e-9)),
+      kappa=jnp.sum(utility.full_acceptance(e.accept) * okf[:, None]) / (anchors_n * s),
+      elbo=jnp.sum(estep.elbo_estimate(e.utility, e.posterior.weights) * sup) / sup_n,
+      supported=jnp.sum(sup) / anchors_n,
+      chain_accept=jnp.sum(e.posterior.accept_rate * sup) / sup_n,
+      ess_frac=jnp.sum(estep.snis_weights(e.utility).ess * sup) / (sup_n * s),
+      anchors=jnp.sum(okf),
+      c=e.depth_accept,
+      c_ema=c_ema)
+
+
 def make_vsd_loss(config, target, draft):
   """loss_fn(params, frozen, batch, rng, method_state) -> (loss, (metrics, new method_state))."""
   v = config.vsd
+  if str(v.estep) == "exact":
+    from vsd_jax.methods.vsd.exact import make_exact_loss
+    return make_exact_loss(config, target, draft)
   check_config(v)
-  k_max, s, m = int(v.depth), int(v.num_paths), int(v.num_anchors)
-  draft_temperature = float(v.draft_temperature)
   model = target.model
 
   def loss_fn(params, frozen, batch, rng, method_state):
-    ids = batch["input_ids"]
-    valid = batch["attention_mask"].astype(bool)
-    loss_mask = batch["loss_mask"]
-    b, t = ids.shape
-    rows = b * m   # anchor rows: E-step/M-step arrays are [rows, S, K]
-    embed = frozen["target"]["embed_tokens"]["embedding"]
-    d2t = frozen["d2t"].astype(jnp.int32)
     r_anchor, r_paths, r_chain, r_u = jax.random.split(rng, 4)
-
-    tp = target_pass(model, frozen["target"], ids, valid, cache_slots=oracle_slots(t, m, s, k_max))
-    anchors, ok = choose_anchors(loss_mask, valid, m, r_anchor)
-
-    # One draft pass: step 0 over the sequences (shared with the EAGLE-3 term), then the S paths per anchor,
-    # sampled from q_old (this step's q, ids drawn under stop_gradient) with differentiable logits for the M-step.
-    step0 = sequence_step(draft, params, embed, tp.features, ids, valid)
-    paths = unroll_draft_paths(params, draft, embed, tp.features, ids, valid, anchors, d2t, num_paths=s,
-                               depth=k_max, temperature=draft_temperature, rng=r_paths, step0=step0)
-    logq_old = jax.lax.stop_gradient(paths.logq)
-
-    # E-step: the oracle over all proposals, utilities, posterior weights.
-    p_logits = oracle_logits(model, frozen["target"], tp.kv_cache, t, tp.logits, anchors, paths.tokens)
-    a = utility.acceptance(p_logits, paths.tokens, jnp.exp(logq_old), v.accept_mode,
-                           float(v.accept_temperature)).reshape(rows, s, k_max)
-    okf = ok.reshape(rows).astype(jnp.float32)
-    u = utility.utility(a, v.utility) * okf[:, None]
-    est = estep.estep_weights(u, r_chain, v.estep, int(v.burn_in))
-    w = est.weights * okf[:, None]
-    realised = utility.accepted_length(a, jax.random.uniform(r_u, a.shape))
-    batch_c, reach = utility.depth_acceptance(a.reshape(rows * s, k_max), jnp.repeat(okf, s))
-    c_k = mstep.acceptance_from_ema(method_state)
-    new_state = mstep.update_acceptance_ema(method_state, batch_c, reach > 0, float(v.ema_decay))
-
-    # M-step: ARW on the weighted sample, CAR on the proposals' reachable positions.
-    logq = paths.logq.reshape(rows, s, k_max)
-    if bool(v.arw):
-      eta_k = mstep.rejection_strength(c_k, float(v.eta), float(v.eta_max))
-      like, unlike = mstep.arw_token_weights(realised, a, eta_k, rho0=float(v.rho0), rho=float(v.rho),
-                                             gamma=float(v.gamma))
-    else:  # the plain EM M-step: likelihood of every token of the E-step sample
-      like = jnp.broadcast_to(float(v.gamma) ** jnp.arange(k_max, dtype=jnp.float32), a.shape)
-      unlike = jnp.zeros_like(a)
-    loss_arw = mstep.weighted_path_loss(logq, like, unlike, w)
-    total = loss_arw
-    metrics = {}
-    loss_car = jnp.zeros(())
-    if float(v.lambda_car) > 0:
-      visited = (jnp.arange(1, k_max + 1)[None, None, :] <= realised[..., None] + 1) * okf[:, None, None]
-      loss_car = mstep.car_loss(paths.logits.reshape(rows, s, k_max, -1), p_logits.reshape(rows, s, k_max, -1),
-                                draft_vocab_ids(d2t), visited, float(v.car_beta))
-      total = total + float(v.lambda_car) * loss_car
-    loss_e3 = jnp.zeros(())
-    if float(v.mu) > 0:
-      loss_e3, m3 = eagle3_loss(params, draft, embed, tp.features, ids, tp.logits, loss_mask, frozen["t2d"], d2t,
-                                num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),
-                                attention_mask=valid, step0=step0)
-      metrics.update(scalar_metrics(m3))
-      total = total + float(v.mu) * loss_e3
-
-    anchors_n = jnp.maximum(jnp.sum(okf), 1.0)
-    proposals_u = jnp.sum(u) / (anchors_n * s)
-    sup = est.supported.astype(jnp.float32) * okf
-    sup_n = jnp.maximum(jnp.sum(sup), 1.0)
-    snis = estep.snis_weights(u)
-    metrics.update(
-        loss_arw=loss_arw, loss_car=loss_car, loss_eagle3=loss_e3,
-        mean_u=proposals_u,                                  # E_q[U]: tau_chain - 1
-        log_mean_u=jnp.log(jnp.maximum(proposals_u, 1e-9)),  # J estimate (batch level)
-        kappa=jnp.sum(utility.full_acceptance(a) * okf[:, None]) / (anchors_n * s),
-        elbo=jnp.sum(estep.elbo_estimate(u, w) * sup) / sup_n,
-        supported=jnp.sum(sup) / anchors_n,
-        chain_accept=jnp.sum(est.accept_rate * sup) / sup_n,
-        ess_frac=jnp.sum(snis.ess * sup) / (sup_n * s),
-        anchors=jnp.sum(okf))
-    for k in range(k_max):
-      metrics[f"c_{k + 1}"] = batch_c[k]
-      metrics[f"c_ema_{k + 1}"] = c_k[k]
-    return total, (metrics, new_state)
+    bp = batch_pass(v, model, draft, params, frozen, batch, r_anchor)
+    e = e_step(v, model, draft, params, frozen, bp, (r_paths, r_chain, r_u))
+    c_ema = mstep.acceptance_from_ema(method_state)
+    new_state = mstep.update_acceptance_ema(method_state, e.depth_accept, e.depth_reach > 0, float(v.ema_decay))
+    m = m_step_loss(config, draft, params, frozen, bp, e, c_ema)
+    metrics = scalar_metrics(m.eagle3_metrics) if m.eagle3_metrics else {}
+    metrics.update(loss_arw=m.arw, loss_car=m.car, loss_eagle3=m.eagle3, **monitors(e, c_ema).scalars())
+    return m.total, (metrics, new_state)
 
   return loss_fn

@@ -52,17 +52,19 @@ def weighted_path_loss(logq: jax.Array, like_w: jax.Array, unlike_w: jax.Array, 
   return jnp.sum(path_w * per_path) / jnp.maximum(anchors, 1)
 
 
-def car_loss(draft_logits: jax.Array, target_logits: jax.Array, draft_to_target: jax.Array,
+def car_loss(draft_logits: jax.Array, target_draft_logits: jax.Array, target_top_logp: jax.Array,
              visited: jax.Array, beta: float = 1.0) -> jax.Array:
   """Confidence-Aware Regularization: mean over visited positions of c(p_k) * KL(p_k || q_k).
 
-  draft_logits: [..., N] (differentiable); target_logits: [..., V] the oracle's; draft_to_target: int32 [N];
-  visited: [...] 0/1 weights (the reachable positions k <= L + 1). p_k is restricted to the draft vocabulary
-  and renormalised (EAGLE-3's soft labels); its confidence c(p) = (max_v p(v))^beta uses the full softmax.
+  draft_logits: [..., N] q_k's logits (differentiable); target_draft_logits: [..., N] the oracle's logits of p_k
+  at the draft vocabulary's ids (`oracle.OracleOutputs.draft_logits`); target_top_logp: [...] max_v log p_k(v)
+  over the full vocabulary; visited: [...] 0/1 weights (the reachable positions k <= L + 1). p_k is restricted
+  to the draft vocabulary and renormalised (EAGLE-3's soft labels); its confidence c(p) = (max_v p(v))^beta
+  uses the full softmax.
   """
-  tl = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
-  conf = jnp.exp(beta * jnp.max(jax.nn.log_softmax(tl, axis=-1), axis=-1))
-  logp = jax.nn.log_softmax(jnp.take(tl, draft_to_target, axis=-1), axis=-1)
+  tl = jax.lax.stop_gradient(target_draft_logits.astype(jnp.float32))
+  conf = jnp.exp(beta * jax.lax.stop_gradient(target_top_logp.astype(jnp.float32)))
+  logp = jax.nn.log_softmax(tl, axis=-1)
   logq = jax.nn.log_softmax(draft_logits, axis=-1)
   kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
   return jnp.sum(visited * conf * kl) / jnp.maximum(jnp.sum(visited), 1.0)

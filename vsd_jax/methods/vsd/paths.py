@@ -6,8 +6,8 @@ draft's own output hidden state of step k-1, at RoPE position positions[t-1] + k
 expansion does at decode time (`vsd_jax.decoding.tree`) and EAGLE-3's TTT step k-1 does in training.
 
 Attention goes through the draft's ordinary cached call: slots 0..T-1 hold the sequence (step 0, causal),
-the M*S path rows of step k write window slots T + (k-2)*M*S + i, and a path row sees the sequence slots
-< t of its anchor plus its own earlier steps. Depth is `vsd_jax.models.draft_unroll.unroll_chain` (one
+the M*S path rows of step k write window slots T + (k-2)*M*S + i, and a path row sees the valid sequence
+slots < t of its anchor plus its own earlier steps. Depth is `vsd_jax.models.draft_unroll.unroll_chain` (one
 `jax.lax.scan`, the recursion TTT and chain decoding run), so the unroll compiles once for any K.
 
 One function samples (E-step proposals, under stop_gradient params) and re-scores given paths (the
@@ -50,7 +50,8 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   Args:
     draft_params: the draft's params; draft_module: Eagle3Draft (static).
     embed_matrix: [V, H] the target embedding. features: [B, T, 3H] target features of the sequences.
-    input_ids: int32 [B, T]; attention_mask: bool [B, T] valid tokens (right padding).
+    input_ids: int32 [B, T]; attention_mask: bool [B, T] valid tokens (left or right padding: positions
+      `positions_from_mask`, padding slots never attended).
     anchors: int32 [B, M], each in [1, T-1]: the context of anchor t is s[<=t].
     d2t: int32 [N] draft id -> target id offsets.
     num_paths (S), depth (K): static. temperature: > 0, the draft's sampling temperature (q = softmax of
@@ -86,7 +87,7 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
   chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache,
                        rep(gather_rows(out0.logits, row)), rep(gather_rows(out0.hidden, row)),
                        rep(jnp.take_along_axis(positions_from_mask(valid), row, axis=1)), rep(anchors),
-                       jnp.full((b,), t, jnp.int32), depth=k_max, choose=choose, rng=key0)
+                       jnp.full((b,), t, jnp.int32), depth=k_max, choose=choose, rng=key0, key_valid=valid)
   logits = jnp.moveaxis(chain.reduced, 0, 2).reshape(b, m, s, k_max, -1)   # [K, B, MS, N] -> [B, M, S, K, N]
   ids = jnp.moveaxis(chain.records, 0, 2).reshape(b, m, s, k_max)
   logq = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature, axis=-1), ids[..., None], axis=-1)[..., 0]
@@ -113,12 +114,13 @@ def score_draft_paths(draft_params, draft_module, embed_matrix, features, input_
 
 
 def choose_anchors(loss_mask: jax.Array, attention_mask: jax.Array, num_anchors: int, rng: jax.Array):
-  """M anchors per sequence, uniformly without replacement among positions t >= 1 whose next token is a
-  response token. loss_mask, attention_mask: [B, T]. Returns (anchors int32 [B, M], ok bool [B, M]);
+  """M anchors per sequence, uniformly without replacement among the valid positions t past the first valid
+  token (row t-1, which gives q_1, is then a real token) whose next token is a response token.
+  loss_mask, attention_mask: [B, T] (left or right padding). Returns (anchors int32 [B, M], ok bool [B, M]);
   a sequence with fewer eligible positions gets ok=False entries (pointing at position 1)."""
   b, t = loss_mask.shape
   nxt = shift_left(loss_mask.astype(bool) & attention_mask.astype(bool), 1)
-  eligible = nxt & (jnp.arange(t)[None, :] >= 1) & attention_mask.astype(bool)
+  eligible = nxt & (positions_from_mask(attention_mask) >= 1) & attention_mask.astype(bool)
   score = jnp.where(eligible, jax.random.gumbel(rng, (b, t)), -jnp.inf)
   top, idx = jax.lax.top_k(score, num_anchors)
   ok = jnp.isfinite(top)

@@ -15,21 +15,18 @@ ACCEPT_MODES = ("greedy", "stochastic")
 UTILITIES = ("expected_length", "full_accept")
 
 
-def acceptance(target_logits: jax.Array, tokens: jax.Array, q_token_prob: jax.Array, mode: str,
-               temperature: float = 1.0) -> jax.Array:
-  """Per-token acceptance a_k, float32 [..., K].
+def acceptance(mode: str, tokens: jax.Array, q_token_prob: jax.Array, target_argmax: jax.Array,
+               target_token_prob: jax.Array) -> jax.Array:
+  """Per-token acceptance a_k, float32 [..., K], from the oracle's reduced p_k (`oracle.OracleOutputs`).
 
-  target_logits: [..., K, V] the oracle's p_k logits; tokens: int32 [..., K] target ids of z_k;
-  q_token_prob: [..., K] q_k(z_k) under the proposal; mode: "greedy" or "stochastic" (at temperature).
+  mode: "greedy" (reads target_argmax) or "stochastic" (reads target_token_prob). tokens: int32 [..., K] target
+  ids of z_k; q_token_prob: [..., K] q_k(z_k) under the proposal; target_argmax: int32 [..., K] argmax p_k;
+  target_token_prob: [..., K] p_k^T(z_k) at the acceptance temperature T.
   """
   if mode == "greedy":
-    return (tokens == jnp.argmax(target_logits, axis=-1)).astype(jnp.float32)
+    return (tokens == target_argmax).astype(jnp.float32)
   if mode == "stochastic":
-    if temperature <= 0:
-      raise ValueError(f"stochastic acceptance needs temperature > 0 (got {temperature}); use mode 'greedy'")
-    logp = jax.nn.log_softmax(target_logits.astype(jnp.float32) / temperature, axis=-1)
-    p_tok = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
-    return jnp.minimum(1.0, p_tok / jnp.maximum(q_token_prob, 1e-30))
+    return jnp.minimum(1.0, target_token_prob / jnp.maximum(q_token_prob, 1e-30))
   raise ValueError(f"acceptance mode {mode!r} is not one of {ACCEPT_MODES}")
 
 
