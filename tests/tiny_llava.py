@@ -6,7 +6,7 @@ save_pretrained together with a LlavaProcessor (a word-level tokenizer with an <
 transformers' CLIP image processor, PIL backend). torch is imported only by make_hf_llava.
 """
 
-IMAGE_SIZE, PATCH = 42, 14
+from vsd_jax.weights.tiny_llava import IMAGE_SIZE, PATCH  # noqa: F401  (the package's tiny sizes)
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", "ASSISTANT", ":", "what", "is", "in", "the", "this",
          "picture", "?", "describe", "and", "compare", "two", "images", "first", "second", "a", "cat", "person",
          "logo", ".", ","]
@@ -16,18 +16,9 @@ SAMPLES = ["pkg:matplotlib/mpl-data/sample_data/grace_hopper.jpg",            # 
 
 
 def make_processor():
-  """LlavaProcessor: word-level tokenizer with an <image> token + CLIP image processor (PIL) at IMAGE_SIZE."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
-  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-  images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-  # As llava-hf's processors: feature layer "default" strategy drops CLS, num_additional_image_tokens adds it back.
-  return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=PATCH,
-                        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+  """LlavaProcessor over WORDS (the package's tiny-checkpoint processor, `weights.tiny_llava.make_processor`)."""
+  from vsd_jax.weights.tiny_llava import make_processor as package_processor
+  return package_processor(WORDS)
 
 
 def make_hf_llava(seed=0, tie=False, **llava_kw):
