@@ -30,14 +30,33 @@ def drop_image_tokens(loss_mask, input_ids, target_config):
   return jnp.where(input_ids == image_token, jnp.zeros_like(loss_mask), loss_mask)
 
 
+def batch_loss(config, target, draft, params, frozen, batch, with_rows: bool = False):
+  """`loss.eagle3_loss` on a trainer batch: the target's features and soft labels computed in the step (with the
+  batch's images, if any) or read from the precomputed feature cache, image tokens never predicted.
+  Returns (loss, metrics) as eagle3_loss (metrics["rows"] with with_rows). Also VSD's exact objective's pass."""
+  from vsd_jax.methods.eagle3.loss import SoftLabels, eagle3_loss
+  from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
+
+  valid = batch["attention_mask"].astype(bool)
+  if "features" in batch:  # train.target_features="precomputed" (vsd_jax/training/feature_cache.py)
+    feats = batch["features"]
+    labels = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
+  else:
+    feats, labels = target_features(target.model, frozen["target"], batch["input_ids"], valid, **image_inputs(batch))
+  loss_mask = drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config)
+  return eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats, batch["input_ids"], labels,
+                     loss_mask, frozen["t2d"], frozen["d2t"], num_steps=int(config.draft.ttt_steps),
+                     decay=float(config.draft.step_decay), attention_mask=valid, with_rows=with_rows)
+
+
 def build(config, target, vocab) -> Method:
   """Method for config.method == "eagle3": draft module, init_params(rng) (boxed), loss_fn(params, frozen,
   batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on."""
   import jax.numpy as jnp
 
-  from vsd_jax.methods.eagle3.loss import SoftLabels, eagle3_loss, validate_vocab_maps
+  from vsd_jax.methods.eagle3.loss import validate_vocab_maps
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
-  from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
+  from vsd_jax.models.features import embedding_matrix
 
   dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]))
   draft = Eagle3Draft(dcfg)
@@ -51,18 +70,7 @@ def build(config, target, vocab) -> Method:
 
   def loss_fn(params, frozen, batch, rng):
     del rng
-    valid = batch["attention_mask"].astype(bool)
-    if "features" in batch:  # train.target_features="precomputed" (vsd_jax/training/feature_cache.py)
-      feats = batch["features"]
-      logits = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
-    else:
-      feats, logits = target_features(target.model, frozen["target"], batch["input_ids"], valid,
-                                      **image_inputs(batch))
-    loss_mask = drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config)
-    loss, m = eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats, batch["input_ids"],
-                          logits, loss_mask, frozen["t2d"], frozen["d2t"],
-                          num_steps=int(config.draft.ttt_steps), decay=float(config.draft.step_decay),
-                          attention_mask=valid)
+    loss, m = batch_loss(config, target, draft, params, frozen, batch)
     return loss, scalar_metrics(m)
 
   return Method(draft, init_params, loss_fn, frozen)

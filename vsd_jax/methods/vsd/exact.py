@@ -30,9 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
-from vsd_jax.methods.eagle3.loss import SoftLabels, TTTRows, eagle3_loss
-from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
+from vsd_jax.methods.eagle3 import batch_loss, scalar_metrics
+from vsd_jax.methods.eagle3.loss import TTTRows
 
 EXACT_FORMS = ("log_u", "reach")
 
@@ -99,18 +98,7 @@ def make_exact_loss(config, target, draft):
 
   def loss_fn(params, frozen, batch, rng, method_state):
     del rng
-    valid = batch["attention_mask"].astype(bool)
-    if "features" in batch:
-      feats = batch["features"]
-      labels = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
-    else:
-      feats, labels = target_features(target.model, frozen["target"], batch["input_ids"], valid,
-                                      **image_inputs(batch))
-    loss_e3, m3 = eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats,
-                              batch["input_ids"], labels,
-                              drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config),
-                              frozen["t2d"], frozen["d2t"],
-                              num_steps=num_steps, decay=decay, attention_mask=valid, with_rows=True)
+    loss_e3, m3 = batch_loss(config, target, draft, params, frozen, batch, with_rows=True)
     rows = jax.tree_util.tree_map(lambda x: x[:depth], m3.pop("rows"))
     terms = exact_terms(rows, accept_mode)
     if form == "log_u":
