@@ -3,7 +3,7 @@
   python benchmarks/tree_cost.py [--sizes 1,2,4,8,16,32,48] [--batches 1,8,32]
 
 Real SmolLM2-135M weights, float32. Tree sizes: one cached forward over T tokens at 256 tokens of
-context (vsd_jax.eval.tree_size.time_forward). Batches: (time of 34 new tokens - time of 2) / 32 per
+context (vsd_jax.decoding.autotune.time_verify). Batches: (time of 34 new tokens - time of 2) / 32 per
 decode step of vanilla.generate.
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
-from vsd_jax.eval.tree_size import time_forward  # noqa: E402
+from vsd_jax.decoding.autotune import time_verify  # noqa: E402
 from vsd_jax.weights import load_target  # noqa: E402
 
 
@@ -41,9 +41,9 @@ def main():
   ap.add_argument("--sizes", default="1,2,4,8,16,32,48")
   ap.add_argument("--batches", default="1,8,32")
   a = ap.parse_args()
-  target = load_target("smollm2-135m-instruct", with_tokenizer=False)
+  target = load_target("smollm2-135m-instruct", with_tokenizer=False, scan_layers=False)
   sizes = [int(x) for x in a.sizes.split(",")]
-  ms = [time_forward(target, t) * 1000 for t in sizes]
+  ms = [time_verify(target, t, 1, 256, 384) * 1000 for t in sizes]
   print("| tokens T | " + " | ".join(map(str, sizes)) + " |")
   print("|---|" + "---|" * len(sizes))
   print("| ms | " + " | ".join(f"{m:.1f}" for m in ms) + " |")

@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.top_p = 1.0
   c.generate.batch_size = 1
   c.generate.system_prompt = ""      # "" keeps the tokenizer's default chat template behaviour
+  c.generate.scan_layers = False     # decoding loads the target with unrolled layers: a scanned layer stack
+                                     # copies each layer's weights every forward on CPUs (RESULTS section 7)
 
   # Data: prompt sources and the regenerated-response cache.
   c.data = ml_collections.ConfigDict()
