@@ -1,6 +1,7 @@
 """LLaVA-1.5 targets (llava-hf/llava-1.5-{7b,13b}-hf), and a random tiny LLaVA that runs offline on a CPU.
 
   python -m vsd_jax.train --config configs/llava.py:tiny               # tiny random LLaVA, offline images, CPU
+  python -m vsd_jax.train --config configs/llava.py:tiny-adaptor       # the same with the draft's vision adaptor
   python -m vsd_jax.train --config configs/llava.py:7b-text            # stage 1: ShareGPT text
   python -m vsd_jax.train --config configs/llava.py:7b                 # stage 2: LLaVA-Instruct images, from stage 1
   python -m vsd_jax.train --config configs/llava.py:13b --dry_run      # compile here, print per-chip memory
@@ -14,6 +15,11 @@ liuhaotian/LLaVA-Instruct-150K's llava_instruct_150k.json from the hub and the i
 <data.root>/coco/train2017 (COCO's train2017 folder; --config.data.sources.llava_instruct.image_folder=...).
 Conversations are rendered in LLaVA-1.5's own format (data.chat_template "llava": Vicuna v1.1, "USER: <image>\\n...
 ASSISTANT:"), each <image> expanded to the model's 576 image tokens; image positions are never predicted.
+
+The draft's ViSpec-style vision adaptor (learned queries pool the image positions into one vector fused into every
+text row; models/eagle3.py VisionAdaptor) is off by default: `--config.draft.vision_adaptor=True` on any of these
+(`:tiny-adaptor` is `:tiny` with it, in its own workdir). A stage-1 draft without it starts stage 2 with it: the
+adaptor starts fresh, its zero-initialised fusion leaving the stage-1 draft's outputs unchanged.
 
 `:tiny` needs no network: the target is "tiny-llava-random" (weights/tiny_llava.py, written to
 ~/.cache/vsd_jax on first use), the prompts the offline sample set (vsd_jax/data/sample_images.json: images that
@@ -40,13 +46,14 @@ STAGES = ("text", "images")
 
 def get_config(arg="tiny"):
   arg = str(arg).lower()
-  if arg == "tiny":
-    return _tiny()
+  if arg in ("tiny", "tiny-adaptor"):
+    return _tiny(adaptor=arg == "tiny-adaptor")
   size, _, stage = arg.partition("-")
   stage = stage or "images"
   if size not in MODELS or stage not in STAGES:
-    raise ValueError(f"configs/llava.py:{arg}: unknown size or stage; use tiny, or one of {sorted(MODELS)} with an "
-                     f"optional -text (stage 1), e.g. configs/llava.py:7b-text then configs/llava.py:7b")
+    raise ValueError(f"configs/llava.py:{arg}: unknown size or stage; use tiny, tiny-adaptor, or one of "
+                     f"{sorted(MODELS)} with an optional -text (stage 1), e.g. configs/llava.py:7b-text then "
+                     "configs/llava.py:7b")
   name, slice_name, (data, fsdp, tensor) = MODELS[size]
   c = base_config()
   c.workdir = os.path.join(REPO_ROOT, "runs", f"llava{size}" + ("-text" if stage == "text" else ""))
@@ -87,11 +94,13 @@ def get_config(arg="tiny"):
   return c
 
 
-def _tiny():
+def _tiny(adaptor: bool = False):
   """The random tiny LLaVA on the offline sample images: the whole pipeline (responses regenerated with the
-  images, EAGLE-3 training on multimodal batches, export, held-out report) in a few CPU minutes."""
+  images, EAGLE-3 training on multimodal batches, export, held-out report) in a few CPU minutes. adaptor: with the
+  draft's vision adaptor (workdir runs/llava_tiny_adaptor; same data cache key, its own copy)."""
   c = base_config()
-  c.workdir = os.path.join(REPO_ROOT, "runs", "llava_tiny")
+  c.workdir = os.path.join(REPO_ROOT, "runs", "llava_tiny_adaptor" if adaptor else "llava_tiny")
+  c.draft.vision_adaptor = adaptor
   c.model.name = "tiny-llava-random"
   c.model.max_positions = 512
   c.generate.max_new_tokens = 32

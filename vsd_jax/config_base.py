@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.draft.init_from = ""             # a trained draft directory (<workdir>/draft) to start from; "" = random
   c.draft.init_head = "random"       # lm_head + final norm: "random", or "target" (the target's output rows of
                                      # the draft-vocabulary tokens and its final norm)
+  c.draft.vision_adaptor = False     # multimodal (LLaVA) targets: ViSpec-style vision adaptor (learned queries pool
+                                     # the image positions; fused into every text row, zero at init: models/eagle3.py)
+  c.draft.vision_queries = 4         # the adaptor's learned queries
 
   # VSD (method="vsd"): EM over draft paths; every switch of VSD_METHOD.md is a field here.
   c.vsd = ml_collections.ConfigDict()

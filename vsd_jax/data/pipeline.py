@@ -138,8 +138,9 @@ def multimodal_prompts(target, prompts, prompt_ids, max_images: int = 0) -> tupl
   cfg = target.config
   if getattr(cfg, "image_token_id", None) is None:
     first = next(p for p in prompts if p.images)
-    raise ImageInputError(f"prompt {first.id} has images but the target {target.source!r} is a text model; use a "
-                          "multimodal (LLaVA) target or a source without images")
+    raise ImageInputError(f"prompt {first.id} has images ({', '.join(map(repr, first.images))}) but the target "
+                          f"{target.source!r} is a text model; use a multimodal (LLaVA) target or prompts without "
+                          "images")
   out = []
   for p, ids in zip(prompts, prompt_ids):
     n = sum(1 for t in ids if t == cfg.image_token_id)

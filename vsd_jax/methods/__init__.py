@@ -92,12 +92,18 @@ def _init_from(directory: str, init_params: Callable, target, vocab) -> Callable
 
   def init(rng):
     fresh = init_params(rng)
-    want = jax.tree_util.tree_structure(nn.unbox(fresh))
+    # A draft trained without the vision adaptor (e.g. the text stage of configs/llava.py) starts a run with it:
+    # the adaptor keeps its fresh init (its zero fuse projection leaves the loaded draft's outputs unchanged).
+    adaptor = fresh.get("vision_adaptor") if "vision_adaptor" not in loaded else None
+    body = {k: v for k, v in fresh.items() if k != "vision_adaptor"} if adaptor is not None else fresh
+    want = jax.tree_util.tree_structure(nn.unbox(body))
     if jax.tree_util.tree_structure(loaded) != want:
-      raise DraftMismatchError(f"draft.init_from={directory!r} holds parameters of another draft architecture")
+      extra = " (it has a vision adaptor: set draft.vision_adaptor=True)" if "vision_adaptor" in loaded else ""
+      raise DraftMismatchError(f"draft.init_from={directory!r} holds parameters of another draft architecture{extra}")
     leaves = iter(jax.tree_util.tree_leaves(loaded))
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    return jax.tree_util.tree_map(
-        lambda x: x.replace_boxed(next(leaves)) if is_box(x) else next(leaves), fresh, is_leaf=is_box)
+    out = jax.tree_util.tree_map(
+        lambda x: x.replace_boxed(next(leaves)) if is_box(x) else next(leaves), body, is_leaf=is_box)
+    return out if adaptor is None else dict(out, vision_adaptor=adaptor)
 
   return init

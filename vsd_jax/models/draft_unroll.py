@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.models.eagle3 import Eagle3Draft, Eagle3Output, init_draft_cache
+from vsd_jax.models.eagle3 import Eagle3Draft, Eagle3Output, image_positions, init_draft_cache
 from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.models.masks import chain_attention_mask, positions_from_mask, sequence_mask
 
@@ -55,12 +55,15 @@ def chain_slots(seq_len: int, num_rows: int, depth: int) -> int:
   return seq_len + max(depth - 1, 1) * num_rows
 
 
-def draft_fn_of(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Array) -> Callable:
+def draft_fn_of(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Array,
+                image_vector: Optional[jax.Array] = None) -> Callable:
   """The draft's cached call in the form `unroll_chain` and tree expansion use:
-  (cache, tokens [B,k], hidden [B,k,H], positions [B,k], mask [B,k,S], write_index [B]) -> (logits, hidden, cache)."""
+  (cache, tokens [B,k], hidden [B,k,H], positions [B,k], mask [B,k,S], write_index [B]) -> (logits, hidden, cache).
+  image_vector: [B, H] the sequences' image vector (a draft with the vision adaptor: the `image_vector` of their
+  `sequence_step` / decoding prefill), fused into every call; None without the adaptor."""
   def draft_fn(cache, tokens, hidden, positions, mask, write_index):
     out = draft_module.apply({"params": draft_params}, embed_matrix, tokens, hidden, positions=positions,
-                             attention_mask=mask, kv_cache=cache, write_index=write_index)
+                             attention_mask=mask, kv_cache=cache, write_index=write_index, image_vector=image_vector)
     return out.logits, out.hidden, out.kv_cache
   return draft_fn
 
@@ -79,12 +82,15 @@ def sequence_step(draft_module: Eagle3Draft, draft_params, embed_matrix: jax.Arr
   sequence is written at slots 0..T-1 of a fresh draft cache (causal over valid tokens, RoPE positions among
   them). The step attends over its T slots only; the cache is then padded to num_slots (`with_slots`) for the
   chains' window. One step-0 output serves several unrolls (VSD's paths and its EAGLE-3 term).
-  Returns Eagle3Output(logits float32 [B, T, N] (q_1 of a chain anchored at row t), hidden [B, T, H], cache).
+  A draft with the vision adaptor pools the sequence's image-token positions (`eagle3.image_positions`) here.
+  Returns Eagle3Output(logits float32 [B, T, N] (q_1 of a chain anchored at row t), hidden [B, T, H], cache,
+  image_vector [B, H] or None: pass it to the unroll's `draft_fn_of`).
   """
   b, t = input_ids.shape
   out = draft_module.apply({"params": draft_params}, embed_matrix, shift_left(input_ids, 1), features,
                            positions_from_mask(valid), sequence_mask(valid, t),
-                           init_draft_cache(draft_module.cfg, b, t), jnp.zeros((b,), jnp.int32))
+                           init_draft_cache(draft_module.cfg, b, t), jnp.zeros((b,), jnp.int32),
+                           image_mask=image_positions(draft_module.cfg, input_ids, valid))
   return with_slots(out, num_slots or t)
 
 

@@ -213,6 +213,13 @@ def export_eagle3(draft_dir: str, output_dir: str) -> str:
   with open(os.path.join(draft_dir, "draft_config.json")) as f:
     target = json.load(f)["target"]
   where = f"draft {draft_dir!r}"
+  if cfg.vision_adaptor or "vision_adaptor" in params:
+    raise Eagle3FormatError(
+        f"{where} has a vision adaptor (trained with draft.vision_adaptor=True: {cfg.vision_queries} learned queries "
+        "over the image positions, fused into every text row). The EAGLE-3 format of SGLang, vLLM and SpecForge has "
+        "no place for it, and an engine would run the draft without it, which is not the draft that was trained. "
+        "Decode it with vsd_jax (generate / evaluate --draft), or train with --config.draft.vision_adaptor=False "
+        "to export.")
   if (target["hidden_size"], target["vocab_size"]) != (cfg.hidden_size, cfg.vocab_size):
     raise Eagle3FormatError(f"{where}: its draft_config.json records a target of hidden size {target['hidden_size']} "
                             f"and vocabulary {target['vocab_size']}, the draft has {cfg.hidden_size} and "

@@ -3,6 +3,8 @@
 Multimodal (LLaVA) targets: a batch's images (batch["pixel_values"] [B, I, C, S, S]) go into the target's pass,
 so the draft reads the features of the multimodal prefill at text and image positions; image positions are
 never predicted (`drop_image_tokens`: loss_mask 0 at image tokens, as the EAGLE-3 / ViSpec baselines train).
+config.draft.vision_adaptor adds ViSpec's vision adaptor to the draft (models/eagle3.py `VisionAdaptor`): the TTT
+unroll's step 0 pools the sequence's image positions, every step fuses the result into its text rows.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def batch_loss(config, target, draft, params, frozen, batch, with_rows: bool = F
                      decay=float(config.draft.step_decay), attention_mask=valid, with_rows=with_rows)
 
 
+def draft_options(config, target) -> dict:
+  """Eagle3Config fields set by config.draft: the vision adaptor (draft.vision_adaptor, draft.vision_queries).
+  The adaptor reads image positions, so a text-only target with it on is an error naming the switch."""
+  adaptor = bool(config.draft.get("vision_adaptor", False))
+  if adaptor and getattr(target.config, "image_token_id", None) is None:
+    raise ValueError(f"config.draft.vision_adaptor=True needs a multimodal (LLaVA) target, but the target "
+                     f"{config.model.name!r} is a text model (no image token, so nothing for the adaptor to read); "
+                     "set --config.draft.vision_adaptor=False or use a LLaVA target (configs/llava.py)")
+  return dict(vision_adaptor=adaptor, vision_queries=int(config.draft.get("vision_queries", 4)))
+
+
 def build(config, target, vocab) -> Method:
   """Method for config.method == "eagle3": draft module, init_params(rng) (boxed), loss_fn(params, frozen,
   batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on."""
@@ -58,7 +71,8 @@ def build(config, target, vocab) -> Method:
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
   from vsd_jax.models.features import embedding_matrix
 
-  dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]))
+  dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]),
+                                  **draft_options(config, target))
   draft = Eagle3Draft(dcfg)
   validate_vocab_maps(vocab.t2d, vocab.d2t, target.config.vocab_size)
   frozen = dict(target=target.params, t2d=jnp.asarray(vocab.t2d), d2t=jnp.asarray(vocab.d2t))

@@ -94,8 +94,9 @@ def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array,
           if step0 is None else with_slots(step0, slots))
   ids_after = left_shifter(input_ids)
   teacher = lambda k, logits, key: (ids_after(2 + k), None)  # z_{k+1}: the true token
-  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache, out0.logits,
-                       out0.hidden, positions_from_mask(valid), jnp.broadcast_to(jnp.arange(1, t + 1), (b, t)),
+  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix, out0.image_vector), out0.kv_cache,
+                       out0.logits, out0.hidden, positions_from_mask(valid),
+                       jnp.broadcast_to(jnp.arange(1, t + 1), (b, t)),
                        jnp.full((b,), t, jnp.int32), depth=num_steps, choose=teacher, reduce=step_fn,
                        key_valid=valid)
   return chain.reduced

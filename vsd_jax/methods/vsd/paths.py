@@ -84,7 +84,7 @@ def unroll_draft_paths(draft_params, draft_module: Eagle3Draft, embed_matrix: ja
       z = jax.random.categorical(key, jax.lax.stop_gradient(logits) / temperature, axis=-1).astype(jnp.int32)
     return draft_to_target(z, d2t), z
 
-  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix), out0.kv_cache,
+  chain = unroll_chain(draft_fn_of(draft_module, draft_params, embed_matrix, out0.image_vector), out0.kv_cache,
                        rep(gather_rows(out0.logits, row)), rep(gather_rows(out0.hidden, row)),
                        rep(jnp.take_along_axis(positions_from_mask(valid), row, axis=1)), rep(anchors),
                        jnp.full((b,), t, jnp.int32), depth=k_max, choose=choose, rng=key0, key_valid=valid)
