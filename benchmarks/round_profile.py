@@ -90,8 +90,8 @@ class Round:
     b, p = ids.shape
     embed = embedding_matrix(tp)
     out = self.tm.apply({"params": tp}, ids, kv_cache=KVCache.zeros(self.tm.cfg, b, cache_slots),
-                        write_index=jnp.zeros_like(lens), hidden_layers=self.layers)
-    last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
+                        write_index=jnp.zeros_like(lens), hidden_layers=self.layers, logits_at=lens - 1)
+    last = out.logits[:, 0]
     rng, sub = jax.random.split(rng)
     root = sample_token(last, sub, self.temp, self.top_p)
     shifted = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)

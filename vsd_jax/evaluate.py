@@ -21,13 +21,14 @@ list; relative to the set's folder or --image_folder; `pkg:<package>/<path>` for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 from absl import flags
 
-from vsd_jax.cli_config import define_config_flag, run_app
+from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
 
 _CONFIG = define_config_flag()
@@ -39,12 +40,9 @@ flags.DEFINE_string("data_dir", None, "Folder holding <bench>/question.jsonl (de
 flags.DEFINE_string("temperature", "0", "Comma-separated temperatures.")
 flags.DEFINE_integer("num_prompts", 10, "First N prompts of each set.")
 flags.DEFINE_integer("max_new_tokens", 128, "New tokens per prompt.")
-flags.DEFINE_integer("tree_depth", 5, "Draft tree depth.")
-flags.DEFINE_integer("top_k", 8, "Draft tree branching.")
-flags.DEFINE_string("total_tokens", "12", "Draft tokens verified per round, or 'auto': time the target's "
-                    "verification forward here and take the largest size costing <= --auto_max_ratio decode steps.")
-flags.DEFINE_float("auto_max_ratio", 2.0, "Cost bound for --total_tokens=auto, in single-token decode steps.")
-flags.DEFINE_string("mode", "tree", "tree | chain")
+define_decoding_shape_flags()
+flags.DEFINE_integer("calib_prompts", 2, "Autotuned shape: prompts of each set after the first --num_prompts (so "
+                     "never the evaluated ones) whose greedy continuations measure the draft's acceptance.")
 flags.DEFINE_string("output_dir", None, "Where results go (default <workdir>/eval).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("image_folder", "", "Folder of relative image paths in question.jsonl (default: its folder).")
@@ -90,11 +88,11 @@ def main(_):
 
   from vsd_jax.decoding.runner import check_capacity, run_batches
   from vsd_jax.decoding.speculative import required_slots, speculative_generate
-  from vsd_jax.decoding.tree import TreeConfig
+  from vsd_jax.decoding.autotune import choose_shape, explicit_shape, format_table
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax.eval.metrics import summarize
   from vsd_jax.data.chat import prompt_encoder
-  from vsd_jax.data.prompt_file import read_prompt_file
+  from vsd_jax.data.prompt_file import encode_prompt_items, read_prompt_file
   from vsd_jax.models.eagle3 import Eagle3Draft
   from vsd_jax import parallel
   from vsd_jax.weights import load_target
@@ -107,37 +105,34 @@ def main(_):
   out_dir = F.output_dir or os.path.join(cfg.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg))
+                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg),
+                       scan_layers=cfg.generate.scan_layers)
   dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
-  tree_timing = None
-  if F.total_tokens == "auto":
-    from vsd_jax.eval.tree_size import pick_total_tokens
-    max_nodes = F.top_k + (F.tree_depth - 1) * F.top_k * F.top_k
-    cands = tuple(c for c in (4, 8, 12, 16, 24, 32, 48, 64) if c <= max_nodes) or (max_nodes,)
-    total, tree_timing = pick_total_tokens(target, cands, F.auto_max_ratio)
-    print(f"total_tokens=auto -> {total} (target forward seconds by tree size: {tree_timing})", file=sys.stderr)
-  else:
-    total = int(F.total_tokens)
-  tree_cfg = TreeConfig(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode)
   draft = Eagle3Draft(dcfg)
   enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
   eos, pad_id = enc.eos_ids, enc.pad_id
+  benches = F.bench.split(",")
+  bench_path = lambda b: b if b.endswith(".jsonl") else os.path.join(data_dir, b, "question.jsonl")  # noqa: E731
+  tree_cfg, choice = explicit_shape(F.tree_depth, F.top_k, F.total_tokens, F.mode), None
+  if tree_cfg is None:  # the shape measured fastest here, from text prompts the evaluation does not use
+    calib = [enc.encode_user(m, cfg.generate.system_prompt)
+             for b in benches for _, m, im in read_prompt_file(bench_path(b), with_images=True)[
+                 F.num_prompts:F.num_prompts + F.calib_prompts] if not im]
+    choice = choose_shape(target, draft, dparams, d2t, F.draft, calib, eos_ids=eos, pad_id=pad_id,
+                          precision=F.precision, cache_path=F.autotune_cache, retune=F.retune, fallback=True)
+    print(choice.describe() + "\n" + format_table(choice.table), file=sys.stderr)
+    tree_cfg = choice.shape
   n = F.max_new_tokens
   max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
   temps = [float(t) for t in F.temperature.split(",")]
   results, mismatches = {}, {}
-  for bench in F.bench.split(","):
-    path = bench if bench.endswith(".jsonl") else os.path.join(data_dir, bench, "question.jsonl")
+  for bench in benches:
+    path = bench_path(bench)
     bench = os.path.splitext(os.path.basename(bench))[0] if bench.endswith(".jsonl") else bench
     items = read_prompt_file(path, with_images=True, image_folder=F.image_folder)[:F.num_prompts]
-    prompts = [enc.encode_user(m, cfg.generate.system_prompt) for _, m, _ in items]
-    images, pixels = None, None  # a multimodal set: each prompt's image files, and their loader
-    if any(im for _, _, im in items):
-      from vsd_jax.data.pipeline import multimodal_prompts
-      from vsd_jax.data.sources import Prompt
-      prompts, images, pixels = multimodal_prompts(
-          target, [Prompt(f"{path} question {q}", [], im) for q, _, im in items], prompts)
-    px = lambda rows: None if rows is None else jnp.asarray(pixels.batch(rows))  # noqa: E731
+    encoded = encode_prompt_items(target, enc, items, cfg.generate.system_prompt, path)
+    prompts, images = encoded.ids, encoded.images  # images: a multimodal set's image files per prompt, else None
+    px = lambda rows: None if rows is None else jnp.asarray(encoded.pixel_values(rows))  # noqa: E731
     for p in prompts:
       check_capacity([len(p)], n, max_pos, extra=required_slots(0, 0, tree_cfg))
     for temp in temps:
@@ -169,8 +164,9 @@ def main(_):
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
             file=sys.stderr)
-  meta = dict(draft=F.draft, tree=dict(depth=F.tree_depth, top_k=F.top_k, total_tokens=total, mode=F.mode),
-              tree_size_timing=tree_timing,
+  meta = dict(draft=F.draft, tree=dataclasses.asdict(tree_cfg),
+              autotune=None if choice is None else dict(cached=choice.cached, key=choice.key,
+                                                        predicted_speedup=choice.predicted_speedup, table=choice.table),
               max_new_tokens=n, num_prompts=F.num_prompts, precision=F.precision, jax=jax.__version__,
               device=str(jax.devices()[0]))
   with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -48,7 +48,8 @@ CACHE_VERSION = 1
 # Candidate shapes per platform: (mode, depth, top_k, verified-token counts). Chains take depth 1..D.
 CANDIDATES = {
     "cpu": dict(chain_depths=(1, 2, 3, 4, 5, 6),
-                trees=((3, 2, (4, 6)), (4, 3, (6, 8)), (4, 4, (8, 12)), (5, 4, (8, 12, 16)), (6, 4, (12, 16)))),
+                trees=((1, 4, (2, 3, 4)), (2, 2, (3, 4)), (2, 3, (4, 6)), (3, 2, (4, 6)), (3, 3, (6, 8)),
+                       (4, 4, (8, 12)), (5, 4, (12, 16)))),
     "accelerator": dict(chain_depths=(2, 3, 4, 5, 6, 7, 8),
                         trees=((5, 8, (16, 24, 32)), (6, 10, (32, 48, 60)), (7, 10, (48, 60, 80)),
                                (8, 10, (60, 80, 96)))),

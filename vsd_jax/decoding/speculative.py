@@ -6,6 +6,8 @@ in the target cache, and the draft consumes the accepted tokens with the target'
 Rows advance independently (per-row committed lengths); finished rows idle until all are done.
 Multimodal prompts (a LLaVA target): the images go into the target's prefill only, so the draft's prefill reads
 the features of the multimodal prefill at text and image positions; every round after it is the usual one.
+A draft with the vision adaptor pools the prompt's image positions at its prefill into one image vector per row
+(zero for a row without images), kept in the loop state and fused into every draft call of every round.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vsd_jax.decoding.vanilla import is_eos
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
 from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.models.draft_unroll import draft_fn_of
+from vsd_jax.models.eagle3 import image_positions
 from vsd_jax.models.features import embedding_matrix, fuse_features, image_inputs
 from vsd_jax.models.kv_cache import KVCache, gather_slots
 
@@ -66,7 +69,8 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
     max_new_tokens, cache_slots (>= required_slots(P, max_new_tokens, tree_cfg)), eos_ids, pad_id: static.
     precision: static matmul precision of target and draft, 'default' | 'high' | 'highest'
       (decoding/precision.py; 'highest' for T=0 output identical to vanilla on GPUs); None = JAX's setting.
-    pixel_values / image_features: a LLaVA target's images, used by the prefill only (see vanilla.generate).
+    pixel_values / image_features: a LLaVA target's images, used by the prefill only (see vanilla.generate);
+      a draft with the vision adaptor (draft_model.cfg.vision_adaptor) needs the LLaVA target it was trained for.
   Returns:
     SpeculativeOutput(tokens [B, max_new_tokens], num_new [B], rounds [B], accept_hist [B, D+1]).
   """
@@ -80,6 +84,12 @@ def _speculative_generate(target_model, target_params, draft_model, draft_params
                           rng, tree_cfg, max_new_tokens, cache_slots, eos_ids, temperature, top_p,
                           pad_id, images=None) -> SpeculativeOutput:
   tcfg = target_model.cfg
+  dcfg = draft_model.cfg
+  if dcfg.vision_adaptor and getattr(tcfg, "image_token_id", None) != dcfg.image_token_id:
+    have = ("is a text model" if getattr(tcfg, "image_token_id", None) is None
+            else f"has image token {tcfg.image_token_id}")
+    raise ValueError(f"speculative_generate: the draft has a vision adaptor for image token {dcfg.image_token_id} "
+                     f"but the target {have}; decode with the multimodal target the draft was trained for")
   layers = tcfg.eagle3_layers
   b, p = prompt_ids.shape
   depth = tree_cfg.depth
@@ -91,8 +101,8 @@ def _speculative_generate(target_model, target_params, draft_model, draft_params
   tcache = KVCache.zeros(tcfg, b, cache_slots)
   out = target_model.apply({"params": target_params}, prompt_ids, kv_cache=tcache,
                            write_index=jnp.zeros_like(prompt_lens), hidden_layers=layers,
-                           **image_inputs(images or {}))
-  last_logits = jnp.take_along_axis(out.logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+                           logits_at=prompt_lens - 1, **image_inputs(images or {}))
+  last_logits = out.logits[:, 0]
   rng, sub = jax.random.split(rng)
   root = sample_token(last_logits, sub, temperature, top_p)
 
@@ -100,17 +110,18 @@ def _speculative_generate(target_model, target_params, draft_model, draft_params
   shifted = jnp.concatenate([prompt_ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
   draft_in = jnp.where(jnp.arange(p)[None, :] == (prompt_lens - 1)[:, None], root[:, None], shifted)
   dcache = KVCache.zeros(draft_model.cfg.layer_config, b, cache_slots)
+  in_prompt = jnp.arange(p)[None, :] < prompt_lens[:, None]
   dout = draft_model.apply({"params": draft_params}, embed, draft_in, fuse_features(out.hidden_states),
-                           kv_cache=dcache, write_index=jnp.zeros_like(prompt_lens))
+                           kv_cache=dcache, write_index=jnp.zeros_like(prompt_lens),
+                           image_mask=image_positions(dcfg, prompt_ids, in_prompt))
   pick = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
   state = dict(
       tcache=out.kv_cache, dcache=dout.kv_cache, length=prompt_lens, root=root,
       root_logits=pick(dout.logits, prompt_lens - 1), root_hidden=pick(dout.hidden, prompt_lens - 1),
       tokens=jnp.full((b, max_new_tokens + width), pad_id, jnp.int32).at[:, 0].set(root),
       num_new=jnp.ones((b,), jnp.int32), done=is_eos(root, eos_ids) | (max_new_tokens <= 1),
-      rounds=jnp.zeros((b,), jnp.int32), hist=jnp.zeros((b, width), jnp.int32), rng=rng)
-
-  draft_fn = draft_fn_of(draft_model, draft_params, embed)
+      rounds=jnp.zeros((b,), jnp.int32), hist=jnp.zeros((b, width), jnp.int32), rng=rng,
+      image_vector=dout.image_vector)  # [B, H] with the vision adaptor, else None
 
   def cond(s):
     return ~jnp.all(s["done"])
@@ -118,6 +129,7 @@ def _speculative_generate(target_model, target_params, draft_model, draft_params
   def body(s):
     rng, k_tree, k_verify = jax.random.split(s["rng"], 3)
     length = s["length"]
+    draft_fn = draft_fn_of(draft_model, draft_params, embed, s["image_vector"])
     tree, dcache = expand_tree(tree_cfg, draft_fn, s["dcache"], d2t, s["root"],
                                s["root_logits"], s["root_hidden"], length, k_tree, temperature, top_p)
     vout = tree_forward(target_model, target_params, s["tcache"], tree.tokens, tree.depths, tree.ancestors,
@@ -148,14 +160,16 @@ def _speculative_generate(target_model, target_params, draft_model, draft_params
     # The draft consumes the committed tokens with the target's features of the nodes before them.
     feats = fuse_features(vout.hidden_states)
     feats = jnp.take_along_axis(feats, path[:, :, None], axis=1)
-    dout = draft_model.apply({"params": draft_params}, embed, new, feats, kv_cache=dcache, write_index=length)
+    dout = draft_model.apply({"params": draft_params}, embed, new, feats, kv_cache=dcache, write_index=length,
+                             image_vector=s["image_vector"])
     new_length = length + m + 1
     keep = lambda a, b_: jnp.where(running.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)
     return dict(
         tcache=tcache, dcache=dout.kv_cache, length=keep(new_length, length), root=keep(bonus, s["root"]),
         root_logits=keep(pick(dout.logits, m), s["root_logits"]), root_hidden=keep(pick(dout.hidden, m), s["root_hidden"]),
         tokens=tokens, num_new=num_new, done=done, rounds=s["rounds"] + running,
-        hist=s["hist"] + (running[:, None] & (jnp.arange(width)[None, :] == m[:, None])), rng=rng)
+        hist=s["hist"] + (running[:, None] & (jnp.arange(width)[None, :] == m[:, None])), rng=rng,
+        image_vector=s["image_vector"])
 
   s = jax.lax.while_loop(cond, body, state)
   return SpeculativeOutput(tokens=s["tokens"][:, :max_new_tokens], num_new=s["num_new"], rounds=s["rounds"],

@@ -37,10 +37,9 @@ def is_eos(tokens: jax.Array, eos_ids: tuple) -> jax.Array:
 def prefill(model, params, prompt_ids, prompt_lens, cache: KVCache, **images):
   """Run the prompt through the target, filling the cache. Returns (logits at each row's last prompt
   token float32 [B, V], cache, output). images: a LLaVA target's pixel_values / image_features (see generate)."""
-  out = model.apply({"params": params}, prompt_ids, kv_cache=cache,
-                    write_index=jnp.zeros_like(prompt_lens), **image_inputs(images))
-  last = jnp.take_along_axis(out.logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-  return last, out.kv_cache, out
+  out = model.apply({"params": params}, prompt_ids, kv_cache=cache, write_index=jnp.zeros_like(prompt_lens),
+                    logits_at=prompt_lens - 1, **image_inputs(images))
+  return out.logits[:, 0], out.kv_cache, out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_slots", "eos_ids", "top_p",

@@ -222,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids, positions=None, attention_mask=None, kv_cache: Optional[KVCache] = None,
                write_index=None, hidden_layers: Sequence[int] = (), return_logits: bool = True,
-               inputs_embeds=None):
+               inputs_embeds=None, logits_at=None):
     """Forward pass.
 
     Args:
@@ -235,11 +235,14 @@ class LlamaForCausalLM(nn.Module):
       write_index: int32 [B]; default zeros.
       hidden_layers: static layer indices whose *input* hidden states are returned.
       return_logits: static; False skips the vocabulary projection.
+      logits_at: optional int32 [B]: the vocabulary projection at that row of each sequence only (logits
+        [B, 1, V]; a prefill reads just the last prompt token's), instead of at every row.
       inputs_embeds: optional [B, T, H] layer-0 inputs used instead of `embed(input_ids)` (e.g. text
         embeddings with image features placed at the image tokens); everything after the embedding is the
         same call, so masks, the KV cache and hidden_layers behave as with input_ids.
     Returns:
-      LlamaOutput(logits float32 [B, T, V], kv_cache, hidden_states [len(hidden_layers), B, T, H]).
+      LlamaOutput(logits float32 [B, T, V] ([B, 1, V] with logits_at), kv_cache,
+        hidden_states [len(hidden_layers), B, T, H]).
     """
     cfg = self.cfg
     if inputs_embeds is None:
@@ -274,6 +277,8 @@ class LlamaForCausalLM(nn.Module):
     new_cache = None if kv_cache is None else KVCache(*cache)
     logits = None
     if return_logits:
+      if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
       h = _norm(cfg, "norm")(x)
       if cfg.tie_word_embeddings:
         logits = self.embed_tokens.attend(h).astype(jnp.float32)

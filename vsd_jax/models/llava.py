@@ -153,7 +153,7 @@ class LlavaForConditionalGeneration(nn.Module):
 
   def __call__(self, input_ids, positions=None, attention_mask=None, kv_cache: Optional[KVCache] = None,
                write_index=None, hidden_layers: Sequence[int] = (), return_logits: bool = True,
-               pixel_values=None, image_features=None) -> LlamaOutput:
+               pixel_values=None, image_features=None, logits_at=None) -> LlamaOutput:
     """LlamaForCausalLM's call (same arguments and LlamaOutput; see there) plus the images of the batch.
 
     input_ids: int32 [B, T], each image expanded to cfg.num_image_tokens tokens cfg.image_token_id.
@@ -172,7 +172,7 @@ class LlavaForConditionalGeneration(nn.Module):
       v = self.cfg.vision
       self.image_features(jnp.zeros((1, v.num_channels, v.image_size, v.image_size), v.jnp_dtype))
     kw = dict(positions=positions, attention_mask=attention_mask, kv_cache=kv_cache, write_index=write_index,
-              hidden_layers=hidden_layers, return_logits=return_logits)
+              hidden_layers=hidden_layers, return_logits=return_logits, logits_at=logits_at)
     if image_features is None:
       return self.language_model(input_ids, **kw)
     place = place_image_features_per_row if image_features.ndim == 4 else place_image_features
