@@ -1,6 +1,6 @@
 """Vanilla decode throughput: our jitted loop vs transformers' PyTorch `generate`, same prompts, same run.
 
-  python benchmarks/vanilla_decode.py --num_prompts 8 --max_new_tokens 128 [--bench mt_bench]
+  python benchmarks/vanilla_decode.py --num_prompts 8 --max_new_tokens 128 [--bench mt_bench] [--scan_layers 1]
 
 Both float32, greedy, batch 1, on the same GGUF weights. Our compile time is excluded (one warm-up
 call per length bucket); torch gets one warm-up generate. Prompts run interleaved (ours, then torch,
@@ -34,13 +34,15 @@ def main():
   ap.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
   ap.add_argument("--num_prompts", type=int, default=8)
   ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--scan_layers", type=int, default=0, help="1: the target's layers under nn.scan (training's "
+                  "layout); 0 (what generate/evaluate load, config.generate.scan_layers): unrolled")
   ap.add_argument("--output", default=None)
   args = ap.parse_args()
 
   import torch
   from transformers import AutoModelForCausalLM
 
-  target = load_target("smollm2-135m-instruct")
+  target = load_target("smollm2-135m-instruct", scan_layers=bool(args.scan_layers))
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(target.source), gguf_file=os.path.basename(target.source),
                                             dtype=torch.float32).eval()
   items = read_prompt_file(os.path.join(args.data_root, "eval", "eagle", args.bench, "question.jsonl"))
@@ -74,6 +76,7 @@ def main():
   res = dict(bench=args.bench, prompts=len(prompts), max_new_tokens=n, jax_tokens=tok_ours, torch_tokens=tok_theirs,
              jax_tok_per_s=tok_ours / t_ours, torch_tok_per_s=tok_theirs / t_theirs,
              speedup=(tok_ours / t_ours) / (tok_theirs / t_theirs), identical_outputs=same,
+             scan_layers=bool(args.scan_layers),
              machine=f"{platform.machine()} {os.cpu_count()} cores", jax=jax.__version__, torch=torch.__version__,
              torch_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
   print(json.dumps(res, indent=1))
