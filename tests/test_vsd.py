@@ -549,3 +549,36 @@ def test_heldout_metrics_equal_the_eagle3_loss(tiny):
   np.testing.assert_allclose(got["step_acc"], want, atol=1e-6)
   assert max(want) > 0  # the trained tiny draft agrees somewhere: the comparison is not 0 == 0
   assert got["sequences"] == B and got["chain"]["anchors"] > 0 and got["chain"]["tau_chain"] >= 1.0
+
+
+def test_stochastic_utility_equals_chain_verifier_acceptance():
+  """The stochastic utility U = sum_k prod_{j<=k} min(1, p_j/q_j) of a draft chain is the expected number of its
+  tokens that chain speculative sampling (decoding/verify.chain_verify, T=1) accepts; and prod_{j<=k} a_j is
+  P(accepted >= k). 20,000 verifier draws of one fixed chain, 4-sigma bounds."""
+  from vsd_jax.decoding.tree import Tree
+  from vsd_jax.decoding.verify import chain_verify
+  k_depth, v = 3, 5
+  rng = np.random.default_rng(3)
+  p_logits = jnp.asarray(rng.normal(size=(k_depth + 1, v)) * 1.5, jnp.float32)   # target at nodes 0..K
+  q = rng.dirichlet(np.ones(v), size=k_depth + 1).astype(np.float32)             # draft at nodes 1..K
+  z = np.array([2, 4, 3])  # for this seed min(1, p/q) = 0.52, 1, 0.28 at these tokens: U = 1.19
+  t = k_depth + 1
+  tree = Tree(tokens=jnp.asarray([[0, *z]], jnp.int32), parents=jnp.asarray([np.maximum(np.arange(t) - 1, 0)]),
+              depths=jnp.arange(t)[None], ancestors=jnp.tril(jnp.ones((t, t), bool))[None],
+              scores=jnp.zeros((1, t)), children=jnp.asarray([np.where(np.arange(t) < k_depth, np.arange(t) + 1,
+                                                                         -1)[:, None]], jnp.int32),
+              q_probs=jnp.asarray(q)[None])
+  draws = 20000
+  m = jax.vmap(lambda key: chain_verify(tree, p_logits[None], key, jnp.arange(v), 1.0)[1][0])(
+      jax.random.split(jax.random.PRNGKey(0), draws))
+  m = np.asarray(m)
+  p = reduce_logits(p_logits[None, :k_depth], jnp.asarray(z)[None])        # p_k at the parent of z_k
+  q_z = jnp.asarray(q[np.arange(1, t), z])[None]
+  a = vsd_utility.acceptance("stochastic", jnp.asarray(z)[None], q_z, p.argmax, p.token_prob)
+  u = float(vsd_utility.expected_length(a)[0])
+  assert 0.3 < u < k_depth - 0.3  # not a trivial chain: some tokens are rejected sometimes
+  assert abs(m.mean() - u) < 4 * m.std() / np.sqrt(draws), (m.mean(), u)
+  reach = np.cumprod(np.asarray(a[0]))
+  for k in range(1, k_depth + 1):
+    freq = np.mean(m >= k)
+    assert abs(freq - reach[k - 1]) < 4 * np.sqrt(reach[k - 1] * (1 - reach[k - 1]) / draws) + 1e-3, (k, freq)
