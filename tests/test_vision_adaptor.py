@@ -154,6 +154,7 @@ def _vocab(llava):
   return types.SimpleNamespace(d2t=np.zeros((v,), np.int32), t2d=np.ones((v,), bool))
 
 
+@pytest.mark.slow
 def test_a_train_step_reaches_the_adaptor(llava, prompts):
   """EAGLE-3's train step (trainer.MethodSteps): the first step moves only the zero-initialised fuse projection (the
   rest of the adaptor gets exactly zero gradient through it), the second moves every adaptor weight. VSD (method
