@@ -212,8 +212,8 @@ def measure_tau(target, draft_model, draft_params, d2t, calib: Calibration, shap
 
 
 def time_interleaved(timers: dict, repeats: int) -> dict:
-  """{name: best seconds} of timers {name: (jitted fn, args)}: every one compiled first, then `repeats` rounds that
-  call each once in turn, so a burst of load from elsewhere lands on all of them, not on one node count."""
+  """{name: best seconds} of timers {name: (fn, args)}: every one called once first (compilation), then `repeats`
+  rounds that call each once in turn, so a burst of load from elsewhere lands on all of them, not on one."""
   for fn, args in timers.values():
     jax.block_until_ready(fn(*args))
   best = {k: float("inf") for k in timers}
@@ -225,23 +225,33 @@ def time_interleaved(timers: dict, repeats: int) -> dict:
   return best
 
 
+def _threaded(f, cache, *args):
+  """A call of the jitted f(cache, *args) -> (outputs, cache) that donates its cache and keeps the returned one
+  for the next call, as the decoding loop updates its caches in place (no copy of the cache per call)."""
+  state = [cache]
+
+  def call():
+    out, state[0] = f(state[0], *args)
+    return out
+  return call, ()
+
+
 def verify_timer(target, nodes: int, batch: int, context: int, num_slots: int, precision=None):
   """(fn, args): the target's forward over `nodes` tokens per row on a cache holding `context` tokens, i.e. the
   verification of a `nodes`-node chain with the decoding loop's feature outputs (nodes=1 without them: the
-  vanilla decode step)."""
+  vanilla decode step). The cache is updated in place, as in the loops."""
   layers = target.config.eagle3_layers if nodes > 1 else ()
 
-  def fwd(params, cache, tokens, length):
+  def fwd(cache, params, tokens, length):
     with matmul_precision(precision):
       t = tokens.shape[1]
       depths = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
       anc = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
       out = tree_forward(target.model, params, cache, tokens, depths, anc, length, hidden_layers=layers)
-      return out.logits, out.kv_cache
+      return (out.logits, out.hidden_states), out.kv_cache
 
-  cache = KVCache.zeros(target.config, batch, num_slots)
-  return jax.jit(fwd), (target.params, cache, jnp.zeros((batch, nodes), jnp.int32),
-                        jnp.full((batch,), context, jnp.int32))
+  return _threaded(jax.jit(fwd, donate_argnums=0), KVCache.zeros(target.config, batch, num_slots), target.params,
+                   jnp.zeros((batch, nodes), jnp.int32), jnp.full((batch,), context, jnp.int32))
 
 
 def time_verify(target, nodes: int, batch: int, context: int, num_slots: int, repeats: int = 5,
@@ -253,12 +263,12 @@ def time_verify(target, nodes: int, batch: int, context: int, num_slots: int, re
 def draft_side_timer(target, draft_model, draft_params, d2t, shape: TreeConfig, batch: int, context: int,
                      num_slots: int, precision=None):
   """(fn, args): a round's work other than the target's forward: expansion, greedy acceptance over target
-  logits of the tree's nodes, and the draft over depth + 1 committed tokens."""
+  logits of the tree's nodes, and the draft over depth + 1 committed tokens (its cache updated in place)."""
   embed = embedding_matrix(target.params)
   h = target.config.hidden_size
   vocab = target.config.vocab_size
 
-  def side(dp, dcache, root, root_logits, root_hidden, length, tlogits, feats):
+  def side(dcache, dp, root, root_logits, root_hidden, length, tlogits, feats):
     with matmul_precision(precision):
       tree, dcache = expand_tree(shape, draft_fn_of(draft_model, dp, embed), dcache, d2t, root, root_logits,
                                  root_hidden, length)
@@ -266,16 +276,16 @@ def draft_side_timer(target, draft_model, draft_params, d2t, shape: TreeConfig, 
       new = jnp.take_along_axis(tree.tokens, path, axis=1)
       f = jnp.take_along_axis(feats, path[:, :, None], axis=1)
       dout = draft_model.apply({"params": dp}, embed, new, f, kv_cache=dcache, write_index=length)
-      return dout.logits[:, 0], m, bonus
+      return (dout.logits[:, 0], m, bonus), dout.kv_cache
 
   t = shape.num_nodes
   rng = np.random.default_rng(0)
-  args = (draft_params, KVCache.zeros(draft_model.cfg.layer_config, batch, num_slots),
-          jnp.zeros((batch,), jnp.int32), jnp.asarray(rng.normal(size=(batch, d2t.shape[0])), jnp.float32),
-          jnp.zeros((batch, h), jnp.float32), jnp.full((batch,), context, jnp.int32),
-          jnp.asarray(rng.normal(size=(batch, t, vocab)), jnp.float32),
-          jnp.zeros((batch, t, 3 * h), jnp.float32))
-  return jax.jit(side), args
+  return _threaded(jax.jit(side, donate_argnums=0), KVCache.zeros(draft_model.cfg.layer_config, batch, num_slots),
+                   draft_params, jnp.zeros((batch,), jnp.int32),
+                   jnp.asarray(rng.normal(size=(batch, d2t.shape[0])), jnp.float32),
+                   jnp.zeros((batch, h), jnp.float32), jnp.full((batch,), context, jnp.int32),
+                   jnp.asarray(rng.normal(size=(batch, t, vocab)), jnp.float32),
+                   jnp.zeros((batch, t, 3 * h), jnp.float32))
 
 
 def _interp(curve: dict, n: int) -> float:
