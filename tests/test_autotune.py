@@ -31,6 +31,7 @@ def tiny():
   return target, draft, trained, d2t, prompts
 
 
+@pytest.mark.slow  # the trained tiny draft (tiny_setup) costs about a minute
 def test_replay_rounds_equal_speculative_generate(tiny):
   """For every shape and prompt, the T=0 replay predicts exactly the rounds speculative_generate runs (chains
   replayed from a top-1 tree, smaller trees as the best nodes of a larger one), and the draft accepts tokens."""
@@ -91,6 +92,7 @@ def test_choice_is_cached_per_key(tiny, tmp_path):
   assert len(json.load(open(path))) == 2
 
 
+@pytest.mark.slow  # the trained tiny draft (tiny_setup) costs about a minute
 def test_no_prompts_falls_back_to_the_fixed_shape(tiny, tmp_path):
   target, draft, dp, d2t, _ = tiny
   d = tmp_path / "d"
