@@ -8,7 +8,7 @@
 
 import os
 
-from vsd_jax.config_base import REPO_ROOT, base_config
+from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
 from vsd_jax.models.archs import ARCHS
 
 # size -> (registry name (vsd_jax/weights/registry.py; the architecture is ARCHS[name]), slice, mesh (data,
@@ -34,25 +34,12 @@ def get_config(size="8b"):
   c.generate.batch_size = 1
   # EAGLE-3's training prompts: ShareGPT + UltraChat-200K from the hub (local files: see config_base.py).
   c.data.sources = dict(
-      sharegpt=dict(type="hub", name="Aeala/ShareGPT_Vicuna_unfiltered", split="train", format="sharegpt",
-                    data_files="ShareGPT_V4.3_unfiltered_cleaned_split.json", limit=-1),
+      sharegpt=SHAREGPT_HUB,
       ultrachat=dict(type="hub", name="HuggingFaceH4/ultrachat_200k", split="train_sft", format="messages",
                      limit=-1))
   c.data.draft_vocab_size = 32000
   c.data.max_length = 2048
   c.data.buckets = (512, 1024, 2048)
-  # EAGLE-3's released recipe (eagle/traineagle3/ds_config.json): AdamW b=(0.9, 0.95), no weight decay,
-  # clip 0.5, peak lr 5e-5 after 12000 warmup steps, 800000 steps, 7-step TTT; 1 sequence per GPU x 2
-  # accumulation x 8 GPUs = 16 sequences per update. (Their decay is linear, ours cosine.)
-  c.train.batch_size = 16
-  c.train.lr = 5e-5
-  c.train.warmup_steps = 12000
-  c.train.total_steps = 800000
-  c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip = 0.9, 0.95, 0.0, 0.5
-  c.train.checkpoint_every = 2000
-  c.train.log_every = 50
-  c.draft.ttt_steps = 7
-  c.mesh.slice = slice_name        # v5p chips: 95 GiB HBM each
-  c.mesh.device_memory_gib = 0.0   # 0 = the slice's chip; see vsd_jax/dry_run.py
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+  eagle3_released_recipe(c)
+  pod_mesh(c, slice_name, data, fsdp, tensor)
   return c

@@ -28,7 +28,7 @@ scikit-image and matplotlib ship); 8 prompts train, the other 3 are the held-out
 
 import os
 
-from vsd_jax.config_base import REPO_ROOT, base_config
+from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
 from vsd_jax.models.archs import ARCHS, LLAVA_ARCHS
 
 # The offline sample set (data.images.sample_prompt_path(); not imported here: configs load before JAX starts).
@@ -67,8 +67,7 @@ def get_config(arg="tiny"):
   c.data.chat_template = "llava"
   if stage == "text":
     c.data.sources = dict(
-        sharegpt=dict(type="hub", name="Aeala/ShareGPT_Vicuna_unfiltered", split="train", format="sharegpt",
-                      data_files="ShareGPT_V4.3_unfiltered_cleaned_split.json", limit=-1))
+        sharegpt=SHAREGPT_HUB)
   else:
     c.data.sources = dict(
         llava_instruct=dict(type="hub", name="liuhaotian/LLaVA-Instruct-150K", split="train", format="llava",
@@ -79,18 +78,10 @@ def get_config(arg="tiny"):
   c.data.max_length = 2048
   c.data.buckets = (1024, 2048)    # 576 image tokens + the conversation
   c.data.regen.max_new_tokens = 1024
-  # EAGLE-3's released recipe (configs/vicuna.py): AdamW b=(0.9, 0.95), clip 0.5, lr 5e-5, 7-step TTT, 16 per update.
-  c.train.batch_size = 16
-  c.train.lr = 5e-5
-  c.train.warmup_steps = 2000 if stage == "images" else 12000
-  c.train.total_steps = 40000 if stage == "images" else 400000
-  c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip = 0.9, 0.95, 0.0, 0.5
-  c.train.checkpoint_every = 2000
-  c.train.log_every = 50
-  c.draft.ttt_steps = 7
-  c.mesh.slice = slice_name        # v5p chips: 95 GiB HBM each
-  c.mesh.device_memory_gib = 0.0   # 0 = the slice's chip; see vsd_jax/dry_run.py
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+  # EAGLE-3's released recipe, shorter: the image stage continues the text stage's draft.
+  eagle3_released_recipe(c, warmup_steps=2000 if stage == "images" else 12000,
+                         total_steps=40000 if stage == "images" else 400000)
+  pod_mesh(c, slice_name, data, fsdp, tensor)
   return c
 
 

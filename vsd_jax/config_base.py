@@ -136,3 +136,31 @@ def base_config() -> ml_collections.ConfigDict:
                                      # the newest good one (corrupt ones move to checkpoints_corrupt/)
   c.train.progress_bar = True
   return c
+
+
+# The paper-scale configs (configs/vicuna.py, llama3.py, llava.py) share EAGLE-3's released training recipe and a
+# TPU pod mesh; each is set here once.
+SHAREGPT_HUB = dict(type="hub", name="Aeala/ShareGPT_Vicuna_unfiltered", split="train", format="sharegpt",
+                    data_files="ShareGPT_V4.3_unfiltered_cleaned_split.json", limit=-1)
+
+
+def eagle3_released_recipe(c: ml_collections.ConfigDict, warmup_steps: int = 12000,
+                           total_steps: int = 800000) -> None:
+  """EAGLE-3's released recipe (eagle/traineagle3/ds_config.json): AdamW b=(0.9, 0.95), no weight decay, clip
+  0.5, peak lr 5e-5 after 12000 warmup steps, 800000 steps, 7-step TTT; 1 sequence per GPU x 2 accumulation x 8
+  GPUs = 16 sequences per update. (Their decay is linear, ours cosine.)"""
+  c.train.batch_size = 16
+  c.train.lr = 5e-5
+  c.train.warmup_steps = warmup_steps
+  c.train.total_steps = total_steps
+  c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip = 0.9, 0.95, 0.0, 0.5
+  c.train.checkpoint_every = 2000
+  c.train.log_every = 50
+  c.draft.ttt_steps = 7
+
+
+def pod_mesh(c: ml_collections.ConfigDict, slice_name: str, data: int, fsdp: int, tensor: int) -> None:
+  """Train on a TPU slice (v5p chips: 95 GiB HBM each) with a data x fsdp x tensor mesh."""
+  c.mesh.slice = slice_name
+  c.mesh.device_memory_gib = 0.0   # 0 = the slice's chip; see vsd_jax/dry_run.py
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
