@@ -39,7 +39,7 @@ import numpy as np
 from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
 from vsd_jax.decoding.verify import greedy_verify
-from vsd_jax.models.draft_unroll import draft_fn_of
+from vsd_jax.models.draft_unroll import draft_fn_of, sequence_step
 from vsd_jax.models.features import embedding_matrix, fuse_features
 from vsd_jax.models.kv_cache import KVCache
 
@@ -117,18 +117,16 @@ def greedy_continuations(target, prompts: Sequence[Sequence[int]], max_new_token
   return Calibration(seqs, lens, total)
 
 
-def _sequence_states(target_model, target_params, draft_model, draft_params, ids, num_slots):
-  """The draft over whole sequences, as its decoding prefill would run it: row j reads the target's features
-  of position j and token j+1. ids: int32 [B, W] -> (logits [B, W, Vd], hidden [B, W, H], draft cache)."""
-  b, w = ids.shape
+def _sequence_states(target_model, target_params, draft_model, draft_params, ids, lens, num_slots):
+  """The draft over whole sequences, as its decoding prefill runs it (`draft_unroll.sequence_step`: row j reads the
+  target's features of position j and token j+1). ids: int32 [B, W]; lens: int32 [B]
+  -> (logits [B, W, Vd], hidden [B, W, H], draft cache of num_slots slots)."""
   out = target_model.apply({"params": target_params}, ids, hidden_layers=target_model.cfg.eagle3_layers,
                            return_logits=False)
-  shifted = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-  dout = draft_model.apply({"params": draft_params}, embedding_matrix(target_params), shifted,
-                           fuse_features(out.hidden_states),
-                           kv_cache=KVCache.zeros(draft_model.cfg.layer_config, b, num_slots),
-                           write_index=jnp.zeros((b,), jnp.int32))
-  return dout.logits, dout.hidden, dout.kv_cache
+  valid = jnp.arange(ids.shape[1])[None, :] < lens[:, None]
+  step0 = sequence_step(draft_model, draft_params, embedding_matrix(target_params), fuse_features(out.hidden_states),
+                        ids, valid, num_slots)
+  return step0.logits, step0.hidden, step0.kv_cache
 
 
 def accept_lengths(shape: TreeConfig, totals: Sequence[int], draft_model, draft_params, embed, d2t, seq, seq_len,
@@ -188,8 +186,9 @@ def measure_tau(target, draft_model, draft_params, d2t, calib: Calibration, shap
   max_depth = max(e[0].depth for e in expansions)
   slots = w + max(e[0].scratch_slots for e in expansions) + max_depth + 2
   with matmul_precision(precision):
-    states = jax.jit(_sequence_states, static_argnums=(0, 2, 5))(
-        target.model, target.params, draft_model, draft_params, jnp.asarray(calib.ids), slots)
+    states = jax.jit(_sequence_states, static_argnums=(0, 2, 6))(
+        target.model, target.params, draft_model, draft_params, jnp.asarray(calib.ids), jnp.asarray(calib.lens),
+        slots)
   rows = int(np.max(calib.lens - calib.prompt_lens))
   rounds = {shape_name(s): [] for s in shapes}
   for exp_shape, totals, members in expansions:
