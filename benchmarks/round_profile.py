@@ -454,6 +454,8 @@ def main():
   ap.add_argument("--total_tokens", type=int, default=12)
   ap.add_argument("--mode", default="tree", choices=("tree", "chain"))
   ap.add_argument("--temperature", type=float, default=0.0)
+  ap.add_argument("--untie_lm_head", default="auto", help="auto|true|false: a tied target's vocabulary projection "
+                  "as its own [H, V] kernel (auto: on CPUs; what generate/evaluate load, config.generate.untie_lm_head)")
   ap.add_argument("--precision", default=None, choices=PRECISIONS, help="Matmul precision (default: JAX's).")
   ap.add_argument("--batches", default="1,4")
   ap.add_argument("--bench", default="mt_bench", help="Prompt set for a real target (<data_root>/eval/eagle/).")
@@ -479,7 +481,9 @@ def main():
     name = f"random {args.random_target}" + (f" ({args.layers} layers)" if args.layers else "")
   else:
     from vsd_jax.weights import load_target
-    target = load_target(args.target, dtype=args.dtype, scan_layers=bool(args.scan_layers))
+    from vsd_jax.weights.registry import untie_on_this_device
+    target = load_target(args.target, dtype=args.dtype, scan_layers=bool(args.scan_layers),
+                         untie_lm_head=untie_on_this_device(args.untie_lm_head))
     tm, tp, name = target.model, target.params, args.target
   if args.draft:
     from vsd_jax.models.eagle3 import Eagle3Draft

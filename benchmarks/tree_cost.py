@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
 from vsd_jax.decoding.autotune import time_verify  # noqa: E402
 from vsd_jax.weights import load_target  # noqa: E402
+from vsd_jax.weights.registry import untie_on_this_device  # noqa: E402
 
 
 def step_ms(target, batch):
@@ -41,7 +42,8 @@ def main():
   ap.add_argument("--sizes", default="1,2,4,8,16,32,48")
   ap.add_argument("--batches", default="1,8,32")
   a = ap.parse_args()
-  target = load_target("smollm2-135m-instruct", with_tokenizer=False, scan_layers=False)
+  target = load_target("smollm2-135m-instruct", with_tokenizer=False, scan_layers=False,
+                       untie_lm_head=untie_on_this_device())
   sizes = [int(x) for x in a.sizes.split(",")]
   ms = [time_verify(target, t, 1, 256, 384) * 1000 for t in sizes]
   print("| tokens T | " + " | ".join(map(str, sizes)) + " |")

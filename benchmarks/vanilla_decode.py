@@ -25,7 +25,7 @@ from vsd_jax.data.chat import prompt_encoder  # noqa: E402
 from vsd_jax.decoding.runner import check_capacity, pad_prompts  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
-from vsd_jax.weights import load_target  # noqa: E402
+from vsd_jax.weights import load_target, untie_vocab_projection  # noqa: E402
 
 
 def main():
@@ -36,6 +36,9 @@ def main():
   ap.add_argument("--max_new_tokens", type=int, default=128)
   ap.add_argument("--scan_layers", type=int, default=0, help="1: the target's layers under nn.scan (training's "
                   "layout); 0 (what generate/evaluate load, config.generate.scan_layers): unrolled")
+  ap.add_argument("--lm_head", default="untied,tied", help="vocabulary projection layouts of our target to time, "
+                  "interleaved: 'untied' (its own [H, V] kernel: what generate/evaluate load on CPUs, "
+                  "config.generate.untie_lm_head) and/or 'tied' (the embedding's transpose)")
   ap.add_argument("--output", default=None)
   args = ap.parse_args()
 
@@ -43,6 +46,10 @@ def main():
   from transformers import AutoModelForCausalLM
 
   target = load_target("smollm2-135m-instruct", scan_layers=bool(args.scan_layers))
+  layouts = args.lm_head.split(",")
+  if not layouts or set(layouts) - {"untied", "tied"}:
+    sys.exit(f"error: --lm_head={args.lm_head!r}: use 'untied', 'tied' or both, comma-separated")
+  ours_targets = {name: untie_vocab_projection(target) if name == "untied" else target for name in layouts}
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(target.source), gguf_file=os.path.basename(target.source),
                                             dtype=torch.float32).eval()
   items = read_prompt_file(os.path.join(args.data_root, "eval", "eagle", args.bench, "question.jsonl"))
@@ -51,10 +58,11 @@ def main():
   eos, pad_id = enc.eos_ids, enc.pad_id
   n = args.max_new_tokens
 
-  def ours(p):
+  def ours(p, name):
+    t = ours_targets[name]
     ids, lens = pad_prompts([p], pad_id)
     slots = check_capacity(lens, n, 8192)
-    out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), jax.random.PRNGKey(0), 0.0,
+    out = generate(t.model, t.params, jnp.asarray(ids), jnp.asarray(lens), jax.random.PRNGKey(0), 0.0,
                    max_new_tokens=n, cache_slots=slots, eos_ids=eos, pad_id=pad_id)
     return np.asarray(out.tokens[0, :int(out.num_new[0])]).tolist()
 
@@ -65,23 +73,32 @@ def main():
     return out[0, len(p):].tolist()
 
   for p in prompts:  # compile every length bucket once
-    ours(p)
+    for name in layouts:
+      ours(p, name)
   theirs(prompts[0])
-  t_ours = t_theirs = 0.0
-  tok_ours = tok_theirs = same = 0
-  for p in prompts:
-    t0 = time.perf_counter(); a = ours(p); t_ours += time.perf_counter() - t0
+  t_ours, tok_ours, same = dict.fromkeys(layouts, 0.0), dict.fromkeys(layouts, 0), dict.fromkeys(layouts, 0)
+  t_theirs, tok_theirs = 0.0, 0
+  for p in prompts:  # interleaved prompt by prompt, so load from elsewhere lands on every variant alike
     t0 = time.perf_counter(); b = theirs(p); t_theirs += time.perf_counter() - t0
-    tok_ours += len(a); tok_theirs += len(b); same += a == b
-  res = dict(bench=args.bench, prompts=len(prompts), max_new_tokens=n, jax_tokens=tok_ours, torch_tokens=tok_theirs,
-             jax_tok_per_s=tok_ours / t_ours, torch_tok_per_s=tok_theirs / t_theirs,
-             speedup=(tok_ours / t_ours) / (tok_theirs / t_theirs), identical_outputs=same,
+    tok_theirs += len(b)
+    for name in layouts:
+      t0 = time.perf_counter(); a = ours(p, name); t_ours[name] += time.perf_counter() - t0
+      tok_ours[name] += len(a); same[name] += a == b
+  rate = {name: tok_ours[name] / t_ours[name] for name in layouts}
+  first = layouts[0]
+  res = dict(bench=args.bench, prompts=len(prompts), max_new_tokens=n, jax_tokens=tok_ours[first],
+             torch_tokens=tok_theirs, jax_tok_per_s=rate[first], torch_tok_per_s=tok_theirs / t_theirs,
+             speedup=rate[first] / (tok_theirs / t_theirs), identical_outputs=same[first],
+             lm_head=first, per_layout={name: dict(tok_per_s=rate[name], speedup=rate[name] * t_theirs / tok_theirs,
+                                                   identical_outputs=same[name]) for name in layouts},
              scan_layers=bool(args.scan_layers),
              machine=f"{platform.machine()} {os.cpu_count()} cores", jax=jax.__version__, torch=torch.__version__,
              torch_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
   print(json.dumps(res, indent=1))
-  print(f"| {args.bench} | {len(prompts)} | {n} | {res['jax_tok_per_s']:.1f} | {res['torch_tok_per_s']:.1f} | "
-        f"{res['speedup']:.2f}x | {same}/{len(prompts)} |")
+  for name in layouts:
+    r = res["per_layout"][name]
+    print(f"| {args.bench} | {name} | {len(prompts)} | {n} | {r['tok_per_s']:.1f} | {res['torch_tok_per_s']:.1f} | "
+          f"{r['speedup']:.2f}x | {r['identical_outputs']}/{len(prompts)} |")
   if args.output:
     with open(args.output, "w") as f:
       json.dump(res, f, indent=1)

@@ -195,6 +195,10 @@ def test_tied_head_unscanned_and_full_strategy(tmp_path, forward):
   ours = np.asarray(forward(t.model, t.params, jnp.asarray(ids), jnp.asarray(pixels), (), {}).logits)
   ref = _hf(hf, ids, pixels).logits.numpy()
   assert np.abs(ours - ref).max() <= TOL, np.abs(ours - ref).max()
+  u = load_target(d, scan_layers=False, with_tokenizer=False, untie_lm_head=True)  # decoding's CPU layout
+  assert not u.config.text.tie_word_embeddings and "lm_head" in u.params["language_model"]
+  untied = np.asarray(forward(u.model, u.params, jnp.asarray(ids), jnp.asarray(pixels), (), {}).logits)
+  assert np.abs(untied - ref).max() <= TOL, np.abs(untied - ref).max()
 
 
 @needs_8_devices

@@ -74,3 +74,30 @@ def test_unpermute_inverts_llama_cpp_permutation():
   permuted = w.reshape(heads, 2, d // 2, width).swapaxes(1, 2).reshape(w.shape)
   np.testing.assert_array_equal(unpermute_qk(permuted, heads), w)
   assert not np.array_equal(permuted, w)
+
+
+def test_untied_lm_head_keeps_the_logits(tmp_path):
+  """untie_lm_head (decoding's CPU layout) gives a tied model its own [H, V] kernel with the same logits, also against
+  transformers; decoding_load_options resolves config.generate.untie_lm_head and names the field when it is bad."""
+  from vsd_jax.config_base import base_config
+  from vsd_jax.weights import decoding_load_options, load_target
+  m = _tiny_hf(tmp_path, tie_word_embeddings=True)
+  tied = load_target(str(tmp_path), with_tokenizer=False, scan_layers=False)
+  untied = load_target(str(tmp_path), with_tokenizer=False, scan_layers=False, untie_lm_head=True)
+  assert tied.config.tie_word_embeddings and not untied.config.tie_word_embeddings
+  np.testing.assert_array_equal(untied.params["lm_head"]["kernel"], tied.params["embed_tokens"]["embedding"].T)
+  ids = np.random.RandomState(1).randint(0, 300, (2, 40))
+  a = np.asarray(tied.model.apply({"params": tied.params}, jnp.asarray(ids)).logits)
+  b = np.asarray(untied.model.apply({"params": untied.params}, jnp.asarray(ids)).logits)
+  with torch.no_grad():
+    ref = m(torch.tensor(ids)).logits.numpy()
+  assert np.abs(b - a).max() <= 1e-5 and np.abs(b - ref).max() <= 1e-4
+  untie_again = load_target(str(tmp_path), with_tokenizer=False, untie_lm_head=True)
+  assert jax.tree.structure(untie_again.params) != jax.tree.structure(tied.params)  # scanned layers untie too
+  c = base_config()
+  assert decoding_load_options(c) == dict(scan_layers=False, untie_lm_head=jax.devices()[0].platform == "cpu")
+  c.generate.untie_lm_head = "false"
+  assert decoding_load_options(c)["untie_lm_head"] is False
+  c.generate.untie_lm_head = "sometimes"
+  with pytest.raises(ValueError, match="config.generate.untie_lm_head='sometimes'"):
+    decoding_load_options(c)

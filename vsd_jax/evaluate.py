@@ -95,7 +95,7 @@ def main(_):
   from vsd_jax.data.prompt_file import encode_prompt_items, read_prompt_file
   from vsd_jax.models.eagle3 import Eagle3Draft
   from vsd_jax import parallel
-  from vsd_jax.weights import load_target
+  from vsd_jax.weights import decoding_load_options, load_target
   from vsd_jax.weights.draft_io import load_draft
 
   cfg, F = _CONFIG.value, flags.FLAGS
@@ -106,7 +106,7 @@ def main(_):
   os.makedirs(out_dir, exist_ok=True)
   target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg),
-                       scan_layers=cfg.generate.scan_layers)
+                       **decoding_load_options(cfg))
   dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
   draft = Eagle3Draft(dcfg)
   enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids

@@ -68,7 +68,7 @@ def main(_):
   from vsd_jax.data.prompt_file import attach_images, check_image_files, encode_prompt_items, read_prompt_file
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax import parallel
-  from vsd_jax.weights import load_target
+  from vsd_jax.weights import decoding_load_options, load_target
 
   cfg = _CONFIG.value
   if flags.FLAGS.prompts is None or flags.FLAGS.output is None:
@@ -84,7 +84,7 @@ def main(_):
   check_image_files(items)  # a bad image file fails here, before the target loads
   target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg),
-                       scan_layers=g.scan_layers)
+                       **decoding_load_options(cfg))
   tok = target.tokenizer
   enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
   encoded = encode_prompt_items(target, enc, items, g.system_prompt, flags.FLAGS.prompts)

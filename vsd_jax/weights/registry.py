@@ -103,9 +103,41 @@ def load_tokenizer(kind: str, path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
+def untie_vocab_projection(target: Target) -> Target:
+  """The same target with a tied vocabulary projection given its own [H, V] `lm_head` kernel (a copy of the
+  embedding's transpose): identical logits, one more vocabulary matrix in memory. On CPUs XLA's product with the
+  embedding's transpose reads it slower than with a kernel laid out [H, V] (SmolLM2: 1.8 ms of a 32 ms decode step,
+  RESULTS section 7). A target that does not tie its embeddings is returned as it is."""
+  cfg = target.config
+  if not cfg.tie_word_embeddings:
+    return target
+  from vsd_jax.models.features import language_model_params
+  lm = dict(language_model_params(target.params))
+  lm["lm_head"] = {"kernel": jax.jit(lambda e: e.T)(lm["embed_tokens"]["embedding"])}  # keeps the sharding, transposed
+  params = {**target.params, "language_model": lm} if "language_model" in target.params else lm
+  cfg = cfg.replace(tie_word_embeddings=False)
+  model = LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
+  return dataclasses.replace(target, model=model, params=params, config=cfg)
+
+
+def untie_on_this_device(setting="auto") -> bool:
+  """config.generate.untie_lm_head -> whether to untie: "auto" on CPUs only, "true" / "false" (or a bool) force it."""
+  value = str(setting).lower()
+  if value not in ("auto", "true", "false"):
+    raise ValueError(f"config.generate.untie_lm_head={setting!r}: use 'auto' (untied on CPUs only), 'true' or 'false'")
+  return jax.devices()[0].platform == "cpu" if value == "auto" else value == "true"
+
+
+def decoding_load_options(config) -> dict:
+  """load_target's layout options for decoding (config.generate): unrolled layers, and on CPUs an untied [H, V]
+  vocabulary projection (config.generate.untie_lm_head); RESULTS section 7 measures both."""
+  g = config.generate
+  return dict(scan_layers=bool(g.scan_layers), untie_lm_head=untie_on_this_device(g.get("untie_lm_head", "auto")))
+
+
 def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float32",
                 param_dtype: Optional[str] = None, with_tokenizer: bool = True, mesh=None, rules=None,
-                **config_overrides) -> Target:
+                untie_lm_head: bool = False, **config_overrides) -> Target:
   """Load a LLaMA-family target (or a LLaVA one, from a llava-hf directory): registry name, GGUF path or HF directory.
 
   dtype is the compute dtype; param_dtype (default = dtype) the storage dtype of the parameters.
@@ -115,6 +147,7 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
     block), so host memory holds one parameter's local blocks at a time and no device ever holds more than its
     shard. GGUF (quantised, small): each parameter is dequantised whole on host, then cut into its blocks.
     Without a mesh: the whole model read to host, then one device array per parameter (jnp.asarray).
+  untie_lm_head: give a tied vocabulary projection its own [H, V] kernel (`untie_vocab_projection`; for decoding on CPUs).
   """
   from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
   from vsd_jax.weights.gguf_file import open_gguf
@@ -143,4 +176,5 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   if with_tokenizer and isinstance(model, LlavaForConditionalGeneration):
     from vsd_jax.data.images import load_processor
     processor = load_processor(path, required=False)
-  return Target(model, params, tokenizer, cfg, path, processor)
+  target = Target(model, params, tokenizer, cfg, path, processor)
+  return untie_vocab_projection(target) if untie_lm_head else target
