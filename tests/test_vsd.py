@@ -398,13 +398,13 @@ def test_vsd_loss_terms_switch_off(tiny, monkeypatch):
   # The E-step sample the M-step sees: log q(z_k) [A, S, K] and the posterior weights w [A, S].
   sample = []
   weighted_path_loss = vsd_mstep.weighted_path_loss
-  def spy(logq, like_w, unlike_w, path_w):
+  def spy(logq, like_w, unlike_w, path_w, **kw):
     jax.debug.callback(lambda lq, w: sample.append((np.asarray(lq), np.asarray(w))), logq, path_w)
-    return weighted_path_loss(logq, like_w, unlike_w, path_w)
+    return weighted_path_loss(logq, like_w, unlike_w, path_w, **kw)
   monkeypatch.setattr(vsd_mstep, "weighted_path_loss", spy)
   out = {}
   for name, kw in dict(full={}, arw_only=dict(lambda_car=0.0, mu=0.0), em=dict(arw=False, lambda_car=0.0, mu=0.0),
-                       snis=dict(estep="snis")).items():
+                       snis=dict(estep="snis"), all_anchors=dict(arw_norm="all")).items():
     method = build_vsd(_vsd_config(**kw), target, vocab)
     loss, (m, _) = jax.jit(method.loss_fn)(dparams, method.frozen, batch, jax.random.PRNGKey(0),
                                            method.method_state)
@@ -426,6 +426,10 @@ def test_vsd_loss_terms_switch_off(tiny, monkeypatch):
   np.testing.assert_allclose(em[0], -np.sum(w[..., None] * logq) / anchors, rtol=1e-5)
   assert abs(em[0] - arw_only[0]) > 1e-3  # a path rejected part-way: ARW weighs it otherwise (not vacuous)
   assert out["snis"][1]["chain_accept"] == 1.0
+  # arw_norm="all" divides ARW by every existing anchor instead of the supported ones (issue 15 variant C)
+  m_all = out["all_anchors"][1]
+  assert 0 < full[1]["supported"] < 1  # some anchors unsupported, or the two divisors agree (vacuous)
+  np.testing.assert_allclose(m_all["loss_arw"], full[1]["loss_arw"] * full[1]["supported"], rtol=1e-5)
 
 
 def test_vsd_config_errors_name_the_field():
@@ -437,6 +441,45 @@ def test_vsd_config_errors_name_the_field():
   with pytest.raises(ValueError, match="vsd.draft_temperature"):
     check_vsd_config(_vsd_config(draft_temperature=0.0).vsd)
   check_vsd_config(_vsd_config(estep="exact").vsd)  # vsd.exact's objective, dispatched by make_vsd_loss
+  with pytest.raises(ValueError, match="vsd.arw_norm"):
+    check_vsd_config(_vsd_config(arw_norm="some").vsd)
+  with pytest.raises(ValueError, match="vsd.eagle3_grad_share"):
+    check_vsd_config(_vsd_config(eagle3_grad_share=1.0).vsd)
+  with pytest.raises(ValueError, match="vsd.eagle3_grad_share.*mu > 0"):
+    check_vsd_config(_vsd_config(eagle3_grad_share=0.5, mu=0.0).vsd)
+
+
+@pytest.mark.slow
+def test_sampled_vsd_with_eagle3_grad_share(tiny):
+  """eagle3_grad_share on the sampled VSD loss: same loss and metrics for the same key; the gradients at two shares
+  and without one satisfy g = g_e3 + c g_x with c proportional to (1 - share) / share, and the recovered terms'
+  norm ratio is the one c was built from (methods/grad_share.py)."""
+  target = types.SimpleNamespace(model=tiny.model, params=tiny.params, config=tiny.model.cfg)
+  vocab = types.SimpleNamespace(d2t=np.asarray(tiny.d2t), t2d=np.asarray(tiny.t2d))
+  batch = dict(input_ids=tiny.ids, attention_mask=tiny.valid, loss_mask=tiny.loss_mask)
+  dparams = tiny_setup()[4]
+
+  def run(**kw):
+    method = build_vsd(_vsd_config(**kw), target, vocab)
+    f = lambda p: method.loss_fn(p, method.frozen, batch, jax.random.PRNGKey(0), method.method_state)  # noqa: E731
+    (loss, (m, _)), g = jax.jit(jax.value_and_grad(f, has_aux=True))(dparams)
+    flat = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+    return float(loss), {k: float(v) for k, v in m.items()}, np.asarray(flat, np.float64)
+
+  loss0, m0, g0 = run()
+  (loss1, m1, g1), (loss2, _, g2) = run(eagle3_grad_share=0.5), run(eagle3_grad_share=0.8)
+  np.testing.assert_allclose([loss1, loss2], loss0, rtol=1e-6)
+  assert m1.keys() == m0.keys() and abs(m1["loss_arw"] - m0["loss_arw"]) <= 1e-6 * abs(m0["loss_arw"])
+  r1, r2 = 1.0, 0.25                                   # (1 - share) / share
+  d1, d2 = g1 - g0, g2 - g0                            # (k r - 1) g_x each, k = |g_e3| / |g_x|
+  assert np.linalg.norm(d1) > 1e-4 * np.linalg.norm(g0)  # the share changes the gradient (not vacuous)
+  cos = d1 @ d2 / (np.linalg.norm(d1) * np.linalg.norm(d2))
+  assert abs(abs(cos) - 1) < 1e-3, cos                 # both differences lie along g_x
+  kgx = (g1 - g2) / (r1 - r2)                          # = k g_x
+  k = 1.0 / (r1 - (d1 @ kgx) / (kgx @ kgx))            # d1 . kgx / |kgx|^2 = (k r1 - 1) / k = r1 - 1 / k
+  gx = kgx / k
+  ge3 = g0 - gx
+  np.testing.assert_allclose(np.linalg.norm(ge3) / np.linalg.norm(gx), k, rtol=2e-3)
 
 
 # ---------------------------------------------------------------- exact EM on an enumerable toy

@@ -96,3 +96,71 @@ def test_exact_expected_utility_equals_sampled_draft_paths():
   assert np.all(np.asarray(m3["rows"].greedy)[:, 0, anchors - 1] == 1)          # the data is the greedy path
   assert exact.min() > 0.05, exact                                              # a test with signal
   np.testing.assert_array_less(np.abs(u.mean(-1) - exact), 4 * u.std(-1) / np.sqrt(n) + 1e-3)
+
+
+def test_hold_share_gradient():
+  """hold_share: same losses; gradient g_a + c g_x with |g_a| / (|g_a| + c |g_x|) = share, against jax.grad of each
+  term; c = 0 when the extra term has no gradient."""
+  import optax
+  from vsd_jax.methods.grad_share import hold_share
+  data = jnp.array([1.0, 2.0, 3.0])
+  params = {"w": jnp.array([0.3, -1.0, 2.0]), "b": jnp.array([[0.5, 1.5, -2.0]])}
+  anchor = lambda p: jnp.sum((p["w"] * data - 1.0) ** 2)                    # noqa: E731
+  extra = lambda p, s: s * jnp.sum(jnp.sin(p["w"]) * p["b"] ** 2)          # noqa: E731
+  for share, scale in ((0.25, 1.0), (0.6, 1.0), (0.25, 0.0)):
+    def loss(p):
+      (a, x), aux = hold_share(lambda q: ((anchor(q), extra(q, scale)), {"a": anchor(q)}), p, share)
+      return a + x, aux
+    (value, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(value, anchor(params) + extra(params, scale), rtol=1e-6)
+    ga, gx = jax.grad(anchor)(params), jax.grad(lambda p: extra(p, scale))(params)
+    na, nx = float(optax.global_norm(ga)), float(optax.global_norm(gx))
+    c = (1 - share) / share * na / nx if nx > 0 else 0.0
+    for k in params:
+      np.testing.assert_allclose(g[k], ga[k] + c * gx[k], rtol=1e-5, atol=1e-6)
+    if nx > 0:
+      np.testing.assert_allclose(na / (na + c * nx), share, rtol=1e-6)
+  with pytest.raises(ValueError, match="share=1.5"):
+    hold_share(lambda q: ((anchor(q), anchor(q)), {}), params, 1.5)
+
+
+def test_exact_loss_with_eagle3_grad_share():
+  """vsd.estep='exact' with eagle3_grad_share: the loss is unchanged and its gradient is g_EAGLE-3 + c g_(-J) with the
+  EAGLE-3 term holding that share of the norm (g_EAGLE-3 from lambda_exact = 0, g_(-J) = the plain total's minus it)."""
+  import optax
+  import types
+  from tests.tiny_models import tiny_target, vocab_maps  # noqa: F401
+  from vsd_jax.config_base import base_config
+  from vsd_jax.methods.vsd import build as build_vsd
+  model, params, draft, trained, _, d2t, t2d = tiny_setup()
+  target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
+  vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
+  prompt = jnp.asarray([[3, 1, 6, 2]], jnp.int32)
+  out = generate(model, params, prompt, jnp.full((1,), 4, jnp.int32), jax.random.PRNGKey(0), 0.0,
+                 max_new_tokens=12, cache_slots=32)
+  ids = jnp.concatenate([prompt, out.tokens], axis=1)
+  batch = dict(input_ids=ids, attention_mask=jnp.ones(ids.shape, jnp.int32),
+               loss_mask=(jnp.arange(ids.shape[1]) >= 4)[None].astype(jnp.int32))
+
+  def grads(**vsd):
+    c = base_config()
+    c.draft.ttt_steps = 3
+    c.vsd.update(dict(estep="exact", depth=3, **vsd))
+    method = build_vsd(c, target, vocab)
+    f = lambda p: method.loss_fn(p, method.frozen, batch, jax.random.PRNGKey(0), method.method_state)  # noqa: E731
+    (loss, _), g = jax.jit(jax.value_and_grad(f, has_aux=True))(trained)
+    return float(loss), g
+
+  plain_loss, g_plain = grads()
+  _, g_e3 = grads(lambda_exact=0.0)
+  g_j = jax.tree.map(lambda a, b: a - b, g_plain, g_e3)
+  na, nj = float(optax.global_norm(g_e3)), float(optax.global_norm(g_j))
+  assert nj > 1e-3 * na  # -J has a gradient of its own here (otherwise the check below is vacuous)
+  share_loss, g_share = grads(eagle3_grad_share=0.8)
+  np.testing.assert_allclose(share_loss, plain_loss, rtol=1e-6)
+  c = 0.2 / 0.8 * na / nj
+  expect = jax.tree.map(lambda a, b: a + c * b, g_e3, g_j)
+  for a, b in zip(jax.tree.leaves(g_share), jax.tree.leaves(expect)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6)
+  with pytest.raises(ValueError, match="eagle3_grad_share"):
+    grads(eagle3_grad_share=0.5, exact_form="reach")

@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.vsd.lambda_car = 0.5             # Confidence-Aware Regularization weight (0 disables)
   c.vsd.car_beta = 1.0               # confidence c(p) = max_v p(v) ** beta
   c.vsd.mu = 1.0                     # weight of the EAGLE-3 TTT loss in the total
+  c.vsd.eagle3_grad_share = 0.0      # > 0: the EAGLE-3 term keeps this share of the gradient norm, the other
+                                     # terms rescaled each step (methods/grad_share.py; issue 15 variant C)
+  c.vsd.arw_norm = "supported"       # ARW's divisor: the supported anchors, or "all" existing anchors
 
   # Held-out report after training: prompts never trained on (EAGLE question.jsonl under data.root).
   c.eval = ml_collections.ConfigDict()

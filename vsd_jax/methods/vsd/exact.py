@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from vsd_jax.methods.eagle3 import batch_loss, scalar_metrics
 from vsd_jax.methods.eagle3.loss import TTTRows
+from vsd_jax.methods.grad_share import hold_share
 
 EXACT_FORMS = ("log_u", "reach")
 
@@ -96,15 +97,30 @@ def make_exact_loss(config, target, draft):
     raise ValueError(f"config.vsd.depth={depth} must be in [1, config.draft.ttt_steps={num_steps}] with "
                      "vsd.estep='exact' (the exact objective runs on the first K steps of the TTT unroll)")
 
+  share = float(v.get("eagle3_grad_share", 0.0))
+  if share > 0 and (form != "log_u" or mu <= 0):
+    raise ValueError(f"config.vsd.eagle3_grad_share={share} needs exact_form='log_u' and mu > 0 with "
+                     "vsd.estep='exact' (it holds the EAGLE-3 term's share of the gradient against -J's)")
+  if not 0 <= share < 1:
+    raise ValueError(f"config.vsd.eagle3_grad_share={share}: must be in [0, 1) (0: off)")
+
   def loss_fn(params, frozen, batch, rng, method_state):
     del rng
-    loss_e3, m3 = batch_loss(config, target, draft, params, frozen, batch, with_rows=True)
-    rows = jax.tree_util.tree_map(lambda x: x[:depth], m3.pop("rows"))
-    terms = exact_terms(rows, accept_mode)
-    if form == "log_u":
-      total = mu * loss_e3 + lam * terms.neg_j
+
+    def parts(p):
+      """(mu * EAGLE-3 or the reach-weighted CE, lambda_exact * -J or 0), (EAGLE-3's metrics, exact terms)."""
+      loss_e3, m3 = batch_loss(config, target, draft, p, frozen, batch, with_rows=True)
+      rows = jax.tree_util.tree_map(lambda x: x[:depth], m3.pop("rows"))
+      terms = exact_terms(rows, accept_mode)
+      if form == "log_u":
+        return (mu * loss_e3, lam * terms.neg_j), (loss_e3, m3, terms)
+      return (mu * reach_weighted_ce(rows, terms.reach, decay), jnp.zeros(())), (loss_e3, m3, terms)
+
+    if share > 0:  # the EAGLE-3 term keeps this share of the gradient norm (methods/grad_share.py)
+      (anchor, extra), (loss_e3, m3, terms) = hold_share(parts, params, share)
     else:
-      total = mu * reach_weighted_ce(rows, terms.reach, decay)
+      (anchor, extra), (loss_e3, m3, terms) = parts(params)
+    total = anchor + extra
     metrics = scalar_metrics(m3)
     n = jnp.maximum(jnp.sum(terms.anchors), 1.0)
     metrics.update(loss_eagle3=loss_e3, neg_j=terms.neg_j,

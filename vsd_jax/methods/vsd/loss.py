@@ -24,11 +24,15 @@ import jax.numpy as jnp
 from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
 from vsd_jax.methods.eagle3.loss import eagle3_loss
+from vsd_jax.methods.grad_share import hold_share
 from vsd_jax.methods.vsd import estep, mstep, utility
 from vsd_jax.methods.vsd.oracle import OracleOutputs, oracle_outputs, oracle_slots
 from vsd_jax.methods.vsd.paths import DraftPaths, choose_anchors, unroll_draft_paths
 from vsd_jax.models.draft_unroll import sequence_step
 from vsd_jax.models.features import TargetPass, embedding_matrix, image_inputs, target_pass
+
+
+ARW_NORMS = ("supported", "all")
 
 
 def check_config(v) -> None:
@@ -48,6 +52,12 @@ def check_config(v) -> None:
     bad("accept_temperature", "must be > 0 with accept_mode='stochastic'")
   if v.utility not in utility.UTILITIES:
     bad("utility", f"use one of {utility.UTILITIES}")
+  if str(v.get("arw_norm", "supported")) not in ARW_NORMS:
+    bad("arw_norm", f"use one of {ARW_NORMS}")
+  if not 0 <= float(v.get("eagle3_grad_share", 0.0)) < 1:
+    bad("eagle3_grad_share", "must be in [0, 1) (0: off)")
+  if float(v.get("eagle3_grad_share", 0.0)) > 0 and float(v.mu) <= 0:
+    bad("eagle3_grad_share", "needs the EAGLE-3 term (mu > 0) whose share of the gradient norm it holds")
   if v.estep not in estep.ESTEPS + ("exact",):
     bad("estep", f"use one of {estep.ESTEPS + ('exact',)}")
   if not 0 <= float(v.ema_decay) < 1:
@@ -173,7 +183,9 @@ def m_step_loss(config, draft, params, frozen: dict, bp: BatchPass, e: EStepOut,
   else:  # the plain EM M-step: likelihood of every token of the E-step sample
     like = jnp.broadcast_to(float(v.gamma) ** jnp.arange(k_max, dtype=jnp.float32), e.accept.shape)
     unlike = jnp.zeros_like(e.accept)
-  loss_arw = mstep.weighted_path_loss(logq, like, unlike, e.posterior.weights)
+  norm = str(v.get("arw_norm", "supported"))
+  loss_arw = mstep.weighted_path_loss(logq, like, unlike, e.posterior.weights,
+                                      num_anchors=jnp.sum(e.anchor_ok) if norm == "all" else None)
   total = loss_arw
   loss_car = jnp.zeros(())
   if float(v.lambda_car) > 0:
@@ -222,15 +234,27 @@ def make_vsd_loss(config, target, draft):
   check_config(v)
   model = target.model
 
+  share = float(v.get("eagle3_grad_share", 0.0))
+
   def loss_fn(params, frozen, batch, rng, method_state):
     r_anchor, r_paths, r_chain, r_u = jax.random.split(rng, 4)
-    bp = batch_pass(v, model, draft, params, frozen, batch, r_anchor)
-    e = e_step(v, model, draft, params, frozen, bp, (r_paths, r_chain, r_u))
     c_ema = mstep.acceptance_from_ema(method_state)
-    new_state = mstep.update_acceptance_ema(method_state, e.depth_accept, e.depth_reach > 0, float(v.ema_decay))
-    m = m_step_loss(config, draft, params, frozen, bp, e, c_ema)
-    metrics = scalar_metrics(m.eagle3_metrics) if m.eagle3_metrics else {}
-    metrics.update(loss_arw=m.arw, loss_car=m.car, loss_eagle3=m.eagle3, **monitors(e, c_ema).scalars())
-    return m.total, (metrics, new_state)
+
+    def parts(p):
+      """(mu * EAGLE-3, ARW + lambda_car * CAR), (metrics, new method state)."""
+      bp = batch_pass(v, model, draft, p, frozen, batch, r_anchor)
+      e = e_step(v, model, draft, p, frozen, bp, (r_paths, r_chain, r_u))
+      new_state = mstep.update_acceptance_ema(method_state, e.depth_accept, e.depth_reach > 0, float(v.ema_decay))
+      m = m_step_loss(config, draft, p, frozen, bp, e, c_ema)
+      metrics = scalar_metrics(m.eagle3_metrics) if m.eagle3_metrics else {}
+      metrics.update(loss_arw=m.arw, loss_car=m.car, loss_eagle3=m.eagle3, **monitors(e, c_ema).scalars())
+      anchor = float(v.mu) * m.eagle3
+      return (anchor, m.total - anchor), (metrics, new_state)
+
+    if share > 0:  # variant C: the EAGLE-3 term keeps this share of the gradient norm (methods/grad_share.py)
+      (anchor, extra), aux = hold_share(parts, params, share)
+    else:
+      (anchor, extra), aux = parts(params)
+    return anchor + extra, aux
 
   return loss_fn

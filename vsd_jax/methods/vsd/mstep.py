@@ -38,17 +38,20 @@ def arw_token_weights(accepted_len: jax.Array, a: jax.Array, eta_k: jax.Array, *
   return like * disc, unlike * disc
 
 
-def weighted_path_loss(logq: jax.Array, like_w: jax.Array, unlike_w: jax.Array, path_w: jax.Array) -> jax.Array:
+def weighted_path_loss(logq: jax.Array, like_w: jax.Array, unlike_w: jax.Array, path_w: jax.Array,
+                       num_anchors=None) -> jax.Array:
   """sum over samples of w * sum_k [like_w * (-log q(z_k)) + unlike_w * (-log(1 - q(z_k)))] / #anchors.
 
   logq: [A, S, K] log q_psi(z_k) (differentiable); like_w, unlike_w: [A, S, K]; path_w: [A, S].
-  Anchors count when their weights are nonzero. With like_w = 1, unlike_w = 0 this is the exact EM
+  num_anchors: the divisor; default the anchors whose weights are nonzero (the supported ones; config.vsd.arw_norm
+  "supported"), or e.g. every existing anchor ("all": the term then shrinks with the supported fraction, as a
+  per-anchor mean over the batch like EAGLE-3's loss). With like_w = 1, unlike_w = 0 this is the exact EM
   M-step objective -E_r[log q(z)] for the E-step distribution r = w.
   """
   q = jnp.exp(logq)
   unlikelihood = -jnp.log1p(-jnp.minimum(q, 1.0 - 1e-6))
   per_path = jnp.sum(like_w * -logq + unlike_w * unlikelihood, axis=-1)
-  anchors = jnp.sum(jnp.any(path_w > 0, axis=-1))
+  anchors = jnp.sum(jnp.any(path_w > 0, axis=-1)) if num_anchors is None else num_anchors
   return jnp.sum(path_w * per_path) / jnp.maximum(anchors, 1)
 
 
