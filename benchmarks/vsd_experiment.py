@@ -18,6 +18,11 @@ optimizer steps, with the same lr schedule, batch and data order for a seed; arm
   vsd_exact       exact J = log E_q[U] on the teacher-forced chain (T=0), + mu * EAGLE-3 (methods/vsd/exact.py)
   vsd_reach       EAGLE-3's per-step CE reweighted by the exact reach probabilities (methods/vsd/exact.py)
   eagle3_eqtime   EAGLE-3 given the wall time of the `vsd` arm of the same seed (more steps): equal compute
+  vsd_exact_t1    issue 15 variant B: exact J with alpha_k = sum_v min(p_k, q_k) at the data's states, draft and
+                  acceptance at T=1 (for T=1 chain decoding); the data stays the target's greedy output
+  vsd_t07, vsd_s32, vsd_arw_all   variant C: draft temperature 0.7; S = 32 proposals; ARW divided by every anchor
+  vsd_share, vsd_share_car2, vsd_share_eta0, vsd_exact_share   variant C: the EAGLE-3 term held at 0.7 of the
+                  gradient norm (config.vsd.eagle3_grad_share) while lambda_car / eta change, and for exact J
 
 Seeds: every arm runs at the first seed; the arms in --paired_arms (default eagle3 and every vsd_* arm named)
 at every seed. Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.jsonl}; the held-out report
@@ -53,6 +58,20 @@ ARMS = {
     "vsd_exact": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u"],
     "vsd_reach": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=reach"],
     "eagle3_eqtime": ["--config.method=eagle3"],
+    # Issue 15 variant B: exact J with the per-step acceptance alpha_k = sum_v min(p, q) at the data's states, the
+    # draft and acceptance at temperature 1 (decoding T=1, chain mode); on the greedy data (visited states only).
+    "vsd_exact_t1": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u",
+                     "--config.vsd.accept_mode=stochastic", "--config.vsd.accept_temperature=1.0"],
+    # Variant C: the proposals' support and scale.
+    "vsd_t07": ["--config.method=vsd", "--config.vsd.draft_temperature=0.7"],
+    "vsd_s32": ["--config.method=vsd", "--config.vsd.num_paths=32"],
+    "vsd_arw_all": ["--config.method=vsd", "--config.vsd.arw_norm=all"],
+    # ... and the extra terms' weights swept with the EAGLE-3 term's share of the gradient norm held at 0.7.
+    "vsd_share": ["--config.method=vsd", "--config.vsd.eagle3_grad_share=0.7"],
+    "vsd_share_car2": ["--config.method=vsd", "--config.vsd.eagle3_grad_share=0.7", "--config.vsd.lambda_car=2.0"],
+    "vsd_share_eta0": ["--config.method=vsd", "--config.vsd.eagle3_grad_share=0.7", "--config.vsd.eta=0.0"],
+    "vsd_exact_share": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u",
+                        "--config.vsd.eagle3_grad_share=0.7"],
 }
 BASELINE = "eagle3"
 
@@ -77,6 +96,20 @@ def _report(workdir):
     with open(path) as f:
       return json.load(f)
   return None
+
+
+MONITORS = ("supported", "ess_frac", "chain_accept", "mean_u", "grad_norm")
+
+
+def train_monitors(workdir) -> dict:
+  """Means over the logged training steps of the E-step's monitors (VSD arms: supported fraction of anchors, ESS
+  of the proposals' weights / S, MH acceptance, E_q[U]) and of the gradient norm, from OUT/<run>/metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {k: float(np.mean([r[k] for r in rows if k in r])) for k in MONITORS if any(k in r for r in rows)}
 
 
 def train_s_per_step(rep) -> float:
@@ -244,6 +277,7 @@ def summarise(args, reports: dict, results: dict) -> dict:
         train_s=rep["stages"]["train_s"] if rep and "stages" in rep else None,
         heldout_acc=h.get("step_acc"), tau_sim=h.get("tau_simulated"),
         chain_tau=h.get("chain", {}).get("tau_chain"), command=rep.get("command") if rep else None,
+        monitors=train_monitors(os.path.join(args.out, name)) if name != "base" else {},
         decoding={k: {f: v[f] for f in ("tau", "speedup", "identical_outputs", "prompts", "n_alpha")}
                   for k, v in results.get(name, {}).items()})
   arms = {}
@@ -289,13 +323,16 @@ def markdown(summary: dict) -> str:
   runs = summary["runs"]
   keys = sorted({k for r in runs.values() for k in r["decoding"]})
   groups = sorted({k.split("@", 1)[1] for k in keys})
-  head = ["run", "steps", "train s", "held-out acc@0", "tau_sim", "chain tau (held-out)"]
+  head = ["run", "steps", "train s", "held-out acc@0", "tau_sim", "chain tau (held-out)", "supported", "ESS / S",
+          "grad norm"]
   head += [f"tau {g} (mean of sets)" for g in groups] + [f"speedup {g}" for g in groups]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda x, f="{:.3f}": f.format(x) if x is not None else "-"
   for name, r in runs.items():
     row = [name, str(r["steps"]), fmt(r["train_s"], "{:.0f}"), fmt(r["heldout_acc"][0] if r["heldout_acc"] else None),
            fmt(r["tau_sim"]), fmt(r["chain_tau"])]
+    mon = r.get("monitors", {})
+    row += [fmt(mon.get("supported")), fmt(mon.get("ess_frac")), fmt(mon.get("grad_norm"), "{:.2f}")]
     for what in ("tau", "speedup"):
       for g in groups:
         v = [d[what] for k, d in r["decoding"].items() if k.endswith("@" + g)]
