@@ -327,8 +327,8 @@ def cache_key(target, draft_dir: str, batch: int, precision=None) -> str:
   from vsd_jax.data.pipeline import model_id
   dev = jax.devices()[0]
   return "|".join([f"v{CACHE_VERSION}", dev.platform, getattr(dev, "device_kind", "?"), f"x{jax.device_count()}",
-                   model_id(target), f"scan={target.config.scan_layers}", f"tied={target.config.tie_word_embeddings}", f"draft={draft_identity(draft_dir)}",
-                   f"batch={batch}", f"precision={precision}"])
+                   model_id(target), f"scan={target.config.scan_layers}", f"tied={target.config.tie_word_embeddings}",
+                   f"draft={draft_identity(draft_dir)}", f"batch={batch}", f"precision={precision}"])
 
 
 def default_cache_path() -> str:

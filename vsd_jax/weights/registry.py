@@ -147,7 +147,8 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
     block), so host memory holds one parameter's local blocks at a time and no device ever holds more than its
     shard. GGUF (quantised, small): each parameter is dequantised whole on host, then cut into its blocks.
     Without a mesh: the whole model read to host, then one device array per parameter (jnp.asarray).
-  untie_lm_head: give a tied vocabulary projection its own [H, V] kernel (`untie_vocab_projection`; for decoding on CPUs).
+  untie_lm_head: give a tied vocabulary projection its own [H, V] kernel (`untie_vocab_projection`; decoding on
+    CPUs).
   """
   from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
   from vsd_jax.weights.gguf_file import open_gguf
