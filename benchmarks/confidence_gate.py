@@ -37,8 +37,7 @@ from vsd_jax.config_base import DEFAULT_DATA_ROOT, base_config  # noqa: E402
 from vsd_jax.data.chat import prompt_encoder  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.decoding import autotune  # noqa: E402
-from vsd_jax.decoding.tree import TreeConfig, expand_tree  # noqa: E402
-from vsd_jax.models.draft_unroll import draft_fn_of  # noqa: E402
+from vsd_jax.decoding.tree import TreeConfig  # noqa: E402
 from vsd_jax.models.eagle3 import Eagle3Draft  # noqa: E402
 from vsd_jax.models.features import embedding_matrix  # noqa: E402
 from vsd_jax.models.kv_cache import KVCache  # noqa: E402
@@ -60,12 +59,7 @@ def chain_states(target, draft, dparams, d2t, calib, depth):
   embed = embedding_matrix(target.params)
 
   def one(dp, seq, seq_len, roots, logits, hidden, cache):
-    r = roots.shape[0]
-    rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (r,) + a.shape[2:])  # noqa: E731
-    tree, _ = expand_tree(shape, draft_fn_of(draft, dp, embed), KVCache(rows(cache.k), rows(cache.v)), d2t,
-                          seq[roots], logits[roots - 1], hidden[roots - 1], roots)
-    pos = roots[:, None] + tree.depths
-    correct = (tree.tokens == seq[jnp.minimum(pos, seq.shape[0] - 1)]) & (pos < seq_len)
+    tree, correct = autotune.trees_at_roots(shape, draft, dp, embed, d2t, seq, seq_len, roots, logits, hidden, cache)
     return tree.scores[:, 1:], correct[:, 1:]
 
   fn = jax.jit(one)

@@ -129,6 +129,20 @@ def _sequence_states(target_model, target_params, draft_model, draft_params, ids
   return step0.logits, step0.hidden, step0.kv_cache
 
 
+def trees_at_roots(shape: TreeConfig, draft_model, draft_params, embed, d2t, seq, seq_len, roots, logits, hidden,
+                   cache):
+  """The tree `expand_tree` grows at each committed length in `roots` of one calibration sequence, and which of its
+  nodes hold the target's greedy continuation there: (Tree with R rows, correct bool [R, T]). Arguments as
+  `accept_lengths`."""
+  r = roots.shape[0]
+  rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (r,) + a.shape[2:])  # noqa: E731
+  carry = KVCache(rows(cache.k), rows(cache.v))
+  draft_fn = draft_fn_of(draft_model, draft_params, embed)
+  tree, _ = expand_tree(shape, draft_fn, carry, d2t, seq[roots], logits[roots - 1], hidden[roots - 1], roots)
+  pos = roots[:, None] + tree.depths                                          # [R, T]
+  return tree, (tree.tokens == seq[jnp.minimum(pos, seq.shape[0] - 1)]) & (pos < seq_len)
+
+
 def accept_lengths(shape: TreeConfig, totals: Sequence[int], draft_model, draft_params, embed, d2t, seq, seq_len,
                    roots, logits, hidden, cache):
   """Draft tokens greedy verification accepts when a round starts at each committed length in `roots`.
@@ -140,13 +154,8 @@ def accept_lengths(shape: TreeConfig, totals: Sequence[int], draft_model, draft_
     draft cache [1, 1, KV, S, D].
   Returns int32 [len(totals), R]: per n, the depth of the deepest node on the target's greedy path.
   """
-  r = roots.shape[0]
-  rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (r,) + a.shape[2:])  # noqa: E731
-  carry = KVCache(rows(cache.k), rows(cache.v))
-  draft_fn = draft_fn_of(draft_model, draft_params, embed)
-  tree, _ = expand_tree(shape, draft_fn, carry, d2t, seq[roots], logits[roots - 1], hidden[roots - 1], roots)
-  pos = roots[:, None] + tree.depths                                          # [R, T]
-  correct = (tree.tokens == seq[jnp.minimum(pos, seq.shape[0] - 1)]) & (pos < seq_len)
+  tree, correct = trees_at_roots(shape, draft_model, draft_params, embed, d2t, seq, seq_len, roots, logits, hidden,
+                                 cache)
   correct = correct.at[:, 0].set(True)
   path_ok = jnp.all(~tree.ancestors | correct[:, None, :], axis=2)            # [R, T]
   scores = jnp.where(jnp.arange(tree.scores.shape[1])[None] == 0, jnp.inf, tree.scores)
