@@ -3,7 +3,7 @@
   # the embedded default target and the shipped draft (real prompts, so real acceptance); CPU or GPU
   python benchmarks/round_profile.py --draft ../shared/drafts/smollm2-eagle3-gpu-1500/draft --batches 1,4 \
       --tree_depth 4 --top_k 4 --total_tokens 8 --output runs/round_profile/cpu_tree.json
-  # the same with unrolled target layers (--scan_layers 0: no per-layer weight slicing, slower compiles)
+  # the same with scanned target layers (--scan_layers 1: training's layout; the default 0 is decoding's)
   # random weights in the Llama-3.1-8B shape in bfloat16 with a random draft: a round's cost in target
   # decode steps for a GPU projection (the cost does not depend on the weights; tau here means nothing)
   python benchmarks/round_profile.py --random_target llama-3.1-8b-instruct --tree_depth 6 --top_k 10 \
@@ -446,7 +446,8 @@ def main():
   ap.add_argument("--random_target", default=None, help="Random weights in this archs.ARCHS shape instead.")
   ap.add_argument("--layers", type=int, default=0, help="With --random_target: override the layer count (>= 4).")
   ap.add_argument("--dtype", default=None, help="Compute/param dtype (default float32; bfloat16 with --random_target).")
-  ap.add_argument("--scan_layers", type=int, default=1, help="0: unrolled layers (one program per layer).")
+  ap.add_argument("--scan_layers", type=int, default=0, help="0 (default): unrolled layers, what generate/evaluate "
+                  "load (config.generate.scan_layers); 1: the layers under nn.scan (training's layout)")
   ap.add_argument("--draft", default=None, help="Trained draft directory (default: a random draft).")
   ap.add_argument("--draft_vocab", type=int, default=32000, help="Draft vocabulary of the random draft.")
   ap.add_argument("--tree_depth", type=int, default=5)
