@@ -103,9 +103,8 @@ def target_config(config):
 
 def target_model(cfg):
   """The target module of a target_config: LlamaForCausalLM, or LlavaForConditionalGeneration for a LlavaConfig."""
-  from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
-  from vsd_jax.models.llava import LlavaForConditionalGeneration
-  return LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
+  from vsd_jax.models.llava import target_module
+  return target_module(cfg)
 
 
 @dataclasses.dataclass

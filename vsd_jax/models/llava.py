@@ -178,3 +178,9 @@ class LlavaForConditionalGeneration(nn.Module):
     place = place_image_features_per_row if image_features.ndim == 4 else place_image_features
     embeds = place(self.language_model.embed(input_ids), image_features, input_ids == self.cfg.image_token_id)
     return self.language_model(None, inputs_embeds=embeds, **kw)
+
+
+def target_module(cfg):
+  """The target module for a config: LlamaForCausalLM for a LlamaConfig, LlavaForConditionalGeneration for a
+  LlavaConfig."""
+  return LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)

@@ -10,8 +10,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from vsd_jax.models.llava import LlavaForConditionalGeneration
+from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 
 # name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
 REGISTRY = {
@@ -116,7 +115,7 @@ def untie_vocab_projection(target: Target) -> Target:
   lm["lm_head"] = {"kernel": jax.jit(lambda e: e.T)(lm["embed_tokens"]["embedding"])}  # keeps the sharding, transposed
   params = {**target.params, "language_model": lm} if "language_model" in target.params else lm
   cfg = cfg.replace(tie_word_embeddings=False)
-  model = LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
+  model = target_module(cfg)
   return dataclasses.replace(target, model=model, params=params, config=cfg)
 
 
@@ -165,7 +164,7 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   else:
     cfg, index = open_hf_dir(path, **overrides)
     get, get_slice, has = index.get, index.get_slice, index.has
-  model = LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else LlavaForConditionalGeneration(cfg)
+  model = target_module(cfg)
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params_from_hf(cfg, get, has))
   else:
