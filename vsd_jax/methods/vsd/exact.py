@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from vsd_jax.methods.eagle3 import batch_loss, scalar_metrics
 from vsd_jax.methods.eagle3.loss import TTTRows
-from vsd_jax.methods.grad_share import hold_share
+from vsd_jax.methods.grad_share import check_grad_share, hold_share
 
 EXACT_FORMS = ("log_u", "reach")
 
@@ -97,12 +97,11 @@ def make_exact_loss(config, target, draft):
     raise ValueError(f"config.vsd.depth={depth} must be in [1, config.draft.ttt_steps={num_steps}] with "
                      "vsd.estep='exact' (the exact objective runs on the first K steps of the TTT unroll)")
 
+  check_grad_share(v)
   share = float(v.get("eagle3_grad_share", 0.0))
-  if share > 0 and (form != "log_u" or mu <= 0):
-    raise ValueError(f"config.vsd.eagle3_grad_share={share} needs exact_form='log_u' and mu > 0 with "
-                     "vsd.estep='exact' (it holds the EAGLE-3 term's share of the gradient against -J's)")
-  if not 0 <= share < 1:
-    raise ValueError(f"config.vsd.eagle3_grad_share={share}: must be in [0, 1) (0: off)")
+  if share > 0 and form != "log_u":
+    raise ValueError(f"config.vsd.eagle3_grad_share={share} needs exact_form='log_u' with vsd.estep='exact' (it "
+                     "holds the EAGLE-3 term's share of the gradient against -J's)")
 
   def loss_fn(params, frozen, batch, rng, method_state):
     del rng

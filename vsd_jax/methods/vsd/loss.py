@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
 from vsd_jax.methods.eagle3.loss import eagle3_loss
-from vsd_jax.methods.grad_share import hold_share
+from vsd_jax.methods.grad_share import check_grad_share, hold_share
 from vsd_jax.methods.vsd import estep, mstep, utility
 from vsd_jax.methods.vsd.oracle import OracleOutputs, oracle_outputs, oracle_slots
 from vsd_jax.methods.vsd.paths import DraftPaths, choose_anchors, unroll_draft_paths
@@ -54,10 +54,7 @@ def check_config(v) -> None:
     bad("utility", f"use one of {utility.UTILITIES}")
   if str(v.get("arw_norm", "supported")) not in ARW_NORMS:
     bad("arw_norm", f"use one of {ARW_NORMS}")
-  if not 0 <= float(v.get("eagle3_grad_share", 0.0)) < 1:
-    bad("eagle3_grad_share", "must be in [0, 1) (0: off)")
-  if float(v.get("eagle3_grad_share", 0.0)) > 0 and float(v.mu) <= 0:
-    bad("eagle3_grad_share", "needs the EAGLE-3 term (mu > 0) whose share of the gradient norm it holds")
+  check_grad_share(v)
   if v.estep not in estep.ESTEPS + ("exact",):
     bad("estep", f"use one of {estep.ESTEPS + ('exact',)}")
   if not 0 <= float(v.ema_decay) < 1:
