@@ -80,15 +80,12 @@ def replay(states, depth, gate, verify, side):
   cost = width = 0.0
   log_gate = np.log(gate) if gate > 0 else -np.inf
   for p, n, lq, ok in states:
-    length = p
-    while length < n - 1:
-      i = length - p
-      kept = int(np.sum(np.cumprod(lq[i, :depth] >= log_gate)))
-      acc = int(np.sum(np.cumprod(ok[i, :kept])))
-      cost += verify[1 + kept] + side[1 + min(depth - 1, kept)]
-      width += 1 + kept
-      length += acc + 1
-      rounds += 1
+    kept = np.sum(np.cumprod(lq[:, :depth] >= log_gate, axis=1), axis=1)          # per committed length
+    acc = np.sum(np.cumprod(ok[:, :depth] & (np.arange(depth) < kept[:, None]), axis=1), axis=1)
+    visits = autotune.replay_visits(acc, p, n)
+    cost += sum(verify[1 + kept[i]] + side[1 + min(depth - 1, kept[i])] for i in visits)
+    width += sum(1 + kept[i] for i in visits)
+    rounds += len(visits)
     new += n - p
   return new / rounds, new * verify[1] / cost, width / rounds
 

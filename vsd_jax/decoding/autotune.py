@@ -163,14 +163,20 @@ def accept_lengths(shape: TreeConfig, totals: Sequence[int], draft_model, draft_
   return jnp.stack([jnp.max(jnp.where(path_ok & (rank <= n), tree.depths, 0), axis=1) for n in totals])
 
 
-def replay_rounds(accepted: np.ndarray, prompt_len: int, seq_len: int) -> int:
-  """Verification rounds `speculative_generate` spends on one sequence (new tokens = seq_len - prompt_len, the
-  first from the prefill) when a round at committed length L accepts accepted[L - prompt_len] draft tokens."""
-  length, rounds = prompt_len, 0
+def replay_visits(accepted: np.ndarray, prompt_len: int, seq_len: int) -> list:
+  """The committed lengths L - prompt_len at which `speculative_generate` starts its verification rounds on one
+  sequence (new tokens = seq_len - prompt_len, the first from the prefill) when a round at committed length L accepts
+  accepted[L - prompt_len] draft tokens."""
+  length, visits = prompt_len, []
   while length < seq_len - 1:  # the root at `length` is already a new token; the last one ends decoding
+    visits.append(length - prompt_len)
     length += int(accepted[length - prompt_len]) + 1
-    rounds += 1
-  return rounds
+  return visits
+
+
+def replay_rounds(accepted: np.ndarray, prompt_len: int, seq_len: int) -> int:
+  """Verification rounds `speculative_generate` spends on one sequence (see `replay_visits`)."""
+  return len(replay_visits(accepted, prompt_len, seq_len))
 
 
 def measure_tau(target, draft_model, draft_params, d2t, calib: Calibration, shapes: Sequence[TreeConfig],
