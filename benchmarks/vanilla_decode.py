@@ -84,20 +84,21 @@ def main():
     for name in layouts:
       t0 = time.perf_counter(); a = ours(p, name); t_ours[name] += time.perf_counter() - t0
       tok_ours[name] += len(a); same[name] += a == b
-  rate = {name: tok_ours[name] / t_ours[name] for name in layouts}
-  first = layouts[0]
-  res = dict(bench=args.bench, prompts=len(prompts), max_new_tokens=n, jax_tokens=tok_ours[first],
-             torch_tokens=tok_theirs, jax_tok_per_s=rate[first], torch_tok_per_s=tok_theirs / t_theirs,
-             speedup=rate[first] / (tok_theirs / t_theirs), identical_outputs=same[first],
-             lm_head=first, per_layout={name: dict(tok_per_s=rate[name], speedup=rate[name] * t_theirs / tok_theirs,
-                                                   identical_outputs=same[name]) for name in layouts},
+  torch_rate = tok_theirs / t_theirs
+  per_layout = {name: dict(tokens=tok_ours[name], tok_per_s=tok_ours[name] / t_ours[name],
+                           speedup=tok_ours[name] / t_ours[name] / torch_rate, identical_outputs=same[name])
+                for name in layouts}
+  first = per_layout[layouts[0]]  # the top-level figures: the first layout's (the decoding default first)
+  res = dict(bench=args.bench, prompts=len(prompts), max_new_tokens=n, jax_tokens=first["tokens"],
+             torch_tokens=tok_theirs, jax_tok_per_s=first["tok_per_s"], torch_tok_per_s=torch_rate,
+             speedup=first["speedup"], identical_outputs=first["identical_outputs"], lm_head=layouts[0],
+             per_layout=per_layout,
              scan_layers=bool(args.scan_layers),
              machine=f"{platform.machine()} {os.cpu_count()} cores", jax=jax.__version__, torch=torch.__version__,
              torch_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
   print(json.dumps(res, indent=1))
-  for name in layouts:
-    r = res["per_layout"][name]
-    print(f"| {args.bench} | {name} | {len(prompts)} | {n} | {r['tok_per_s']:.1f} | {res['torch_tok_per_s']:.1f} | "
+  for name, r in per_layout.items():
+    print(f"| {args.bench} | {name} | {len(prompts)} | {n} | {r['tok_per_s']:.1f} | {torch_rate:.1f} | "
           f"{r['speedup']:.2f}x | {r['identical_outputs']}/{len(prompts)} |")
   if args.output:
     with open(args.output, "w") as f:

@@ -33,12 +33,14 @@ def _apply(config, override):
     node[leaf] = type(old)(value)
 
 
-@pytest.mark.parametrize("arm", sorted(_module("benchmarks/vsd_experiment.py", "vsd_experiment").ARMS))
+ARMS = _module("benchmarks/vsd_experiment.py", "vsd_experiment").ARMS
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
 def test_experiment_arm_is_a_valid_config(arm):
   from vsd_jax.methods.vsd import check_config
-  exp = _module("benchmarks/vsd_experiment.py", "vsd_experiment")
   config = _module("configs/vsd_experiment.py", "vsd_experiment_config").get_config()
-  for override in exp.ARMS[arm]:
+  for override in ARMS[arm]:
     _apply(config, override)
   assert config.method in ("eagle3", "vsd")
   if config.method == "vsd":
