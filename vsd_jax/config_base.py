@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.scan_layers = False     # decoding loads the target with unrolled layers: a scanned layer stack
                                      # copies each layer's weights every forward on CPUs (RESULTS section 7)
   c.generate.untie_lm_head = "auto"  # "auto": a tied vocabulary projection gets its own [H, V] copy on CPUs
-                                     # (same logits, 6% faster steps there); "true" / "false" force it
+                                     # (same logits; vanilla 5% faster there, RESULTS section 7); "true" /
+                                     # "false" force it
 
   # Data: prompt sources and the regenerated-response cache.
   c.data = ml_collections.ConfigDict()
