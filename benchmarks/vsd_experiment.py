@@ -196,8 +196,12 @@ def base_heldout(args) -> dict:
   return {"steps": 0, "heldout": heldout_report(config, target, vocab, params), "wall_s": time.time() - t0}
 
 
-def evaluate(args, drafts: dict) -> dict:
-  """{draft name: dir} -> {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}."""
+def evaluate(args, drafts: dict, results: dict, save) -> dict:
+  """{draft name: dir} -> results, filled in place: {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}.
+
+  Entries already in `results` are kept and not decoded again; save(results) runs after every new entry, so an
+  interrupted evaluation resumes where it stopped (vanilla is decoded again for a set that still has work, so every
+  speedup stays against vanilla in the same process)."""
   import jax
   import jax.numpy as jnp
 
@@ -210,22 +214,25 @@ def evaluate(args, drafts: dict) -> dict:
   from vsd_jax.decoding.vanilla import generate
   from vsd_jax.eval.metrics import summarize
   from vsd_jax.models.eagle3 import Eagle3Draft
-  from vsd_jax.weights import load_target
+  from vsd_jax.weights import decoding_load_options, load_target
   from vsd_jax.weights.draft_io import load_draft
 
-  target = load_target(args.model)
-  enc = prompt_encoder(target, _load_file(CONFIG))   # prompts encoded as the arms' training data was
+  cfg = _load_file(CONFIG)
+  target = load_target(args.model, **decoding_load_options(cfg))   # the decoding layout, as the evaluate CLI loads it
+  enc = prompt_encoder(target, cfg)   # prompts encoded as the arms' training data was
   eos, pad_id = enc.eos_ids, enc.pad_id
   trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),
            "chain": TreeConfig(depth=args.chain_depth, mode="chain")}
   n = args.max_new_tokens
   loaded = {name: load_draft(path, target.config) for name, path in drafts.items()}
-  results = {}
   for bench in args.bench.split(","):
     items = read_prompt_file(os.path.join(args.data_dir, bench, "question.jsonl"))[:args.num_prompts]
     prompts = [enc.encode_user(m) for _, m in items]
     for temp in [float(t) for t in args.temperature.split(",")]:
       key = jax.random.PRNGKey(0)
+      modes = (args.modes if temp == 0 or not args.t1_modes else args.t1_modes).split(",")
+      if all(f"{bench}@T={temp:g}/{mode}" in results.get(name, {}) for mode in modes for name in loaded):
+        continue
 
       def vcall(ids, lens):
         o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
@@ -233,9 +240,11 @@ def evaluate(args, drafts: dict) -> dict:
         return o.tokens, o.num_new, o.rounds
 
       van = run_batches(prompts, args.eval_batch, vcall, pad_id)
-      for mode in (args.modes if temp == 0 or not args.t1_modes else args.t1_modes).split(","):
+      for mode in modes:
         tree_cfg = trees[mode]
         for name, (dcfg, dparams, d2t, _) in loaded.items():
+          if f"{bench}@T={temp:g}/{mode}" in results.get(name, {}):
+            continue
           draft = Eagle3Draft(dcfg)
 
           def scall(ids, lens):
@@ -251,6 +260,7 @@ def evaluate(args, drafts: dict) -> dict:
           r["prompt_tokens"] = [g.new_tokens for g in spec]
           r["prompt_rounds"] = [g.rounds for g in spec]
           results.setdefault(name, {})[f"{bench}@T={temp:g}/{mode}"] = r
+          save(results)
           print(f"{name} {bench}@T={temp:g}/{mode}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
                 f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)
   return results
@@ -415,8 +425,9 @@ def main():
   results = {}
   if not args.skip_eval:
     names = args.eval_runs.split(",") if args.eval_runs else list(reports)
-    # Decoding results are kept per run in OUT/decoding.json (with the settings they were measured under), so
-    # a later call that adds arms decodes only those; vanilla is rerun with them (speedups stay same-process).
+    # Decoding results are kept per run and setting in OUT/decoding.json (with the settings they were measured
+    # under), so a later call that adds arms, or resumes a stopped one, decodes only what is missing; vanilla is
+    # rerun with them (speedups stay same-process).
     path = os.path.join(args.out, "decoding.json")
     settings = {k: getattr(args, k) for k in ("bench", "temperature", "modes", "t1_modes", "num_prompts",
                                                "max_new_tokens", "tree_depth", "top_k", "total_tokens",
@@ -428,12 +439,14 @@ def main():
       if saved.get("settings") != settings:
         saved = {}
     results = saved.get("results", {})
-    todo = [n for n in names if n not in results]
-    if todo:
-      drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in todo}
-      results.update(evaluate(args, drafts))
-      with open(path, "w") as f:
-        json.dump({"settings": settings, "results": results}, f)
+
+    def save(res):
+      with open(path + ".tmp", "w") as f:
+        json.dump({"settings": settings, "results": res}, f)
+      os.replace(path + ".tmp", path)
+
+    drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in names}
+    evaluate(args, drafts, results, save)
     results = {n: results[n] for n in names}
   summary = summarise(args, reports, results)
   md = markdown(summary)

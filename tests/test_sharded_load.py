@@ -168,3 +168,36 @@ def test_gguf_sharded_load_matches_one_device_load():
   for path, x in jax.tree_util.tree_leaves_with_path(got.params):
     assert x.sharding == intended[path]
     np.testing.assert_array_equal(np.asarray(x), np.asarray(ref_leaves[path]), err_msg=jax.tree_util.keystr(path))
+
+
+@needs_8_devices
+def test_untied_projection_of_a_sharded_tied_target(tmp_path):
+  """Decoding's untied vocabulary projection (untie_lm_head) on a target loaded into its shardings: the new [H, V]
+  kernel holds the embedding's transpose in the sharding the untied model's rules give lm_head (not a replicated
+  or gathered copy), and the sharded forward gives the one-device tied logits."""
+  import jax.numpy as jnp
+  from transformers import LlamaConfig, LlamaForCausalLM
+  from vsd_jax import parallel
+  from vsd_jax.weights import load_target
+  torch.manual_seed(1)
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+  LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+  ref = load_target(str(tmp_path), with_tokenizer=False, scan_layers=False)
+  assert ref.config.tie_word_embeddings and "lm_head" not in ref.params
+  config = _mesh_config(1, 2, 4)
+  mesh = parallel.make_mesh(config, jax.devices()[:8])
+  rules = parallel.logical_axis_rules(config)
+  got = load_target(str(tmp_path), with_tokenizer=False, scan_layers=False, mesh=mesh, rules=rules,
+                    untie_lm_head=True)
+  assert not got.config.tie_word_embeddings
+  intended = parallel.model_param_shardings(got.model, mesh, rules, np.zeros((1, 8), np.int32))
+  kernel = got.params["lm_head"]["kernel"]
+  want = intended["lm_head"]["kernel"]
+  assert kernel.sharding.is_equivalent_to(want, kernel.ndim), (kernel.sharding, want)
+  assert want.shard_shape(kernel.shape) != kernel.shape  # the mesh splits it: a real placement test
+  np.testing.assert_array_equal(np.asarray(kernel), np.asarray(ref.params["embed_tokens"]["embedding"]).T)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16)))
+  logits = jax.jit(lambda p, i: got.model.apply({"params": p}, i).logits)(got.params, ids)
+  want_logits = jax.jit(lambda p, i: ref.model.apply({"params": p}, i).logits)(ref.params, ids)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5)
