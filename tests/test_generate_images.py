@@ -147,3 +147,42 @@ def test_images_for_a_text_target_and_placeholders_without_images(tiny_dir):
   out = encode_prompt_items(llava, enc, items + [(1, "Plain text.", ())], "", "p.txt")
   assert [ids.count(llava.config.image_token_id) for ids in out.ids] == [9, 0] and out.images[1] == ()
   assert out.pixel_values([out.images[0], ()]).shape == (2, 1, 3, 42, 42) and out.pixel_values(None) is None
+
+
+@pytest.mark.slow  # two CLI runs (each compiles its decoder): about 30 s on 2 idle cores
+def test_generate_decodes_without_the_draft_when_no_shape_pays(tiny_dir, tmp_path, monkeypatch, capsys):
+  """generate --draft without a fixed shape takes the autotuner's choice; when that choice is predicted slower than
+  vanilla (predicted_speedup < 1) it decodes without the draft and says so, else it speculates: same tokens at T=0
+  either way, and speculative_generate called only in the second case."""
+  from vsd_jax.decoding import autotune, speculative
+  from vsd_jax.decoding.tree import TreeConfig
+  from vsd_jax.weights import load_target
+  target = load_target(tiny_dir)
+  draft_dir = _adaptor_draft(target, tmp_path / "d")
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("Name three colours.\nCount to five.\n")
+  calls, predicted = [], {}
+  spec = speculative.speculative_generate
+
+  def recording_spec(*args, **kwargs):
+    calls.append(kwargs["tree_cfg"])
+    return spec(*args, **kwargs)
+
+  def fake_choice(*args, **kwargs):  # the autotuner's outcome, without timing anything
+    row = dict(name="chain depth 2", speedup=predicted["x"])
+    return autotune.Choice(TreeConfig(depth=2, mode="chain"), predicted["x"], [row], "key")
+
+  monkeypatch.setattr(speculative, "speculative_generate", recording_spec)
+  monkeypatch.setattr(autotune, "choose_shape", fake_choice)
+  outputs = {}
+  for x in (0.8, 1.3):
+    predicted["x"] = x
+    out = tmp_path / f"out_{x}.jsonl"
+    run_generate(tiny_dir, "--prompts", str(prompts), "--max_new_tokens", "8", "--temperature", "0",
+                 "--batch_size", "2", "--draft", draft_dir, "--output", str(out))
+    outputs[x] = [json.loads(line)["output_ids"] for line in out.read_text().splitlines()]
+    err = capsys.readouterr().err
+    assert ("decoding without the draft" in err) == (x < 1), err[-2000:]
+    assert (len(calls) > 0) == (x >= 1), calls  # no speculative call at 0.8; at 1.3 one per batch
+  assert set(calls) == {TreeConfig(depth=2, mode="chain")}
+  assert outputs[0.8] == outputs[1.3] and all(outputs[0.8])

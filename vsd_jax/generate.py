@@ -21,7 +21,9 @@ With --draft DIR (from `vsd_jax.train`) decoding is speculative; `rounds` then c
 tau = new_tokens / rounds. The draft's shape (chain or tree, depth, branching, verified tokens) is the one measured
 fastest on this device for this target and draft (vsd_jax.decoding.autotune: the first --calib_prompts prompts'
 greedy continuations give the acceptance, the device the costs; cached, --retune to measure again), unless any of
---mode/--tree_depth/--top_k/--total_tokens is given.
+--mode/--tree_depth/--top_k/--total_tokens is given. When no measured shape is predicted faster than vanilla
+decoding on this device at this batch size, generate decodes without the draft and says so (a fixed shape always
+speculates); evaluate, which measures the comparison, speculates with the best shape anyway.
 --precision highest makes every matmul full float32 (XLA's GPU default for float32 is TF32).
 
 The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
@@ -104,6 +106,7 @@ def main(_):
                    precision=flags.FLAGS.precision, pixel_values=px(rows))
     return out.tokens, out.num_new, out.rounds
 
+  tree_cfg = None  # vanilla decoding, unless a draft is given and speculating pays
   if flags.FLAGS.draft:
     from vsd_jax.decoding.speculative import required_slots, speculative_generate
     from vsd_jax.decoding.autotune import choose_shape, explicit_shape
@@ -120,6 +123,12 @@ def main(_):
                             fallback=True)
       print(choice.describe(), file=sys.stderr)
       tree_cfg = choice.shape
+      if not choice.pays:  # a serving engine's rule: never decode slower than without the draft
+        print(f"decoding without the draft: on this device at batch {batch_size} no draft shape is predicted faster "
+              "than vanilla decoding (T=0 acceptance of the calibration prompts against measured costs); fix a "
+              "shape with --mode/--tree_depth/--top_k/--total_tokens to speculate anyway", file=sys.stderr)
+        tree_cfg = None
+  if tree_cfg is not None:
     extra = required_slots(0, 0, tree_cfg)
     for i in range(len(prompts)):
       check_capacity([len(prompts[i])], max_new, max_pos, extra=extra, names=[names[i]])

@@ -318,12 +318,19 @@ class Choice:
   key: str
   cached: bool = False
 
+  @property
+  def pays(self) -> bool:
+    """Whether speculating with this shape is predicted faster than vanilla decoding on this device. A fixed
+    default that was not measured (predicted_speedup NaN) is taken to pay."""
+    return not self.predicted_speedup < 1.0
+
   def describe(self) -> str:
     if not self.table:
       return f"decoding shape (fixed default, not measured): {shape_name(self.shape)}"
     src = "cached" if self.cached else "measured"
+    slower = "" if self.pays else " (no candidate shape is predicted faster than vanilla decoding here)"
     return (f"decoding shape ({src}): {shape_name(self.shape)}, predicted speedup {self.predicted_speedup:.2f}x "
-            f"over vanilla on this device")
+            f"over vanilla on this device{slower}")
 
 
 def draft_identity(draft_dir: str) -> str:
