@@ -1,6 +1,10 @@
 """Train-step time of VSD vs EAGLE-3 on the same batches, same process (configs/tiny.py data and target).
 
   python benchmarks/vsd_step_time.py --config configs/tiny_vsd.py [--steps 3] [--config.vsd.num_paths=4 ...]
+  python benchmarks/vsd_step_time.py --config configs/vsd_experiment.py --grid 8x8,4x4,2x2   # M x S settings
+
+--grid times several VSD settings (anchors M x proposals S per anchor) against one EAGLE-3 in the same run, so
+the cost frontier of the sampled estimator comes from one process on the same batches.
 
 Builds both methods with vsd_jax.methods.build_method, jits one sharded train step each
 (trainer.make_train_step on the configured mesh), compiles on the first batch, then times --steps
@@ -20,6 +24,19 @@ from vsd_jax.cli_config import define_config_flag, run_app  # noqa: E402
 
 _CONFIG = define_config_flag()
 flags.DEFINE_integer("steps", 3, "Timed steps per method (after one compile step).")
+flags.DEFINE_string("grid", "", "Comma-separated MxS VSD settings (vsd.num_anchors x vsd.num_paths) timed in the "
+                    "same run, e.g. 8x8,4x4; default: the config's one setting.")
+
+
+def grid_settings(grid: str) -> list:
+  """'8x8,4x2' -> [(8, 8), (4, 2)] (num_anchors, num_paths); a bad entry names itself and the form."""
+  out = []
+  for item in filter(None, grid.split(",")):
+    parts = item.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+      raise ValueError(f"--grid entry {item!r}: use MxS with positive integers (anchors x proposals), e.g. 8x8")
+    out.append((int(parts[0]), int(parts[1])))
+  return out
 
 
 def main(_):
@@ -41,10 +58,15 @@ def main(_):
                                  buckets=(max(config.data.buckets),)))[:flags.FLAGS.steps + 1]
   mesh = parallel.make_mesh(config)
   rules = parallel.logical_axis_rules(config)
+  settings = grid_settings(flags.FLAGS.grid) or [(int(config.vsd.num_anchors), int(config.vsd.num_paths))]
+  variants = {"eagle3": None}
+  variants.update({f"vsd_{m}x{s}" if flags.FLAGS.grid else "vsd": (m, s) for m, s in settings})
   runs = {}
-  for name in ("eagle3", "vsd"):
+  for name, ms in variants.items():
     c = copy.deepcopy(config)
-    c.method = name
+    c.method = "eagle3" if ms is None else "vsd"
+    if ms is not None:
+      c.vsd.num_anchors, c.vsd.num_paths = ms
     steps = MethodSteps(c, build_method(c, target, data.draft_vocab), mesh, rules)
     t0 = time.perf_counter()
     jax.block_until_ready(steps(batches[0]))
@@ -55,9 +77,12 @@ def main(_):
       jax.block_until_ready(r["steps"](b))
       r["times"].append(time.perf_counter() - t0)
   out = {name: dict(step_s=sum(r["times"]) / len(r["times"]), first_step_s=r["compile_s"]) for name, r in runs.items()}
-  out["vsd_over_eagle3"] = out["vsd"]["step_s"] / out["eagle3"]["step_s"]
+  for name, ms in variants.items():
+    if ms is not None:
+      out[name].update(depth=int(config.vsd.depth), num_anchors=ms[0], num_paths=ms[1])
+      out[name.replace("vsd", "vsd_over_eagle3", 1) if flags.FLAGS.grid else "vsd_over_eagle3"] = (
+          out[name]["step_s"] / out["eagle3"]["step_s"])
   out["batch"] = [int(config.train.batch_size), int(max(config.data.buckets))]
-  out["vsd"].update({k: config.vsd[k] for k in ("depth", "num_paths", "num_anchors")})
   print(json.dumps(out))
 
 
