@@ -425,12 +425,11 @@ def main():
   results = {}
   if not args.skip_eval:
     names = args.eval_runs.split(",") if args.eval_runs else list(reports)
-    # Decoding results are kept per run and setting in OUT/decoding.json (with the settings they were measured
-    # under), so a later call that adds arms, or resumes a stopped one, decodes only what is missing; vanilla is
-    # rerun with them (speedups stay same-process).
+    # Decoding results are kept per run and "<set>@T=<t>/<mode>" in OUT/decoding.json with the settings that
+    # shape every entry, so a later call that adds arms, sets, temperatures or modes, or resumes a stopped one,
+    # decodes only what is missing; vanilla is rerun with them (speedups stay same-process).
     path = os.path.join(args.out, "decoding.json")
-    settings = {k: getattr(args, k) for k in ("bench", "temperature", "modes", "t1_modes", "num_prompts",
-                                               "max_new_tokens", "tree_depth", "top_k", "total_tokens",
+    settings = {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "tree_depth", "top_k", "total_tokens",
                                                "chain_depth", "eval_batch")}
     saved = {}
     if os.path.isfile(path):
@@ -447,7 +446,9 @@ def main():
 
     drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in names}
     evaluate(args, drafts, results, save)
-    results = {n: results[n] for n in names}
+    wanted = {f"{b}@T={float(t):g}/{m}" for b in args.bench.split(",") for t in args.temperature.split(",")
+              for m in (args.modes if float(t) == 0 or not args.t1_modes else args.t1_modes).split(",")}
+    results = {n: {k: v for k, v in results.get(n, {}).items() if k in wanted} for n in names}
   summary = summarise(args, reports, results)
   md = markdown(summary)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
