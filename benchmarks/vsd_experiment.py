@@ -196,6 +196,16 @@ def base_heldout(args) -> dict:
   return {"steps": 0, "heldout": heldout_report(config, target, vocab, params), "wall_s": time.time() - t0}
 
 
+def modes_at(args, temp: float) -> list:
+  """The decoding modes run at temperature `temp`: --modes, or --t1_modes at T > 0 when given."""
+  return (args.modes if temp == 0 or not args.t1_modes else args.t1_modes).split(",")
+
+
+def entry_key(bench: str, temp: float, mode: str) -> str:
+  """decoding.json's key of one decoded (set, temperature, mode)."""
+  return f"{bench}@T={temp:g}/{mode}"
+
+
 def evaluate(args, drafts: dict, results: dict, save) -> dict:
   """{draft name: dir} -> results, filled in place: {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}.
 
@@ -230,8 +240,8 @@ def evaluate(args, drafts: dict, results: dict, save) -> dict:
     prompts = [enc.encode_user(m) for _, m in items]
     for temp in [float(t) for t in args.temperature.split(",")]:
       key = jax.random.PRNGKey(0)
-      modes = (args.modes if temp == 0 or not args.t1_modes else args.t1_modes).split(",")
-      if all(f"{bench}@T={temp:g}/{mode}" in results.get(name, {}) for mode in modes for name in loaded):
+      modes = modes_at(args, temp)
+      if all(entry_key(bench, temp, mode) in results.get(name, {}) for mode in modes for name in loaded):
         continue
 
       def vcall(ids, lens):
@@ -243,7 +253,7 @@ def evaluate(args, drafts: dict, results: dict, save) -> dict:
       for mode in modes:
         tree_cfg = trees[mode]
         for name, (dcfg, dparams, d2t, _) in loaded.items():
-          if f"{bench}@T={temp:g}/{mode}" in results.get(name, {}):
+          if entry_key(bench, temp, mode) in results.get(name, {}):
             continue
           draft = Eagle3Draft(dcfg)
 
@@ -259,9 +269,9 @@ def evaluate(args, drafts: dict, results: dict, save) -> dict:
           r["prompt_tau"] = [g.new_tokens / max(g.rounds, 1) for g in spec]
           r["prompt_tokens"] = [g.new_tokens for g in spec]
           r["prompt_rounds"] = [g.rounds for g in spec]
-          results.setdefault(name, {})[f"{bench}@T={temp:g}/{mode}"] = r
+          results.setdefault(name, {})[entry_key(bench, temp, mode)] = r
           save(results)
-          print(f"{name} {bench}@T={temp:g}/{mode}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
+          print(f"{name} {entry_key(bench, temp, mode)}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
                 f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)
   return results
 
@@ -444,10 +454,12 @@ def main():
         json.dump({"settings": settings, "results": res}, f)
       os.replace(path + ".tmp", path)
 
-    drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in names}
-    evaluate(args, drafts, results, save)
-    wanted = {f"{b}@T={float(t):g}/{m}" for b in args.bench.split(",") for t in args.temperature.split(",")
-              for m in (args.modes if float(t) == 0 or not args.t1_modes else args.t1_modes).split(",")}
+    temps = [float(t) for t in args.temperature.split(",")]
+    wanted = {entry_key(b, t, m) for b in args.bench.split(",") for t in temps for m in modes_at(args, t)}
+    todo = [n for n in names if not wanted <= set(results.get(n, {}))]
+    if todo:  # the target and drafts load only when something is left to decode
+      drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in todo}
+      evaluate(args, drafts, results, save)
     results = {n: {k: v for k, v in results.get(n, {}).items() if k in wanted} for n in names}
   summary = summarise(args, reports, results)
   md = markdown(summary)

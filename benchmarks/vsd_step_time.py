@@ -80,8 +80,7 @@ def main(_):
   for name, ms in variants.items():
     if ms is not None:
       out[name].update(depth=int(config.vsd.depth), num_anchors=ms[0], num_paths=ms[1])
-      out[name.replace("vsd", "vsd_over_eagle3", 1) if flags.FLAGS.grid else "vsd_over_eagle3"] = (
-          out[name]["step_s"] / out["eagle3"]["step_s"])
+      out["vsd_over_eagle3" + name[len("vsd"):]] = out[name]["step_s"] / out["eagle3"]["step_s"]
   out["batch"] = [int(config.train.batch_size), int(max(config.data.buckets))]
   print(json.dumps(out))
 
