@@ -38,10 +38,12 @@ ARMS = _module("benchmarks/vsd_experiment.py", "vsd_experiment").ARMS
 
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_experiment_arm_is_a_valid_config(arm):
+  from vsd_jax.methods.eagle3 import ttt_loss_options
   from vsd_jax.methods.vsd import check_config
   config = _module("configs/vsd_experiment.py", "vsd_experiment_config").get_config()
   for override in ARMS[arm]:
     _apply(config, override)
   assert config.method in ("eagle3", "vsd")
+  ttt_loss_options(config)   # draft.objective (the LK arms) and its settings
   if config.method == "vsd":
     check_config(config.vsd)

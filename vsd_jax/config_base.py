@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.draft = ml_collections.ConfigDict()
   c.draft.ttt_steps = 7              # training-time-test unroll
   c.draft.step_decay = 0.8           # step k weighs step_decay**k
+  c.draft.objective = "kl"           # each step's objective: "kl" (EAGLE-3's soft cross-entropy vs the target),
+                                     # "lk_alpha" (-log of the expected acceptance sum_v min(p, q)) or "lk_lambda"
+                                     # (w * kl + (1 - w) * (1 - acceptance), w = lk_kl_scale * exp(-lk_kl_decay *
+                                     # acceptance)): the LK losses, arXiv 2602.23881 (methods/eagle3/loss.py)
+  c.draft.lk_kl_scale = 1.0
+  c.draft.lk_kl_decay = 1.0
   c.draft.init_from = ""             # a trained draft directory (<workdir>/draft) to start from; "" = random
   c.draft.init_head = "random"       # lm_head + final norm: "random", or "target" (the target's output rows of
                                      # the draft-vocabulary tokens and its final norm)

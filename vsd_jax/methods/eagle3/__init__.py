@@ -18,7 +18,25 @@ def scalar_metrics(metrics: dict) -> dict:
   for k in range(metrics["step_acc"].shape[0]):
     out[f"acc_{k}"] = metrics["step_acc"][k]
     out[f"loss_{k}"] = metrics["step_loss"][k]
+    out[f"alpha_{k}"] = metrics["step_alpha"][k]
   return out
+
+
+def ttt_loss_options(config) -> dict:
+  """`loss.eagle3_loss`'s static settings from config.draft: the TTT length, step decay and step objective
+  (draft.objective: "kl" as EAGLE-3, or an LK loss on the acceptance rate, with its lk_kl_scale / lk_kl_decay).
+  Every caller of the TTT loss (the EAGLE-3 method, VSD's EAGLE-3 term) reads them here."""
+  from vsd_jax.methods.eagle3.loss import OBJECTIVES
+  d = config.draft
+  objective = str(d.get("objective", "kl"))
+  if objective not in OBJECTIVES:
+    raise ValueError(f"config.draft.objective={objective!r}; use one of {OBJECTIVES}")
+  scale, decay = float(d.get("lk_kl_scale", 1.0)), float(d.get("lk_kl_decay", 1.0))
+  if objective == "lk_lambda" and not (0.0 <= scale and decay >= 0.0):
+    raise ValueError(f"config.draft.lk_kl_scale={scale} / lk_kl_decay={decay}: both must be >= 0 (the KL weight "
+                     "is lk_kl_scale * exp(-lk_kl_decay * acceptance))")
+  return dict(num_steps=int(d.ttt_steps), decay=float(d.step_decay), objective=objective, lk_kl_scale=scale,
+              lk_kl_decay=decay)
 
 
 def drop_image_tokens(loss_mask, input_ids, target_config):
@@ -42,13 +60,14 @@ def batch_loss(config, target, draft, params, frozen, batch, with_rows: bool = F
   valid = batch["attention_mask"].astype(bool)
   if "features" in batch:  # train.target_features="precomputed" (vsd_jax/training/feature_cache.py)
     feats = batch["features"]
-    labels = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool))
+    labels = SoftLabels(batch["label_logits"], batch["target_top"], batch["top_in_draft"].astype(bool),
+                        batch["draft_mass"])
   else:
     feats, labels = target_features(target.model, frozen["target"], batch["input_ids"], valid, **image_inputs(batch))
   loss_mask = drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config)
   return eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats, batch["input_ids"], labels,
-                     loss_mask, frozen["t2d"], frozen["d2t"], num_steps=int(config.draft.ttt_steps),
-                     decay=float(config.draft.step_decay), attention_mask=valid, with_rows=with_rows)
+                     loss_mask, frozen["t2d"], frozen["d2t"], attention_mask=valid, with_rows=with_rows,
+                     **ttt_loss_options(config))
 
 
 def draft_options(config, target) -> dict:
@@ -75,6 +94,7 @@ def build(config, target, vocab) -> Method:
                                   **draft_options(config, target))
   draft = Eagle3Draft(dcfg)
   validate_vocab_maps(vocab.t2d, vocab.d2t, target.config.vocab_size)
+  ttt_loss_options(config)   # a bad draft.objective fails here, before the trainer compiles the step
   frozen = dict(target=target.params, t2d=jnp.asarray(vocab.t2d), d2t=jnp.asarray(vocab.d2t))
 
   def init_params(rng):

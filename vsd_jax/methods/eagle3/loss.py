@@ -54,6 +54,8 @@ class SoftLabels(NamedTuple):
   draft_logits: jax.Array   # [B, T, N] the target's logits at the draft-vocabulary ids
   target_top: jax.Array     # int32 [B, T] the target's argmax (target id)
   top_in_draft: jax.Array   # bool [B, T] that argmax is in the draft vocabulary
+  draft_mass: jax.Array     # float32 [B, T] the target's probability mass on the draft vocabulary (its softmax over
+                            # [V] summed at the draft ids): what turns the renormalised p back into p's own values
 
 
 def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> SoftLabels:
@@ -63,7 +65,39 @@ def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> Sof
                      "target vocabulary (expected [B, T, V] and [V])")
   target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
   top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
-  return SoftLabels(jnp.take(target_logits, draft_vocab_ids(d2t), axis=-1), top, t2d.astype(bool)[top])
+  draft_logits = jnp.take(target_logits, draft_vocab_ids(d2t), axis=-1)
+  mass = jnp.exp(jax.nn.logsumexp(draft_logits, axis=-1) - jax.nn.logsumexp(target_logits, axis=-1))
+  return SoftLabels(draft_logits, top, t2d.astype(bool)[top], mass)
+
+
+OBJECTIVES = ("kl", "lk_alpha", "lk_lambda")   # config.draft.objective: the per-step objective of the TTT loss
+
+
+def acceptance_rate(p: jax.Array, q: jax.Array) -> jax.Array:
+  """Speculative sampling's acceptance probability of one draft token, sum_v min(p(v), q(v)) over the last axis
+  (= 1 - total variation(p, q) when both sum to 1). p: the target's probabilities at the draft-vocabulary ids
+  (NOT renormalised there: mass outside the draft vocabulary is never accepted); q: the draft's. [..., N] -> [...]"""
+  return jnp.sum(jnp.minimum(p, q), axis=-1)
+
+
+def lk_step_loss(objective: str, kl: jax.Array, alpha: jax.Array, log_alpha: jax.Array, kl_scale: float = 1.0,
+                 kl_decay: float = 1.0) -> jax.Array:
+  """One TTT step's objective from its mean soft cross-entropy `kl`, mean acceptance rate `alpha` and mean
+  log-acceptance `log_alpha` over the step's rows (scalars):
+
+    "kl"         kl                                           (EAGLE-3)
+    "lk_alpha"   -log_alpha                                   (LK: the acceptance rate itself, arXiv 2602.23881)
+    "lk_lambda"  w * kl + (1 - w) * (1 - alpha),  w = kl_scale * exp(-kl_decay * alpha) held constant
+                 (LK's hybrid: KL's dense gradient while acceptance is low, acceptance once it rises)
+  """
+  if objective == "kl":
+    return kl
+  if objective == "lk_alpha":
+    return -log_alpha
+  if objective == "lk_lambda":
+    w = kl_scale * jnp.exp(-kl_decay * jax.lax.stop_gradient(alpha))
+    return w * kl + (1.0 - w) * (1.0 - alpha)
+  raise ValueError(f"draft.objective={objective!r}; use one of {OBJECTIVES}")
 
 
 def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
@@ -105,8 +139,12 @@ def ttt_unroll(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array,
 def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array, features: jax.Array,
                 input_ids: jax.Array, target_logits: jax.Array, loss_mask: jax.Array, t2d: jax.Array,
                 d2t: jax.Array, num_steps: int = 7, decay: float = 0.8,
-                attention_mask: Optional[jax.Array] = None, step0=None, with_rows: bool = False):
-  """EAGLE-3 TTT loss: sum_k decay^k * (soft cross-entropy of step k vs the target). Pure and jittable.
+                attention_mask: Optional[jax.Array] = None, step0=None, with_rows: bool = False,
+                objective: str = "kl", lk_kl_scale: float = 1.0, lk_kl_decay: float = 1.0):
+  """EAGLE-3 TTT loss: sum_k decay^k * (objective of step k vs the target). Pure and jittable.
+
+  The step objective is EAGLE-3's soft cross-entropy (objective "kl") or an LK loss on the step's expected
+  acceptance rate (`lk_step_loss`; static strings/floats).
 
   target_logits may be the full [B, T, V] logits or their `SoftLabels` (precomputed features mode).
 
@@ -124,15 +162,18 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     with_rows: also return metrics["rows"], the per-row `TTTRows` [num_steps, B, T] (static flag).
   Returns:
     (loss scalar, metrics) with metrics = {
-      "step_loss": [num_steps] mean soft CE over the counted rows of each step,
+      "step_loss": [num_steps] each step's objective: for "kl" the mean soft CE over its counted rows,
       "step_acc": [num_steps] top-1 agreement: draft argmax (mapped to a target id) == target argmax, over
         the rows whose predicted token is a loss token (target argmax outside the draft vocab = a miss),
+      "step_alpha": [num_steps] mean acceptance rate sum_v min(p, q) over those rows (p not renormalised),
       "tau": simulated accepted length 1 + sum_k prod_{i<=k} step_acc[i],
       "num_tokens": rows counted at step 0 }.
     A step with no counted row has loss 0 and accuracy 0.
   """
   b, t = input_ids.shape
   n = d2t.shape[0]
+  if objective not in OBJECTIVES:
+    raise ValueError(f"draft.objective={objective!r}; use one of {OBJECTIVES}")
   if n != draft_module.cfg.draft_vocab_size:
     raise ValueError(f"eagle3_loss: d2t has {n} entries but the draft vocabulary has "
                      f"{draft_module.cfg.draft_vocab_size}; build both from the same draft vocab")
@@ -146,8 +187,9 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
   target_p = jax.nn.softmax(jax.lax.stop_gradient(labels.draft_logits.astype(jnp.float32)), axis=-1)  # [B, T, N]
   is_loss_token = loss_mask.astype(bool) & valid
 
-  p_at, top_at, loss_at, in_draft_at, ids_at = map(
-      left_shifter, (target_p, target_top, is_loss_token, top_in_draft, input_ids.astype(jnp.int32)))
+  p_at, top_at, loss_at, in_draft_at, ids_at, mass_at = map(
+      left_shifter, (target_p, target_top, is_loss_token, top_in_draft, input_ids.astype(jnp.int32),
+                     labels.draft_mass.astype(jnp.float32)))
   # target id -> draft id (-1 outside the draft vocabulary), for log q of the data token
   to_draft = jnp.where(t2d.astype(bool), jnp.cumsum(t2d.astype(jnp.int32)) - 1, -1)
 
@@ -159,32 +201,37 @@ def eagle3_loss(draft_params, draft_module: Eagle3Draft, embed_matrix: jax.Array
     logq = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.sum(p * logq, axis=-1)                                                     # [B, T]
     num = jnp.sum(counted)
-    step_loss = jnp.sum(jnp.where(counted, ce, 0.0)) / jnp.maximum(num, 1)
+    kl = jnp.sum(jnp.where(counted, ce, 0.0)) / jnp.maximum(num, 1)
     pred = jnp.argmax(logits, axis=-1)
     hit = predicts_loss_token & (draft_to_target(pred, d2t) == top)
-    step_acc = jnp.sum(hit) / jnp.maximum(jnp.sum(predicts_loss_token), 1)
-    out = (step_loss, jax.lax.stop_gradient(step_acc), num)
+    rows = jnp.maximum(jnp.sum(predicts_loss_token), 1)
+    step_acc = jnp.sum(hit) / rows
+    alpha_rows = acceptance_rate(p * mass_at(1 + k)[..., None], jnp.exp(logq))                     # [B, T]
+    alpha = jnp.sum(jnp.where(predicts_loss_token, alpha_rows, 0.0)) / rows
+    log_alpha = jnp.sum(jnp.where(predicts_loss_token, jnp.log(jnp.maximum(alpha_rows, 1e-20)), 0.0)) / rows
+    step_loss = lk_step_loss(objective, kl, alpha, log_alpha, lk_kl_scale, lk_kl_decay)
+    out = (step_loss, jax.lax.stop_gradient(step_acc), num, jax.lax.stop_gradient(alpha))
     if not with_rows:
       return out
     y = ids_at(2 + k)                                                                    # the data token
     yd = to_draft[y]
     logq_y = jnp.where(yd >= 0, jnp.take_along_axis(logq, jnp.maximum(yd, 0)[..., None], axis=-1)[..., 0],
                        -jnp.inf)
-    overlap = jnp.sum(jnp.minimum(p, jnp.exp(logq)), axis=-1)
+    overlap = acceptance_rate(p, jnp.exp(logq))
     f = lambda x: x.astype(jnp.float32)
     return out + (TTTRows(jnp.where(counted, ce, 0.0), f(counted), logq_y, f((top == y) & (yd >= 0)), overlap,
                           f(predicts_loss_token)),)
 
   unrolled = ttt_unroll(draft_params, draft_module, embed_matrix, features, input_ids, num_steps, attention_mask,
                         step_fn=step_stats, step0=step0)
-  step_loss, step_acc, num = unrolled[:3]
+  step_loss, step_acc, num, step_alpha = unrolled[:4]
   step_acc = step_acc.astype(jnp.float32)
   weights = jnp.asarray(decay, jnp.float32) ** jnp.arange(num_steps, dtype=jnp.float32)
   loss = jnp.sum(weights * step_loss)
-  metrics = {"step_loss": step_loss, "step_acc": step_acc, "tau": 1.0 + jnp.sum(jnp.cumprod(step_acc)),
-             "num_tokens": num[0]}
+  metrics = {"step_loss": step_loss, "step_acc": step_acc, "step_alpha": step_alpha,
+             "tau": 1.0 + jnp.sum(jnp.cumprod(step_acc)), "num_tokens": num[0]}
   if with_rows:
-    metrics["rows"] = unrolled[3]
+    metrics["rows"] = unrolled[4]
   return loss, metrics
 
 

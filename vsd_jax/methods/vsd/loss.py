@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.data.draft_vocab import draft_vocab_ids
-from vsd_jax.methods.eagle3 import scalar_metrics, drop_image_tokens
+from vsd_jax.methods.eagle3 import drop_image_tokens, scalar_metrics, ttt_loss_options
 from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.methods.grad_share import check_grad_share, hold_share
 from vsd_jax.methods.vsd import estep, mstep, utility
@@ -195,8 +195,8 @@ def m_step_loss(config, draft, params, frozen: dict, bp: BatchPass, e: EStepOut,
   if float(v.mu) > 0:
     embed = embedding_matrix(frozen["target"])
     loss_e3, m3 = eagle3_loss(params, draft, embed, bp.target.features, bp.ids, bp.target.logits, bp.loss_mask,
-                              frozen["t2d"], frozen["d2t"].astype(jnp.int32), num_steps=int(config.draft.ttt_steps),
-                              decay=float(config.draft.step_decay), attention_mask=bp.valid, step0=bp.step0)
+                              frozen["t2d"], frozen["d2t"].astype(jnp.int32), attention_mask=bp.valid,
+                              step0=bp.step0, **ttt_loss_options(config))
     total = total + float(v.mu) * loss_e3
   return MStepLoss(total, loss_arw, loss_car, loss_e3, m3)
 
