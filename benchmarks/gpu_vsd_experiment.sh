@@ -70,7 +70,7 @@ experiment() {  # benchmarks/vsd_experiment.py on the carried files into $KEEP/$
 
 decoded() {  # run/scratch's decoding arguments: the six sets (or $BENCH) at T=0 (tree, chain) and T=1 (chain)
   echo --bench "${BENCH:-mt_bench,humaneval,gsm8k,alpaca,sum,qa}" --num_prompts "${PROMPTS:-10}" \
-    --max_new_tokens "${NEW:-128}" --temperature 0,1 --modes tree,chain --t1_modes chain \
+    --max_new_tokens "${NEW:-128}" --temperature "${TEMPS:-0,1}" --modes "${MODES:-tree,chain}" --t1_modes chain \
     --eval_batch "${EVAL_BATCH:-1}" --data_dir "$KEEP/data/eval/eagle"
 }
 
