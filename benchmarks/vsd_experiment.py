@@ -38,7 +38,10 @@ metrics each time one finishes, so a call killed at its limit still returns what
 prints the plan (runs, optimizer steps, compiles, decoded entries left) and its estimated GPU time (GPU_RATES).
 
 Seeds: every arm runs at the first seed; the arms in --paired_arms (default eagle3 and every vsd_* arm named)
-at every seed. Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.jsonl}; the held-out report
+at every seed. One worker process (--train_worker) trains every run left: the target and the data load once
+for all of them (`vsd_jax.train.load_for_training` + `train`), each run's config is configs/vsd_experiment.py with
+its overrides (`cli_config.apply_overrides`; OUT/<run>/report.json's "command" trains it alone with
+`python -m vsd_jax.train`). Training writes OUT/<arm>_s<seed>/{draft, report.json, metrics.jsonl}; the held-out report
 (mt_bench, never trained on) gives teacher-forced acc@k, tau_sim and the draft's own greedy chain tau.
 
 Evaluation loads the target once; per eval set, temperature and decoding mode (the evaluate CLI's default
@@ -93,14 +96,15 @@ ARMS = {
 BASELINE = "eagle3"
 BASELINES = ("eagle3", "lk")   # summary["paired_vs_<b>"]: every other arm against b on the same prompts and seeds
 
-# Rates of one H200 for the plan's time estimate. Training: the shipped base's own GPU run
-# (../shared/drafts/smollm2-eagle3-gpu-1500/report.json: target load 34.7 s, 1,500 steps x 16 sequences in 130.4 s
-# including compilation, held-out 22.4 s for 80 prompts); sampled VSD's step is 1.24x EAGLE-3's at M 8 x S 8
-# (benchmarks/vsd_step_time.py --grid, measured on the CPU: the GPU ratio is not measured). Decoding and the data
-# stage from the cached responses are NOT measured on a GPU: assumed (a decode step of the 135M target ~4 ms with
-# the draft's share, 15 s to compile a decoding loop, 20 s to read the cache), to be replaced by the first run's.
-GPU_RATES = dict(load_s=35.0, data_s=20.0, step_s_per_seq=130.4 / 1500 / 16, heldout_s_per_prompt=22.4 / 80,
-                 decode_s_per_token=0.004, compile_s=15.0)
+# Rates of one H200 for the plan's time estimate. Training, from the shipped base's own GPU run
+# (../shared/drafts/smollm2-eagle3-gpu-1500/{report.json, metrics.jsonl}): target load 34.7 s; the first 20 steps
+# (with the step's compilation) 57.0 s, then 21.5 steps/s of 16 sequences; held-out report 22.4 s for 80 prompts.
+# Sampled VSD's step is 1.24x EAGLE-3's at M 8 x S 8 (benchmarks/vsd_step_time.py --grid, measured on the CPU;
+# the GPU ratio is not measured). NOT measured on a GPU, assumed: reading the cached responses 20 s, a decode step
+# of the 135M target with the draft's share 4 ms, compiling a decoding loop 15 s. The first GPU run's reports
+# (wall_s, stages) replace them.
+GPU_RATES = dict(load_s=34.7, data_s=20.0, train_compile_s=57.0 - 20 / 21.5, step_s_per_seq=1 / (21.5 * 16),
+                 heldout_s_per_prompt=22.4 / 80, decode_s_per_token=0.004, compile_s=15.0)
 SAMPLED_STEP_COST = 1.24   # a sampled-VSD arm's training step in EAGLE-3 steps (exact VSD, LK: 1.0)
 
 
@@ -183,11 +187,11 @@ def arm_steps(args, arm, seed, reports) -> int:
   return max(args.steps, int(round(args.steps * train_s_per_step(vsd) / train_s_per_step(e3))))
 
 
-def train_command(args, arm, seed, steps, workdir) -> list:
-  """The vsd_jax.train command line of one run (without the interpreter)."""
+def run_overrides(args, arm, seed, steps, workdir) -> list:
+  """The --config overrides of one run on configs/vsd_experiment.py (`python -m vsd_jax.train --config CONFIG`
+  with them trains that run alone)."""
   init = [] if args.from_scratch else [f"--config.draft.init_from={args.base_draft}"]
-  return (["-m", "vsd_jax.train", "--config", CONFIG, f"--config.workdir={workdir}",
-           f"--config.data.cache_dir={args.data_cache}"] + init +
+  return ([f"--config.workdir={workdir}", f"--config.data.cache_dir={args.data_cache}"] + init +
           [f"--config.seed={seed}", f"--config.train.total_steps={steps}", f"--config.model.name={args.model}",
            f"--config.train.warmup_steps={args.warmup}", f"--config.train.lr={args.lr}",
            f"--config.train.batch_size={args.batch_size}", f"--config.eval.heldout_limit={args.heldout_limit}",
@@ -199,8 +203,8 @@ def finished(r, steps) -> bool:
 
 
 def run_until(cmd: list, clock: Clock) -> None:
-  """Run a training command; past the clock's budget it gets SIGTERM (the trainer saves a checkpoint and
-  returns) and OutOfTime is raised. A failed run raises CalledProcessError."""
+  """Run a command; past the clock's budget it gets SIGTERM (the trainer saves a checkpoint and returns) and
+  OutOfTime is raised. A failed run raises CalledProcessError."""
   proc = subprocess.Popen(cmd, cwd=REPO)
   try:
     proc.wait(timeout=None if clock.left() == float("inf") else max(clock.left(), 1.0))
@@ -216,45 +220,108 @@ def run_until(cmd: list, clock: Clock) -> None:
     raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
-def train_arm(args, arm, seed, reports, clock: Clock):
-  """Train (arm, seed) or return its finished report. A run stopped by the time budget (same command) continues
-  from its last checkpoint; a partial run of other settings starts again. The report gains wall_s and
-  train_s_total summed over the calls that trained it, and the command."""
-  workdir = os.path.join(args.out, f"{arm}_s{seed}")
-  steps = arm_steps(args, arm, seed, reports)
+def _read_json(path, default):
+  if not os.path.isfile(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def train_runs(args, todo: list, clock: Clock, base: bool = False) -> None:
+  """Train the runs `todo` [(arm, seed, steps)] (and with `base`, the base draft's held-out report) in ONE worker
+  process (`--train_worker`): the target and the data load once for all of them. A run stopped by the time budget
+  (same overrides) continues from its last checkpoint in the next call; a partial run of other settings starts
+  again. Each run's OUT/<run>/attempts.json keeps its overrides and every call's seconds."""
+  jobs = [{"kind": "base", "out": os.path.join(args.out, "base_heldout.json"), "draft": args.base_draft,
+           "overrides": base_overrides(args)}] if base else []
+  for arm, seed, steps in todo:
+    workdir = os.path.join(args.out, f"{arm}_s{seed}")
+    overrides = run_overrides(args, arm, seed, steps, workdir)
+    if _read_json(os.path.join(workdir, "attempts.json"), {}).get("overrides") != overrides:
+      if os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+      os.makedirs(workdir)
+      with open(os.path.join(workdir, "attempts.json"), "w") as f:
+        json.dump({"overrides": overrides, "calls": []}, f, indent=1)
+    jobs.append({"kind": "train", "workdir": workdir, "overrides": overrides})
+  if not jobs:
+    return
+  clock.check("training " + (", ".join(f"{a}_s{s}" for a, s, _ in todo) or "the base's held-out report"))
+  spec = os.path.join(args.out, "worker_jobs.json")
+  with open(spec, "w") as f:
+    json.dump({"args": vars(args), "jobs": jobs}, f, indent=1)
+  cmd = [sys.executable, os.path.abspath(__file__), "--train_worker", spec]
+  print("+", " ".join(cmd), file=sys.stderr, flush=True)
+  run_until(cmd, clock)
+
+
+def finish_report(workdir: str) -> dict:
+  """A finished run's report with what the experiment adds: wall_s (over every call that trained it),
+  train_s_total (when it took several), and the equivalent single-run command."""
   r = _report(workdir)
-  if finished(r, steps):
+  attempts = _read_json(os.path.join(workdir, "attempts.json"), None)
+  if attempts is None or "command" in r:   # a run of an earlier version of this script: as it was written
     return r
-  cmd = train_command(args, arm, seed, steps, workdir)
-  attempts_path = os.path.join(workdir, "attempts.json")
-  attempts = {}
-  if os.path.isfile(attempts_path):
-    with open(attempts_path) as f:
-      attempts = json.load(f)
-  if attempts.get("command") != cmd:
-    if os.path.isdir(workdir):
-      shutil.rmtree(workdir)
-    attempts = {"command": cmd, "calls": []}
-  os.makedirs(workdir, exist_ok=True)
-  clock.check(f"training {arm}_s{seed}")
-  print("+", sys.executable, " ".join(cmd), file=sys.stderr, flush=True)
-  t0 = time.time()
-  try:
-    run_until([sys.executable] + cmd, clock)
-  finally:
-    part = _report(workdir)
-    attempts["calls"].append(dict(wall_s=time.time() - t0, stopped=part.get("stopped") if part else None,
-                                  train_s=part["stages"].get("train_s") if part and "stages" in part else None))
-    with open(attempts_path, "w") as f:
-      json.dump(attempts, f, indent=1)
-  r = _report(workdir)
   r["wall_s"] = sum(c["wall_s"] for c in attempts["calls"])
-  if len(attempts["calls"]) > 1:   # trained over several calls: the time of all of them
+  if len(attempts["calls"]) > 1:
     r["train_s_total"] = sum(c["train_s"] or 0.0 for c in attempts["calls"])
-  r["command"] = " ".join(cmd)
+  r["command"] = " ".join(["-m", "vsd_jax.train", "--config", CONFIG] + attempts["overrides"])
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(r, f, indent=1)
   return r
+
+
+def collect_reports(args) -> dict:
+  """{run: report} of this call's runs that have finished (on disk), in run order, the base's first."""
+  reports = {}
+  base = os.path.join(args.out, "base_heldout.json")
+  if not args.from_scratch and os.path.isfile(base):
+    reports["base"] = _read_json(base, None)
+  for arm, seed in runs(args):
+    workdir = os.path.join(args.out, f"{arm}_s{seed}")
+    if finished(_report(workdir), arm_steps(args, arm, seed, reports)):
+      reports[f"{arm}_s{seed}"] = finish_report(workdir)
+  return reports
+
+
+def train_worker(spec_path: str) -> None:
+  """--train_worker: the jobs of `train_runs` in this process, sharing one `vsd_jax.train.load_for_training`
+  (every job has the same model, mesh and data settings); the summary and --mirror are brought up to date after
+  each. Stops after a run that did not finish (the trainer caught SIGTERM and saved) or when SIGTERM came
+  between runs."""
+  import logging
+
+  from vsd_jax.cli_config import _load_file, apply_overrides
+  from vsd_jax.train import load_for_training, train
+
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  stop = []
+  signal.signal(signal.SIGTERM, lambda *_: stop.append(True))   # the trainer's own handler covers its loop
+  spec = _read_json(spec_path, {})
+  args = argparse.Namespace(**spec["args"])
+  loaded, shared = None, None
+  for job in spec["jobs"]:
+    if stop:
+      break
+    t0 = time.time()
+    config = apply_overrides(_load_file(CONFIG), job["overrides"], CONFIG)
+    key = json.dumps([config.model.to_dict(), config.mesh.to_dict(), config.data.to_dict()], default=str)
+    if loaded is None or key != shared:
+      loaded, shared = load_for_training(config), key
+    if job["kind"] == "base":
+      base_heldout(config, loaded.target, job["draft"], job["out"])
+      publish(args, collect_reports(args), {} if args.skip_eval else load_decoding(args))
+      continue
+    attempts_path = os.path.join(job["workdir"], "attempts.json")
+    attempts = _read_json(attempts_path, {"overrides": job["overrides"], "calls": []})
+    report = train(config, loaded)
+    attempts["calls"].append(dict(wall_s=time.time() - t0, stopped=report.get("stopped"),
+                                  train_s=report.get("stages", {}).get("train_s")))
+    with open(attempts_path, "w") as f:
+      json.dump(attempts, f, indent=1)
+    publish(args, collect_reports(args), {} if args.skip_eval else load_decoding(args))
+    if report.get("stopped") != "done":
+      break
 
 
 def copy_base_cache(src: str, dst: str, model: str) -> None:
@@ -285,28 +352,26 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
     os.rename(files[0], want)
 
 
-def base_heldout(args) -> dict:
-  """The base draft's held-out report on the same prompts and settings as every arm's (train.py's report)."""
-  import numpy as np
+def base_overrides(args) -> list:
+  """The config of the base draft's held-out report: every arm's model, data and held-out settings."""
+  return [f"--config.data.cache_dir={args.data_cache}", f"--config.model.name={args.model}",
+          f"--config.eval.heldout_limit={args.heldout_limit}"] + args.extra
 
-  from vsd_jax.cli_config import _load_file
+
+def base_heldout(config, target, draft_dir: str, out: str) -> None:
+  """The base draft's held-out report on the same prompts and settings as every arm's (train.py's report),
+  written to `out`."""
   from vsd_jax.data.draft_vocab import DraftVocab
   from vsd_jax.training.heldout import heldout_report
-  from vsd_jax.weights import load_target
   from vsd_jax.weights.draft_io import load_draft
 
-  config = _load_file(CONFIG)
-  config.model.name, config.eval.heldout_limit = args.model, args.heldout_limit
-  config.data.cache_dir = args.data_cache
-  for o in args.extra:   # --config.data.root=... and the like
-    key, _, value = o.removeprefix("--config.").partition("=")
-    if key == "data.root":
-      config.data.root = value
-  target = load_target(args.model)
-  _, params, d2t, t2d = load_draft(args.base_draft, target.config)
+  _, params, d2t, t2d = load_draft(draft_dir, target.config)
   vocab = DraftVocab(d2t=d2t, t2d=t2d, counts=np.zeros(d2t.shape, np.int64), coverage=float("nan"))
   t0 = time.time()
-  return {"steps": 0, "heldout": heldout_report(config, target, vocab, params), "wall_s": time.time() - t0}
+  report = {"steps": 0, "heldout": heldout_report(config, target, vocab, params), "wall_s": time.time() - t0}
+  with open(out + ".tmp", "w") as f:
+    json.dump(report, f)
+  os.replace(out + ".tmp", out)
 
 
 def modes_at(args, temp: float) -> list:
@@ -536,12 +601,13 @@ def run_names(args) -> list:
 
 def plan(args, results: dict) -> dict:
   """What this call has left -- runs to train (optimizer steps, compiles) and decoded entries -- and the GPU time
-  that needs at GPU_RATES. Finished runs and entries (on disk) count nothing."""
+  that needs at GPU_RATES. Finished runs and entries (on disk) count nothing. The training worker loads the target
+  and the data once for all runs; decoding loads the target once more (its decoding layout)."""
   r = GPU_RATES
   heldout = (args.heldout_limit if args.heldout_limit > 0 else 80) * r["heldout_s_per_prompt"]
   rows, reports = [], {}
   if not args.from_scratch and not os.path.isfile(os.path.join(args.out, "base_heldout.json")):
-    rows.append(dict(run="base", steps=0, compiles=1, est_s=r["load_s"] + r["compile_s"] + heldout))
+    rows.append(dict(run="base", steps=0, compiles=1, est_s=heldout))
   for arm, seed in runs(args):
     name = f"{arm}_s{seed}"
     rep = _report(os.path.join(args.out, name))
@@ -549,8 +615,7 @@ def plan(args, results: dict) -> dict:
     if finished(rep, steps):
       reports[name] = rep
       continue
-    est = (r["load_s"] + r["data_s"] + 2 * r["compile_s"] + heldout +
-           steps * args.batch_size * r["step_s_per_seq"] * step_cost(arm))
+    est = r["train_compile_s"] + heldout + steps * args.batch_size * r["step_s_per_seq"] * step_cost(arm)
     rows.append(dict(run=name, steps=steps, compiles=2, est_s=est))
   entries, combos, vanilla = 0, set(), set()
   if not args.skip_eval:
@@ -563,7 +628,7 @@ def plan(args, results: dict) -> dict:
   tokens = (entries + len(vanilla)) * args.num_prompts * args.max_new_tokens
   decode_s = ((r["load_s"] if entries else 0.0) + (len(combos) + len(vanilla)) * r["compile_s"] +
               tokens * r["decode_s_per_token"])
-  train_s = sum(x["est_s"] for x in rows)
+  train_s = sum(x["est_s"] for x in rows) + (r["load_s"] + r["data_s"] if rows else 0.0)
   return dict(train_runs=rows, optimizer_steps=sum(x["steps"] for x in rows),
               compiles=sum(x["compiles"] for x in rows) + len(combos) + len(vanilla), decoded_entries=entries,
               vanilla_decodes=len(vanilla), decoded_tokens=tokens, est_train_s=train_s, est_decode_s=decode_s,
@@ -651,6 +716,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main():
+  if len(sys.argv) == 3 and sys.argv[1] == "--train_worker":
+    return train_worker(sys.argv[2])
   args = parse_args()
   clock = Clock(args.stop_after_s)
   if not args.from_scratch and not os.path.isfile(os.path.join(args.base_draft, "draft_config.json")):
@@ -676,20 +743,19 @@ def main():
   print_plan(left)
   if args.plan_only:
     return
-  reports, stopped = {}, ""
+  stopped = ""
   try:
-    if not args.from_scratch:
-      base_path = os.path.join(args.out, "base_heldout.json")
-      if not os.path.isfile(base_path):
-        clock.check("the base's held-out report")
-        base = base_heldout(args)
-        with open(base_path, "w") as f:
-          json.dump(base, f)
-      with open(base_path) as f:
-        reports["base"] = json.load(f)
-    for arm, seed in runs(args):
-      reports[f"{arm}_s{seed}"] = train_arm(args, arm, seed, reports, clock)
-      publish(args, reports, results)
+    # One worker trains every run left (and the base's held-out report); eagle3_eqtime's steps need the vsd
+    # arm's time, so those runs get a second worker.
+    base = not args.from_scratch and not os.path.isfile(os.path.join(args.out, "base_heldout.json"))
+    order = runs(args)
+    for batch in ([r for r in order if r[0] != "eagle3_eqtime"], [r for r in order if r[0] == "eagle3_eqtime"]):
+      done = collect_reports(args)
+      todo = [(a, s, arm_steps(args, a, s, done)) for a, s in batch if f"{a}_s{s}" not in done]
+      train_runs(args, todo, clock, base=base)
+      base = False
+    reports = collect_reports(args)
+    publish(args, reports, results)
     if not args.skip_eval:
       names = args.eval_runs.split(",") if args.eval_runs else list(reports)
       path = os.path.join(args.out, "decoding.json")
@@ -707,7 +773,7 @@ def main():
   except OutOfTime as e:
     stopped = str(e)
     print(f"stopped: {stopped}; the same command again resumes where this one stopped", file=sys.stderr, flush=True)
-  summary = publish(args, reports, results, stopped)
+  summary = publish(args, collect_reports(args), results, stopped)
   print(markdown(summary))
 
 

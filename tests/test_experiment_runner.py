@@ -70,6 +70,8 @@ def test_plan_counts_only_what_is_left(exp, tmp_path):
   assert est["vsd_s0"] - est["eagle3_s0"] == pytest.approx(step * (exp.SAMPLED_STEP_COST - 1))
   assert est["lk_s0"] == pytest.approx(est["eagle3_s0"])
   assert full["est_gpu_s"] == pytest.approx(full["est_train_s"] + full["est_decode_s"])
+  loads = exp.GPU_RATES["load_s"] + exp.GPU_RATES["data_s"]     # once for every run: one training worker
+  assert full["est_train_s"] == pytest.approx(sum(est.values()) + loads)
   _finished(tmp_path, "eagle3_s0", 10)
   _finished(tmp_path, "vsd_s1", 9)          # finished with other settings: still to do
   results = {"lk_s0": {"mt_bench@T=0/tree": {}, "mt_bench@T=0/chain": {}}}
@@ -119,3 +121,35 @@ def test_publish_mirrors_partial_results_and_pairs_with_lk(exp, tmp_path):
   want = (sum(v["prompt_tokens"]) / sum(v["prompt_rounds"])) / (sum(lk["prompt_tokens"]) / sum(lk["prompt_rounds"]))
   assert ratio == pytest.approx(want)
   assert "| arm / lk (paired, same prompts) |" in (mirror / "summary.md").read_text()
+
+
+def test_apply_overrides_reads_each_field_as_its_type():
+  from vsd_jax.cli_config import ConfigError, _load_file, apply_overrides
+  c = _load_file(os.path.join(REPO, "configs", "vsd_experiment.py"))
+  apply_overrides(c, ["--config.method=vsd", "--config.vsd.arw=False", "--config.train.lr=6e-4",
+                      "--config.data.buckets=(128,256)", "--config.vsd.num_paths=4", "--config.draft.objective=lk_alpha",
+                      "--config.draft.init_from="])
+  assert (c.method, c.vsd.arw, c.train.lr, c.data.buckets, c.vsd.num_paths, c.draft.objective, c.draft.init_from) == (
+      "vsd", False, 6e-4, (128, 256), 4, "lk_alpha", "")
+  for bad, named in [("--config.vsd.arw=maybe", "vsd.arw"), ("--config.vsd.num_paths=4.5", "vsd.num_paths"),
+                     ("--config.vsd.nope=1", "'nope'"), ("--config.method", "--config.method")]:
+    with pytest.raises(ConfigError, match=named):
+      apply_overrides(c, [bad])
+
+
+def test_collect_reports_finishes_each_run_once(exp, tmp_path):
+  """Finished runs (this call's steps) are collected in run order with the experiment's additions: wall_s over
+  the calls that trained them, train_s_total when several did, and the equivalent single-run command."""
+  args = _args(exp, tmp_path, "--seeds", "0")
+  overrides = exp.run_overrides(args, "vsd", 0, 10, str(tmp_path / "vsd_s0"))
+  assert "--config.method=vsd" in overrides and not any("init_from" in o for o in overrides)   # --from_scratch
+  _finished(tmp_path, "vsd_s0", 10)
+  (tmp_path / "vsd_s0" / "attempts.json").write_text(json.dumps({"overrides": overrides, "calls": [
+      dict(wall_s=30.0, stopped="preempted", train_s=20.0), dict(wall_s=12.0, stopped="done", train_s=5.0)]}))
+  _finished(tmp_path, "lk_s0", 7)          # other settings: not this call's
+  reports = exp.collect_reports(args)
+  assert list(reports) == ["vsd_s0"]
+  r = reports["vsd_s0"]
+  assert (r["wall_s"], r["train_s_total"], exp.train_s(r)) == (42.0, 25.0, 25.0)
+  assert r["command"].startswith("-m vsd_jax.train --config ") and r["command"].endswith(" ".join(overrides))
+  assert exp.collect_reports(args)["vsd_s0"] == r          # written once: collecting again changes nothing

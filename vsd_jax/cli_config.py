@@ -6,6 +6,7 @@ names the field, the config file, and the fields that do exist.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -28,6 +29,21 @@ def _load_file(path: str):
   return module.get_config()
 
 
+def _field(cfg, dotted: str, path: str):
+  """(parent section, leaf name) of the dotted field in cfg; ConfigError naming it when it does not exist."""
+  node, walked = cfg, []
+  parts = dotted.split(".")
+  for part in parts:
+    if not hasattr(node, "keys") or part not in node:
+      where = ".".join(walked) or "<top level>"
+      known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+      raise ConfigError(f"unknown config field {dotted!r} in {path!r}: {where!r} has no field {part!r}. "
+                        f"Known fields there: {known}.")
+    parent, node = node, node[part]
+    walked.append(part)
+  return parent, parts[-1]
+
+
 def check_overrides(argv) -> None:
   """Raise ConfigError for `--config.x.y=v` naming a field the config file does not have."""
   path = None
@@ -40,19 +56,35 @@ def check_overrides(argv) -> None:
     return
   cfg = _load_file(path.split(":", 1)[0])
   for a in argv:
-    if not a.startswith("--config."):
-      continue
-    dotted = a[len("--config."):].split("=", 1)[0]
-    node = cfg
-    walked = []
-    for part in dotted.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        where = ".".join(walked) or "<top level>"
-        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
-        raise ConfigError(f"unknown config field {dotted!r} in {path!r}: {where!r} has no field {part!r}. "
-                          f"Known fields there: {known}.")
-      node = node[part]
-      walked.append(part)
+    if a.startswith("--config."):
+      _field(cfg, a[len("--config."):].split("=", 1)[0], path)
+
+
+def apply_overrides(cfg, overrides, path: str = "<config>"):
+  """cfg with `--config.x.y=v` overrides applied in place (for programs that build several configs in one
+  process; the CLIs parse them with absl). Each value is read as the field's current type (bool: True/False;
+  int, float, str; tuples and None-valued fields as Python literals); an unknown field or a value of another
+  type is a ConfigError naming it. Returns cfg."""
+  for a in overrides:
+    if not a.startswith("--config.") or "=" not in a:
+      raise ConfigError(f"{a!r} is not a --config.<field>=<value> override")
+    dotted, text = a[len("--config."):].split("=", 1)
+    parent, leaf = _field(cfg, dotted, path)
+    old = parent[leaf]
+    try:
+      if isinstance(old, bool):
+        if text not in ("True", "False", "true", "false"):
+          raise ValueError("expected True or False")
+        value = text in ("True", "true")
+      elif isinstance(old, (int, float, str)):
+        value = type(old)(text)
+      else:
+        value = ast.literal_eval(text)
+      parent[leaf] = value
+    except (ValueError, TypeError, SyntaxError) as e:
+      raise ConfigError(f"--config.{dotted}={text!r}: not a value of the field's type "
+                        f"({type(old).__name__}, now {old!r}): {e}") from None
+  return cfg
 
 
 def define_config_flag(name: str = "config"):

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any, NamedTuple, Optional
 
 from absl import flags
 
@@ -40,40 +41,39 @@ def run_dry_run(config) -> None:
   print("DRY_RUN_JSON " + json.dumps(report, default=float))
 
 
-def main(_):
-  if _DRY_RUN.value:
-    return run_dry_run(_CONFIG.value)
-  import jax
+class Loaded(NamedTuple):
+  """What several runs of one target and one data setting share (`load_for_training`): the mesh, the target in its
+  training layout, the prepared data, and the seconds each took."""
+  mesh: Any
+  rules: Any
+  target: Any
+  data: Any
+  stages: dict
 
-  from vsd_jax import parallel
-  from vsd_jax.data.dataset import iterate_batches
-  from vsd_jax.data.pipeline import data_cache_dir, model_id, prepare_data
+
+def check_training_config(config) -> None:
+  """The method and target-feature mode exist and go together; raises ValueError naming the field."""
+  from vsd_jax.methods import METHODS
   from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
-  from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
-  from vsd_jax.training.heldout import heldout_report
-  from vsd_jax.methods import METHODS, build_method
-  from vsd_jax.training.trainer import train_loop
-  from vsd_jax.weights import load_target
-  from vsd_jax.weights.draft_io import save_draft
-
-  config = _CONFIG.value
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  parallel.maybe_initialize_distributed(config)
-  if jax.process_index() != 0:  # one log for the job: the other hosts report only warnings and errors
-    logging.getLogger().setLevel(logging.WARNING)
   if config.method not in METHODS:
-    sys.exit(f"error: --config.method={config.method!r} is not a training method; use one of {METHODS}")
+    raise ValueError(f"--config.method={config.method!r} is not a training method; use one of {METHODS}")
   mode = str(config.train.target_features)
   if mode not in FEATURE_MODES:
-    sys.exit(f"error: --config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
+    raise ValueError(f"--config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
   if mode == "precomputed" and config.method != "eagle3":
-    sys.exit(f"error: train.target_features='precomputed' serves method 'eagle3' only; method "
-             f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
-  os.makedirs(config.workdir, exist_ok=True)
-  stages, t0 = {}, time.time()
+    raise ValueError(f"train.target_features='precomputed' serves method 'eagle3' only; method "
+                     f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
 
-  # The target is read straight into its training layout (sharded by its logical axes, as --dry_run compiles
-  # it, not replicated per device): each device's block from the files, so a target larger than a chip loads.
+
+def load_for_training(config) -> Loaded:
+  """The mesh, the target and the data of `config` (what runs differing only in method, draft, seed or training
+  settings share). The target is read straight into its training layout (sharded by its logical axes, as --dry_run
+  compiles it, not replicated per device): each device's block from the files, so a target larger than a chip loads."""
+  from vsd_jax import parallel
+  from vsd_jax.data.pipeline import prepare_data
+  from vsd_jax.weights import load_target
+
+  stages, t0 = {}, time.time()
   mesh = parallel.make_mesh(config)
   rules = parallel.logical_axis_rules(config)
   target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -83,6 +83,35 @@ def main(_):
   data = prepare_data(config, target)
   stages["data_s"] = time.time() - t
   logging.info("data: %s", json.dumps(data.stats))
+  return Loaded(mesh, rules, target, data, stages)
+
+
+def train(config, loaded: Optional[Loaded] = None) -> dict:
+  """One training run of `config`: train, export <workdir>/draft, held-out report; returns the report (also
+  written to <workdir>/report.json by process 0). `loaded`: the mesh, target and data of an earlier
+  `load_for_training` with the same model, mesh and data settings (runs in one process share them); loaded here
+  when None (then its seconds are in this report's stages; a shared one's are not)."""
+  import jax
+
+  from vsd_jax import parallel
+  from vsd_jax.data.dataset import iterate_batches
+  from vsd_jax.data.pipeline import data_cache_dir, model_id
+  from vsd_jax.methods import build_method
+  from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
+  from vsd_jax.training.heldout import heldout_report
+  from vsd_jax.training.trainer import train_loop
+  from vsd_jax.weights.draft_io import save_draft
+
+  check_training_config(config)
+  os.makedirs(config.workdir, exist_ok=True)
+  t0 = time.time()
+  if loaded is None:
+    loaded = load_for_training(config)
+    stages = dict(loaded.stages)
+  else:
+    stages = {}
+  mesh, rules, target, data = loaded.mesh, loaded.rules, loaded.target, loaded.data
+  mode = str(config.train.target_features)
 
   method = build_method(config, target, data.draft_vocab)
   draft, init_params, loss_fn, frozen = method.draft, method.init_params, method.loss_fn, method.frozen
@@ -130,7 +159,7 @@ def main(_):
     report["heldout"] = heldout_report(config, target, data.draft_vocab, params)
     stages["heldout_s"] = time.time() - t
   if jax.process_index() != 0:
-    return
+    return report
   stages["total_s"] = time.time() - t0
   report["stages"] = stages
   # Non-padding sequence tokens through target + draft per second (this run's steps; approximate on resume).
@@ -138,8 +167,29 @@ def main(_):
   report["train_tokens_per_s"] = int(result.step) * bs * mean_len / max(stages["train_s"], 1e-9)
   with open(os.path.join(config.workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1, default=float)
-  print(json.dumps({k: report[k] for k in ("steps", "stopped", "heldout", "stages") if k in report}, indent=1,
-                   default=float))
+  return report
+
+
+def main(_):
+  if _DRY_RUN.value:
+    return run_dry_run(_CONFIG.value)
+  import jax
+
+  from vsd_jax import parallel
+
+  config = _CONFIG.value
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  parallel.maybe_initialize_distributed(config)
+  if jax.process_index() != 0:  # one log for the job: the other hosts report only warnings and errors
+    logging.getLogger().setLevel(logging.WARNING)
+  try:
+    check_training_config(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  report = train(config)
+  if jax.process_index() == 0:
+    print(json.dumps({k: report[k] for k in ("steps", "stopped", "heldout", "stages") if k in report}, indent=1,
+                     default=float))
 
 
 if __name__ == "__main__":
