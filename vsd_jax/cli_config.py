@@ -12,9 +12,7 @@ import sys
 
 from ml_collections import config_flags
 
-
-class ConfigError(ValueError):
-  pass
+from vsd_jax.errors import DEBUG_ENV, ConfigError, debug_requested, run_reporting  # noqa: F401 (ConfigError: here too)
 
 
 def _load_file(path: str):
@@ -62,13 +60,14 @@ def define_config_flag(name: str = "config"):
 
 
 def run_app(main) -> None:
-  """absl app.run with the override check first, so bad fields fail with a clear message."""
-  from absl import app
-  try:
-    check_overrides(sys.argv)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  app.run(main)
+  """absl app.run of a CLI's main, with the one error path for user mistakes (vsd_jax.errors): the override
+  check first, so a bad field fails before absl loads anything, then `main`; a UserError from either prints
+  `error: <message>` (no traceback) and exits with status 2. --debug or VSD_JAX_DEBUG=1 shows the traceback."""
+  from absl import app, flags
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, f"Show the traceback of an input error (also: {DEBUG_ENV}=1).")
+  run_reporting(check_overrides, sys.argv)
+  app.run(lambda argv: run_reporting(main, argv, debug=debug_requested() or flags.FLAGS.debug))
 
 
 def define_decoding_shape_flags():

@@ -15,9 +15,11 @@ import json
 import os
 from typing import Optional, Sequence
 
+from vsd_jax.errors import UserError
 
-class PromptFileError(ValueError):
-  pass
+
+class PromptFileError(UserError):
+  """A prompt file (or image list) that cannot be read; the message names it and the fix."""
 
 
 def read_prompt_file(path: str, with_images: bool = False, image_folder: str = ""):
@@ -26,8 +28,13 @@ def read_prompt_file(path: str, with_images: bool = False, image_folder: str = "
   are taken under image_folder (default: the file's folder)."""
   if not os.path.isfile(path):
     raise PromptFileError(f"prompt file not found: {path!r}")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise PromptFileError(f"prompt file {path!r} is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
+                          "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and pass it again.") from e
   items = []
   is_jsonl = path.endswith(".jsonl")
   for n, line in enumerate(lines, 1):

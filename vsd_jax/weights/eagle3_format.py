@@ -56,6 +56,7 @@ from typing import Optional
 
 import numpy as np
 
+from vsd_jax.errors import UserError
 from vsd_jax.models.eagle3 import Eagle3Config
 from vsd_jax.models.llama import LlamaConfig
 from vsd_jax.weights.draft_io import load_draft, save_draft
@@ -87,7 +88,7 @@ _IGNORED = ("embed_tokens.weight", "model.embed_tokens.weight")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class Eagle3FormatError(ValueError):
+class Eagle3FormatError(UserError):
   """An EAGLE-3 checkpoint (or one of our drafts) that cannot be converted; the message names the fix."""
 
 
