@@ -62,7 +62,7 @@ def define_config_flag(name: str = "config"):
 def run_app(main) -> None:
   """absl app.run of a CLI's main, with the one error path for user mistakes (vsd_jax.errors): the override
   check first, so a bad field fails before absl loads anything, then `main`; a UserError from either prints
-  `error: <message>` (no traceback) and exits with status 2. --debug or VSD_JAX_DEBUG=1 shows the traceback."""
+  `error: <message>` (no traceback) and exits with status 1. --debug or VSD_JAX_DEBUG=1 shows the traceback."""
   from absl import app, flags
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, f"Show the traceback of an input error (also: {DEBUG_ENV}=1).")

@@ -6,7 +6,7 @@ Raise `UserError` (or a subclass) with a message that names the input and the fi
     raise InputNotFoundError(f"--draft {path!r} does not exist; pass the <workdir>/draft written by vsd_jax.train")
 
 Every CLI (cli_config.run_app, convert_draft.main) prints such an error as `error: <message>` on stderr, without a
-traceback, and exits with status 2; `--debug` or VSD_JAX_DEBUG=1 shows the traceback instead. Errors that are not
+traceback, and exits with status 1; `--debug` or VSD_JAX_DEBUG=1 shows the traceback instead. Errors that are not
 UserErrors are bugs (or the environment's) and keep their traceback. The project's own input errors
 (ConfigError here; PromptFileError, PromptTooLongError, DraftMismatchError, DataSourceError, MeshError, ...) subclass
 UserError. This module imports nothing heavy: CLIs use it before JAX starts.
@@ -19,7 +19,6 @@ import sys
 from typing import Callable, Optional, Sequence
 
 DEBUG_ENV = "VSD_JAX_DEBUG"
-EXIT_CODE = 2  # usage errors, as argparse and absl flag parsing exit
 
 
 class UserError(ValueError):
@@ -42,9 +41,9 @@ def debug_requested(argv: Optional[Sequence[str]] = None) -> bool:
 
 
 def report(error: BaseException) -> None:
-  """Print a UserError the way every CLI does (stderr: `error: <message>` and where the traceback is) and exit."""
-  print(f"error: {error}\n(traceback: rerun with --debug or {DEBUG_ENV}=1)", file=sys.stderr)
-  sys.exit(EXIT_CODE)
+  """Exit the way every CLI reports a UserError: `error: <message>` and where the traceback is, on stderr, status 1
+  (SystemExit with that text, so a caller of a CLI's main() can catch and match it)."""
+  raise SystemExit(f"error: {error}\n(traceback: rerun with --debug or {DEBUG_ENV}=1)")
 
 
 def run_reporting(fn: Callable, *args, debug: Optional[bool] = None, **kwargs):
