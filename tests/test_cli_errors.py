@@ -89,6 +89,20 @@ def test_train_checks_inputs_before_loading(tmp_path, field, value, needles):
     assert needle in msg, msg
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["--config", "configs/vicuna.py:30b"], ("configs/vicuna.py:30b", "unknown size", "13b")),
+    (["--config", "configs/nope.py"], ("configs/nope.py", "not found")),
+    (["--config", "configs/tiny.py", "--config.train.lrr=1"], ("train.lrr", "Known fields there")),
+])
+def test_config_file_and_override_errors(monkeypatch, args, needles):
+  """Checked before absl parses the flags (whose own report of a failing get_config is a traceback)."""
+  from vsd_jax.cli_config import check_overrides
+  monkeypatch.chdir(REPO)
+  msg = reported(check_overrides, ["prog"] + args)
+  for needle in needles:
+    assert needle in msg, msg
+
+
 def test_mesh_preset_unknown_to_the_config(tmp_path):
   r = run_cli(["vsd_jax.train", "--config", "configs/tiny.py", "--config.mesh.preset=v5p-32",
                f"--config.workdir={tmp_path}"])

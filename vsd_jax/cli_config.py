@@ -16,6 +16,8 @@ from vsd_jax.errors import DEBUG_ENV, ConfigError, debug_requested, run_reportin
 
 
 def _load_file(path: str):
+  """The config of `file.py` or `file.py:arg` (get_config(arg), as ml_collections passes it)."""
+  path, *args = path.split(":", 1)
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path!r}. Pass e.g. --config configs/tiny.py")
   spec = importlib.util.spec_from_file_location("_vsd_config", path)
@@ -23,7 +25,10 @@ def _load_file(path: str):
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path!r} has no get_config() function")
-  return module.get_config()
+  try:
+    return module.get_config(*args)
+  except (ValueError, TypeError, KeyError) as e:  # e.g. an unknown size in configs/vicuna.py:30b
+    raise ConfigError(str(e) if path in str(e) else f"--config {':'.join([path, *args])}: {e}") from e
 
 
 def check_overrides(argv) -> None:
@@ -36,7 +41,7 @@ def check_overrides(argv) -> None:
       path = a.split("=", 1)[1]
   if path is None:
     return
-  cfg = _load_file(path.split(":", 1)[0])
+  cfg = _load_file(path)
   for a in argv:
     if not a.startswith("--config."):
       continue

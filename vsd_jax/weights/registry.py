@@ -10,7 +10,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.errors import InputNotFoundError, UserError
+from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 
 # name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
@@ -137,7 +137,7 @@ def untie_on_this_device(setting="auto") -> bool:
   """config.generate.untie_lm_head -> whether to untie: "auto" on CPUs only, "true" / "false" (or a bool) force it."""
   value = str(setting).lower()
   if value not in ("auto", "true", "false"):
-    raise ValueError(f"config.generate.untie_lm_head={setting!r}: use 'auto' (untied on CPUs only), 'true' or 'false'")
+    raise ConfigError(f"config.generate.untie_lm_head={setting!r}: use 'auto' (untied on CPUs only), 'true' or 'false'")
   return jax.devices()[0].platform == "cpu" if value == "auto" else value == "true"
 
 
