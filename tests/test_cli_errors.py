@@ -72,6 +72,7 @@ def reported(fn, *args, **kwargs) -> str:
     ("draft.init_from", "/nonexistent/draft", ("draft.init_from='/nonexistent/draft'", "vsd_jax.train")),
     ("model.name", "/nonexistent/model.gguf", ("/nonexistent/model.gguf",)),
     ("method", "beam", ("'beam'", "eagle3")),
+    ("draft.objective", "lk", ("config.draft.objective='lk'", "lk_alpha")),
 ])
 def test_train_checks_inputs_before_loading(tmp_path, field, value, needles):
   """train.check_inputs runs before the mesh, the target and the data stage (train.main's first step)."""

@@ -38,18 +38,17 @@ def run_dry_run(config) -> None:
 
 
 def check_inputs(config) -> None:
-  """Everything a run reads, checked before anything loads: the method and feature mode, config.train's numbers,
-  the target's name or files, the prompt sources (training and held-out), draft.init_from and the workdir.
-  Raises a UserError naming the field and the fix (run_app prints it)."""
+  """Everything a run reads, checked before anything loads: the method (its name, head init, TTT loss), the
+  feature mode, config.train's numbers, the target's name or files, the prompt sources (training and held-out),
+  draft.init_from and the workdir. Raises a UserError naming the field and the fix (run_app prints it)."""
   from vsd_jax.data.sources import check_sources
-  from vsd_jax.methods import METHODS
+  from vsd_jax.methods import check_method_config
   from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
   from vsd_jax.training.heldout import heldout_config
   from vsd_jax.training.state import check_train_settings
   from vsd_jax.weights.registry import model_entry
 
-  if config.method not in METHODS:
-    raise ConfigError(f"--config.method={config.method!r} is not a training method; use one of {METHODS}")
+  check_method_config(config)
   mode = str(config.train.target_features)
   if mode not in FEATURE_MODES:
     raise ConfigError(f"--config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
