@@ -159,6 +159,13 @@ def test_non_utf8_prompt_file_names_the_file(tmp_path):
   assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_non_utf8_training_source_names_the_file(tmp_path):
+  from vsd_jax.data.sources import DataSourceError, read_file
+  p = tmp_path / "prompts.jsonl"
+  p.write_bytes('{"question": "ok"}\n{"question": "caf\u00e9"}\n'.encode("latin-1"))
+  with pytest.raises(DataSourceError, match=rf"prompt file '{p}' is not UTF-8 text \(byte \d+, line 2"):
+    read_file(str(p), "gsm8k")
+
 def test_prompt_too_long_advises_only_what_helps():
   from vsd_jax.decoding.runner import PromptTooLongError, check_capacity
   with pytest.raises(PromptTooLongError, match="Shorten the prompt or lower --max_new_tokens"):
@@ -226,3 +233,4 @@ def test_convert_draft_cli_reports_without_traceback(tmp_path):
   r = run_cli(["vsd_jax.convert_draft", "--input", _fake_draft(tmp_path / "src"), "--to", "eagle3", "--output",
                str(out)])
   assert_user_error(r, str(out), "is a file")
+

@@ -28,13 +28,8 @@ def read_prompt_file(path: str, with_images: bool = False, image_folder: str = "
   are taken under image_folder (default: the file's folder)."""
   if not os.path.isfile(path):
     raise PromptFileError(f"prompt file not found: {path!r}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except UnicodeDecodeError as e:
-    line = e.object[:e.start].count(b"\n") + 1
-    raise PromptFileError(f"prompt file {path!r} is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
-                          "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and pass it again.") from e
+  from vsd_jax.data.sources import read_utf8
+  lines = read_utf8(path, f"prompt file {path!r}", PromptFileError).splitlines()
   items = []
   is_jsonl = path.endswith(".jsonl")
   for n, line in enumerate(lines, 1):

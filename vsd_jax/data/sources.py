@@ -174,10 +174,22 @@ FORMATS: dict[str, Callable] = {
 }
 
 
+def read_utf8(path: str, what: str, error=None) -> str:
+  """The text of a UTF-8 file; any other encoding is `error` (default DataSourceError) naming `what` (e.g.
+  "prompt file 'x.txt'"), the place of the first bad byte and the fix."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise (error or DataSourceError)(
+        f"{what} is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); save it as UTF-8 (e.g. `iconv -f "
+        "latin1 -t utf-8`) and pass it again.") from e
+
+
 def _records(path: str, on_bad_line: str, stats: SourceStats) -> Iterator[tuple]:
   """(location, record) for a JSON array file or a JSONL file; malformed JSONL lines per on_bad_line."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_utf8(path, f"prompt file {path!r}")
   name = os.path.basename(path)
   if text.lstrip().startswith("["):  # one JSON array (Alpaca, ShareGPT dumps)
     try:
