@@ -83,6 +83,14 @@ def test_damaged_draft_names_the_file(tiny_draft, tmp_path, damage, name):
   assert str(path) in str(e.value) and isinstance(e.value, UserError)
 
 
+def test_cut_manifest_names_it(tiny_draft, tmp_path):
+  from vsd_jax.weights.draft_io import MANIFEST, DraftCorruptError, load_draft
+  tcfg = _copy(tiny_draft, tmp_path)
+  (tmp_path / MANIFEST).write_text((tmp_path / MANIFEST).read_text()[:40])
+  with pytest.raises(DraftCorruptError, match=rf"{tmp_path / MANIFEST}.*unreadable.*re-export"):
+    load_draft(str(tmp_path), tcfg)
+
+
 def test_interrupted_save_never_loads_mixed_files(tiny_draft, tmp_path, monkeypatch):
   """A save killed between its renames (the manifest is new, draft.msgpack still the old one) is reported by load,
   not loaded; other files in the directory are left alone; the old draft survives a save that stops earlier."""

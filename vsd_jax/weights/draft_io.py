@@ -1,4 +1,8 @@
-"""Save and load a trained draft for decoding: params + Eagle3Config + draft vocab + the target it fits."""
+"""Save and load a trained draft for decoding: params + Eagle3Config + draft vocab + the target it fits.
+
+Saved atomically with a manifest (each file's size and sha256) that load_draft checks: a truncated or corrupted
+draft is a DraftCorruptError naming the file and how to write it again. Drafts saved before the manifest load
+unchecked, as they did."""
 
 from __future__ import annotations
 
@@ -101,10 +105,10 @@ def load_draft(directory: str, target_cfg=None):
   if os.path.isfile(os.path.join(directory, MANIFEST)):
     try:
       manifest = json.loads(_read_checked(directory, MANIFEST, None))
-      manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-      raise DraftCorruptError(f"draft manifest {os.path.join(directory, MANIFEST)!r} is unreadable ({e}); "
-                              f"{REEXPORT}.") from e
+    except ValueError as e:
+      manifest = e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+      raise DraftCorruptError(f"draft manifest {os.path.join(directory, MANIFEST)!r} is unreadable; {REEXPORT}.")
   raw = {name: _read_checked(directory, name, manifest) for name in DRAFT_FILES}
   try:
     meta = json.loads(raw["draft_config.json"])
