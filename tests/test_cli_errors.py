@@ -104,13 +104,6 @@ def test_config_file_and_override_errors(monkeypatch, args, needles):
     assert needle in msg, msg
 
 
-def test_mesh_preset_unknown_to_the_config(tmp_path):
-  r = run_cli(["vsd_jax.train", "--config", "configs/tiny.py", "--config.mesh.preset=v5p-32",
-               f"--config.workdir={tmp_path}"])
-  assert_user_error(r, "mesh.preset='v5p-32'", "presets: none")
-  assert not os.path.exists(tmp_path / "data_cache")  # stopped at the mesh, before the target
-
-
 @pytest.mark.parametrize("devices", [1, 8])
 def test_paper_config_gets_past_the_mesh_to_the_hub(tmp_path, devices):
   """configs/vicuna.py on this machine: the mesh is sized to the devices present (its v5p-32 layout is a preset),
