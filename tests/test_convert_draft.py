@@ -165,6 +165,8 @@ def test_overwrite_replaces_the_whole_output(exported, tmp_path):
   assert convert_draft.main(args + ["--overwrite"]) == 0
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
   assert sorted(os.listdir(tmp_path)) == ["e3"]  # no temporary or replaced directory left
+  nested = tmp_path / "new" / "folders" / "e3"  # missing folders above the output are created
+  assert convert_draft.main(args[:-1] + [str(nested)]) == 0 and (nested / "config.json").is_file()
 
 
 def test_import_pytorch_bin_without_vocab_maps(exported, tmp_path):

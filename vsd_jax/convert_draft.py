@@ -83,8 +83,10 @@ def check_paths(input_dir: str, to: str, output_dir: str, target: str = None, ov
     raise UserError(f"--output {output_dir!r} already holds {_describe(output_dir)}; pass --overwrite to replace "
                     "it, or choose another --output.")
   parent = os.path.dirname(os.path.abspath(output_dir))
-  if not os.access(parent if os.path.isdir(parent) else os.path.dirname(parent), os.W_OK):
-    raise UserError(f"--output {output_dir!r}: its folder {parent!r} is not writable; choose another --output.")
+  while not os.path.isdir(parent):  # the folder that exists, in which the missing ones would be created
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK):
+    raise UserError(f"--output {output_dir!r}: the folder {parent!r} is not writable; choose another --output.")
   if to == "vsd_jax" and target is None:
     raise UserError("--to vsd_jax needs --target: the target model the EAGLE-3 draft was trained for "
                     "(registry name, GGUF file or HF directory).")
