@@ -1,9 +1,13 @@
 """Llama-3 targets: Llama-3.1-8B-Instruct and Llama-3.3-70B-Instruct (gated on the hub).
 
-  python -m vsd_jax.train --config configs/llama3.py                    # 8B on a TPU v5p-32 slice (16 chips)
-  python -m vsd_jax.train --config configs/llama3.py:70b                # 70B on a TPU v5p-64 slice (32 chips)
-  python -m vsd_jax.train --config configs/llama3.py:70b --dry_run      # compile here, print per-chip memory
-  launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-64 -- --config configs/llama3.py:70b
+  python -m vsd_jax.train --config configs/llama3.py                    # 8B on the devices present (FSDP over all)
+  python -m vsd_jax.train --config configs/llama3.py:70b                # 70B
+  python -m vsd_jax.train --config configs/llama3.py:70b --dry_run      # compile for the v5p-64 slice, per-chip memory
+  launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-64 -- --config configs/llama3.py:70b \
+      --config.mesh.preset=v5p-64
+
+The mesh is sized to the devices present (mesh.fsdp = -1); the pod layout of MODELS below is the named preset of its
+slice, used with --config.mesh.preset=<slice> and by --dry_run. The chosen mesh is logged.
 """
 
 import os

@@ -4,7 +4,7 @@
   python -m vsd_jax.train --config configs/llava.py:tiny-adaptor       # the same with the draft's vision adaptor
   python -m vsd_jax.train --config configs/llava.py:7b-text            # stage 1: ShareGPT text
   python -m vsd_jax.train --config configs/llava.py:7b                 # stage 2: LLaVA-Instruct images, from stage 1
-  python -m vsd_jax.train --config configs/llava.py:13b --dry_run      # compile here, print per-chip memory
+  python -m vsd_jax.train --config configs/llava.py:13b --dry_run      # compile for its v5p-64 slice, per-chip memory
   python -m vsd_jax.evaluate --config configs/llava.py:tiny --draft runs/llava_tiny/draft \
       --bench sample_images --data_dir <folder with sample_images/question.jsonl>
 
@@ -36,7 +36,8 @@ SAMPLE_PROMPTS = os.path.join(REPO_ROOT, "vsd_jax", "data", "sample_images.json"
 
 # size -> (registry name (vsd_jax/weights/registry.py; architecture ARCHS + LLAVA_ARCHS[name]), slice, mesh
 # (data, fsdp, tensor)): the meshes of configs/vicuna.py for the same language models (the vision tower and
-# projector add 0.3B parameters).
+# projector add 0.3B parameters). As there, the mesh is sized to the devices present by default; the slice's layout
+# is its named preset (--config.mesh.preset=v5p-32; --dry_run compiles for it).
 MODELS = {
     "7b": ("llava-1.5-7b", "v5p-32", (1, 8, 2)),
     "13b": ("llava-1.5-13b", "v5p-64", (1, 16, 2)),

@@ -1,10 +1,14 @@
 """Vicuna v1.3 targets (lmsys/vicuna-{7b,13b}-v1.3 from the hub), EAGLE-3's paper-scale setting.
 
-  python -m vsd_jax.train --config configs/vicuna.py               # 7B on a TPU v5p-32 slice (16 chips)
-  python -m vsd_jax.train --config configs/vicuna.py:13b           # 13B on a TPU v5p-64 slice (32 chips)
-  python -m vsd_jax.train --config configs/vicuna.py --dry_run     # compile here, print per-chip memory
-  launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-32 -- --config configs/vicuna.py
+  python -m vsd_jax.train --config configs/vicuna.py               # 7B on the devices present (FSDP over all)
+  python -m vsd_jax.train --config configs/vicuna.py:13b           # 13B
+  python -m vsd_jax.train --config configs/vicuna.py --dry_run     # compile for the v5p-32 slice, per-chip memory
+  launch/tpu_pod.sh --name vsd --zone us-east5-a --type v5p-32 -- --config configs/vicuna.py --config.mesh.preset=v5p-32
   python -m vsd_jax.generate --config configs/vicuna.py --prompts question.jsonl --output out.jsonl
+
+The mesh is sized to the devices present (mesh.fsdp = -1: one GPU, an 8-GPU node, any slice); the pod layout of the
+recipe is the named preset of its slice (7B: v5p-32, fsdp 8 x tensor 2; 13B: v5p-64, fsdp 16 x tensor 2), used with
+--config.mesh.preset=<slice> and by --dry_run. The chosen mesh is logged.
 """
 
 import os

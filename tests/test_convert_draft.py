@@ -152,6 +152,23 @@ def test_round_trip_bfloat16_and_cli(exported, tmp_path):
     convert_draft.main(["--input", str(tmp_path / "e3"), "--to", "vsd_jax", "--output", str(tmp_path / "x")])
 
 
+def test_overwrite_replaces_the_whole_output(exported, tmp_path):
+  """An existing output is replaced only with --overwrite, and then as a whole: no old file stays beside the new
+  ones (refusals without it: tests/test_cli_errors.py)."""
+  out = tmp_path / "e3"
+  out.mkdir()
+  (out / "pytorch_model.bin").write_bytes(b"an older checkpoint")
+  args = ["--input", str(exported["root"] / "ours"), "--to", "eagle3", "--output", str(out)]
+  with pytest.raises(SystemExit, match="already holds 1 file"):
+    convert_draft.main(args)
+  assert (out / "pytorch_model.bin").read_bytes() == b"an older checkpoint"
+  assert convert_draft.main(args + ["--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path)) == ["e3"]  # no temporary or replaced directory left
+  nested = tmp_path / "new" / "folders" / "e3"  # missing folders above the output are created
+  assert convert_draft.main(args[:-1] + [str(nested)]) == 0 and (nested / "config.json").is_file()
+
+
 def test_import_pytorch_bin_without_vocab_maps(exported, tmp_path):
   """EAGLE's own checkpoints: pytorch_model.bin; a draft over the full vocabulary may omit d2t/t2d."""
   torch = pytest.importorskip("torch")

@@ -5,6 +5,7 @@ cannot fit)."""
 import glob
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -164,6 +165,42 @@ def test_paper_configs_describe_their_slices():
   for path in ("configs/vicuna.py:30b", "configs/llama3.py:405b"):
     with pytest.raises(ValueError, match="unknown size; use one of"):
       _paper_config(path)
+
+
+# Every config in configs/ (with each argument it takes): the pod slice a paper config keeps as its mesh preset.
+ALL_CONFIGS = {"configs/tiny.py": None, "configs/tiny_vsd.py": None, "configs/vsd_experiment.py": None,
+               "configs/llava.py:tiny": None, "configs/llava.py:tiny-adaptor": None,
+               "configs/vicuna.py": ("v5p-32", (1, 8, 2)), "configs/vicuna.py:13b": ("v5p-64", (1, 16, 2)),
+               "configs/llama3.py": ("v5p-32", (1, 8, 2)), "configs/llama3.py:70b": ("v5p-64", (1, 8, 4)),
+               "configs/llava.py:7b": ("v5p-32", (1, 8, 2)), "configs/llava.py:7b-text": ("v5p-32", (1, 8, 2)),
+               "configs/llava.py:13b": ("v5p-64", (1, 16, 2))}
+
+
+def test_every_config_sizes_its_mesh_to_the_devices_present():
+  """A config's default mesh fits 1 and 8 devices (an axis of -1 takes the rest); a paper config keeps its pod
+  layout as the named preset of its slice, which --dry_run compiles for and --config.mesh.preset=<slice> trains
+  with."""
+  from vsd_jax import dry_run, parallel
+  assert sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))) == sorted(
+      {os.path.join(REPO, p.partition(":")[0]) for p in ALL_CONFIGS})
+  for path, pod in ALL_CONFIGS.items():
+    c = _paper_config(path)
+    assert parallel.mesh_shape(c, 1) == (1, 1, 1), path
+    assert 8 in parallel.mesh_shape(c, 8) and sorted(parallel.mesh_shape(c, 8)) == [1, 1, 8], path
+    if pod is None:
+      assert not c.mesh.presets, path
+      continue
+    name, layout = pod
+    assert c.mesh.slice == name and c.mesh.preset == "" and sorted(c.mesh.presets) == [name], path
+    assert dry_run.mesh_size(c) == math.prod(layout), path  # the dry run is for the pod
+    with c.unlocked():
+      c.mesh.preset = name
+    assert parallel.mesh_shape(c, math.prod(layout)) == layout, path
+    with pytest.raises(parallel.MeshError, match=f"mesh.preset={name}.*leave --config.mesh.preset unset"):
+      parallel.mesh_shape(c, 8)
+    c.mesh.preset = "v9"
+    with pytest.raises(ValueError, match=f"mesh.preset='v9' is not a mesh preset of this config.*{name}"):
+      parallel.mesh_shape(c, 8)
 
 
 def test_arch_table_entries_are_valid_llama_configs():

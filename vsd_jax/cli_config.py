@@ -13,12 +13,12 @@ import sys
 
 from ml_collections import config_flags
 
-
-class ConfigError(ValueError):
-  pass
+from vsd_jax.errors import DEBUG_ENV, ConfigError, debug_requested, run_reporting  # noqa: F401 (ConfigError: here too)
 
 
 def _load_file(path: str):
+  """The config of `file.py` or `file.py:arg` (get_config(arg), as ml_collections passes it)."""
+  path, *args = path.split(":", 1)
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path!r}. Pass e.g. --config configs/tiny.py")
   spec = importlib.util.spec_from_file_location("_vsd_config", path)
@@ -26,7 +26,10 @@ def _load_file(path: str):
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path!r} has no get_config() function")
-  return module.get_config()
+  try:
+    return module.get_config(*args)
+  except (ValueError, TypeError, KeyError) as e:  # e.g. an unknown size in configs/vicuna.py:30b
+    raise ConfigError(str(e) if path in str(e) else f"--config {':'.join([path, *args])}: {e}") from e
 
 
 def _field(cfg, dotted: str, path: str):
@@ -54,7 +57,7 @@ def check_overrides(argv) -> None:
       path = a.split("=", 1)[1]
   if path is None:
     return
-  cfg = _load_file(path.split(":", 1)[0])
+  cfg = _load_file(path)
   for a in argv:
     if a.startswith("--config."):
       _field(cfg, a[len("--config."):].split("=", 1)[0], path)
@@ -94,13 +97,14 @@ def define_config_flag(name: str = "config"):
 
 
 def run_app(main) -> None:
-  """absl app.run with the override check first, so bad fields fail with a clear message."""
-  from absl import app
-  try:
-    check_overrides(sys.argv)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  app.run(main)
+  """absl app.run of a CLI's main, with the one error path for user mistakes (vsd_jax.errors): the override
+  check first, so a bad field fails before absl loads anything, then `main`; a UserError from either prints
+  `error: <message>` (no traceback) and exits with status 1. --debug or VSD_JAX_DEBUG=1 shows the traceback."""
+  from absl import app, flags
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, f"Show the traceback of an input error (also: {DEBUG_ENV}=1).")
+  run_reporting(check_overrides, sys.argv)
+  app.run(lambda argv: run_reporting(main, argv, debug=debug_requested() or flags.FLAGS.debug))
 
 
 def define_decoding_shape_flags():

@@ -4,6 +4,8 @@ import os
 
 import ml_collections
 
+from vsd_jax.errors import ConfigError
+
 # The checkout's root (configs/, runs/ live there); the installed package is an editable install.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Local prompt files (the team's shared/data); override with VSD_DATA_DIR or --config.data.root.
@@ -62,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Named layouts, e.g. a paper config's pod slice ("v5p-32": data 1, fsdp 8, tensor 2; see pod_mesh);
+  # --config.mesh.preset=<name> uses one instead of the sizes above ("" = the sizes above).
+  c.mesh.presets = ml_collections.ConfigDict()
+  c.mesh.preset = ""
   # Logical axis -> mesh axes ("data,fsdp"; "" = replicated); see vsd_jax/parallel.py.
   c.mesh.rules = ml_collections.ConfigDict(dict(
       batch="data,fsdp", length="", embed="fsdp", heads="tensor", kv_heads="tensor", mlp="tensor",
@@ -172,7 +178,29 @@ def eagle3_released_recipe(c: ml_collections.ConfigDict, warmup_steps: int = 120
 
 
 def pod_mesh(c: ml_collections.ConfigDict, slice_name: str, data: int, fsdp: int, tensor: int) -> None:
-  """Train on a TPU slice (v5p chips: 95 GiB HBM each) with a data x fsdp x tensor mesh."""
+  """The TPU slice a paper config is written for (v5p chips: 95 GiB HBM each), kept as the named mesh preset
+  `slice_name` (data x fsdp x tensor): `--config.mesh.preset=v5p-32` trains with it, and --dry_run compiles for
+  it. By default the mesh is sized to the devices present (FSDP over all of them), so the config runs on one GPU,
+  an 8-GPU node or any slice."""
   c.mesh.slice = slice_name
   c.mesh.device_memory_gib = 0.0   # 0 = the slice's chip; see vsd_jax/dry_run.py
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+  c.mesh.presets[slice_name] = dict(data=data, fsdp=fsdp, tensor=tensor)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_axis_sizes(config) -> tuple:
+  """({axis: size} of config.mesh, -1 = the remaining devices; what chose them: "mesh.preset=<name>" or the
+  mesh.data/fsdp/tensor fields). The one reading of config.mesh's sizes (parallel.py, dry_run.py); no JAX."""
+  m = config.mesh
+  name = str(m.get("preset", "") or "")
+  if not name:
+    return {a: int(m[a]) for a in MESH_AXES}, "mesh.data/fsdp/tensor"
+  presets = m.get("presets", None) or {}
+  if name not in presets:
+    raise ConfigError(f"mesh.preset={name!r} is not a mesh preset of this config (presets: "
+                      f"{', '.join(sorted(presets)) or 'none'}); pass one of them, or --config.mesh.preset= to "
+                      "size the mesh by mesh.data/fsdp/tensor")
+  return {a: int(presets[name][a]) for a in MESH_AXES}, f"mesh.preset={name}"

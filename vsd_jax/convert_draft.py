@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+
+from vsd_jax.errors import DEBUG_ENV, InputNotFoundError, UserError, debug_requested, run_reporting
 
 
 def target_config(name_or_path: str):
@@ -31,7 +34,7 @@ def target_config(name_or_path: str):
   if kind == "hf_dir":
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-      raise FileNotFoundError(f"target {name_or_path!r}: {path!r} has no config.json; pass an HF checkpoint "
+      raise InputNotFoundError(f"target {name_or_path!r}: {path!r} has no config.json; pass an HF checkpoint "
                               "directory, a GGUF file or a registry name.")
     with open(cfg_path) as f:
       return config_from_hf_dict(json.load(f))
@@ -45,41 +48,96 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--input", required=True, help="vsd_jax draft directory (--to eagle3) or EAGLE-3 checkpoint "
                  "directory (--to vsd_jax).")
   p.add_argument("--to", required=True, choices=("eagle3", "vsd_jax"), help="Output format.")
-  p.add_argument("--output", required=True, help="Output directory (created; files in it are overwritten).")
+  p.add_argument("--output", required=True, help="Output directory (created; an existing one that holds files is "
+                 "replaced only with --overwrite).")
   p.add_argument("--target", default=None, help="Target model the draft is for (registry name, GGUF file or HF "
                  "directory). Required with --to vsd_jax; with --to eagle3 it checks the draft fits it.")
+  p.add_argument("--overwrite", action="store_true", help="Replace an existing --output directory (as a whole: no "
+                 "old file stays beside the new ones).")
+  p.add_argument("--debug", action="store_true", help=f"Show the traceback of an input error (also: {DEBUG_ENV}=1).")
   return p
 
 
-def convert(input_dir: str, to: str, output_dir: str, target: str = None) -> str:
-  """The CLI's work as a function; returns a one-line summary. Raises on bad input (messages name the fix)."""
+def _describe(directory: str) -> str:
+  names = sorted(os.listdir(directory))
+  kind = ("a vsd_jax draft" if "draft_config.json" in names else
+          "an EAGLE-3 checkpoint" if "config.json" in names else f"{len(names)} file(s)")
+  return f"{kind} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+
+
+def check_paths(input_dir: str, to: str, output_dir: str, target: str = None, overwrite: bool = False) -> None:
+  """Every path the conversion reads or writes, checked before anything loads; raises a UserError naming it."""
+  from vsd_jax.weights.registry import model_entry
+
+  want = "draft_config.json" if to == "eagle3" else "config.json"
+  kind = "a vsd_jax draft directory (<workdir>/draft)" if to == "eagle3" else "an EAGLE-3 checkpoint directory"
+  if not os.path.isdir(input_dir):
+    raise InputNotFoundError(f"--input {input_dir!r} is not a directory; pass {kind}.")
+  if not os.path.isfile(os.path.join(input_dir, want)):
+    raise InputNotFoundError(f"--input {input_dir!r} has no {want}, so it is not {kind} (--to {to}).")
+  if os.path.abspath(input_dir) == os.path.abspath(output_dir):
+    raise UserError(f"--output {output_dir!r} is the input directory; write the conversion somewhere else.")
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output {output_dir!r} is a file, not a directory; pass a directory path (it is created).")
+  if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+    raise UserError(f"--output {output_dir!r} already holds {_describe(output_dir)}; pass --overwrite to replace "
+                    "it, or choose another --output.")
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  while not os.path.isdir(parent):  # the folder that exists, in which the missing ones would be created
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK):
+    raise UserError(f"--output {output_dir!r}: the folder {parent!r} is not writable; choose another --output.")
+  if to == "vsd_jax" and target is None:
+    raise UserError("--to vsd_jax needs --target: the target model the EAGLE-3 draft was trained for "
+                    "(registry name, GGUF file or HF directory).")
+  if target is not None:
+    model_entry(target)  # an unknown name or a missing file, before anything is read
+
+
+def _replace_dir(new: str, output_dir: str) -> None:
+  """Move the finished directory `new` to output_dir, replacing an existing one as a whole."""
+  old = None
+  if os.path.isdir(output_dir):
+    old = f"{output_dir.rstrip(os.sep)}.replaced-{os.getpid()}"
+    os.rename(output_dir, old)
+  os.rename(new, output_dir)
+  if old is not None:
+    shutil.rmtree(old)
+
+
+def convert(input_dir: str, to: str, output_dir: str, target: str = None, overwrite: bool = False) -> str:
+  """The CLI's work as a function; returns a one-line summary. Raises on bad input (messages name the fix).
+
+  The conversion is written to a temporary directory beside output_dir and moved into place when complete, so
+  an interrupted run leaves output_dir as it was (and --overwrite never mixes old and new files)."""
   from vsd_jax.weights import eagle3_format
   from vsd_jax.weights.draft_io import load_draft
 
-  if not os.path.isdir(input_dir):
-    raise FileNotFoundError(f"--input {input_dir!r} is not a directory; pass a draft directory.")
-  if os.path.abspath(input_dir) == os.path.abspath(output_dir):
-    raise ValueError(f"--output {output_dir!r} is the input directory; write the conversion somewhere else.")
-  if to == "eagle3":
-    if target is not None:
-      load_draft(input_dir, target_config(target))  # raises DraftMismatchError naming the difference
-    eagle3_format.export_eagle3(input_dir, output_dir)
-    return (f"wrote EAGLE-3 checkpoint {output_dir} (config.json, model.safetensors); serve it with SGLang "
-            "--speculative-algorithm EAGLE3 or vLLM speculative_config method 'eagle3'")
-  if target is None:
-    raise ValueError("--to vsd_jax needs --target: the target model the EAGLE-3 draft was trained for "
-                     "(registry name, GGUF file or HF directory).")
-  eagle3_format.import_eagle3(input_dir, output_dir, target_config(target))
-  return (f"wrote vsd_jax draft {output_dir}; decode with `python -m vsd_jax.generate --draft {output_dir}`, "
-          f"continue training with --config.draft.init_from={output_dir}")
+  check_paths(input_dir, to, output_dir, target, overwrite)
+  tmp = f"{output_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+  os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+  try:
+    if to == "eagle3":
+      if target is not None:
+        load_draft(input_dir, target_config(target))  # raises DraftMismatchError naming the difference
+      eagle3_format.export_eagle3(input_dir, tmp)
+      summary = (f"wrote EAGLE-3 checkpoint {output_dir} (config.json, model.safetensors); serve it with SGLang "
+                 "--speculative-algorithm EAGLE3 or vLLM speculative_config method 'eagle3'")
+    else:
+      eagle3_format.import_eagle3(input_dir, tmp, target_config(target))
+      summary = (f"wrote vsd_jax draft {output_dir}; decode with `python -m vsd_jax.generate --draft {output_dir}`, "
+                 f"continue training with --config.draft.init_from={output_dir}")
+    _replace_dir(tmp, output_dir)
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+  return summary
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  try:
-    print(convert(args.input, args.to, args.output, args.target))
-  except (ValueError, FileNotFoundError, ImportError) as e:  # Eagle3FormatError/DraftMismatchError: ValueError
-    sys.exit(f"error: {e}")
+  print(run_reporting(convert, args.input, args.to, args.output, args.target, args.overwrite,
+                      debug=args.debug or debug_requested([])))
   return 0
 
 

@@ -22,6 +22,8 @@ import os
 import time
 from typing import Any, Optional
 
+from vsd_jax.config_base import mesh_axis_sizes
+from vsd_jax.errors import UserError
 # Hub architectures by registry name: the one table (it imports no JAX; re-exported as dry_run.ARCHS).
 from vsd_jax.models import archs
 from vsd_jax.models.archs import ARCHS  # noqa: F401  (re-exported: dry_run.ARCHS)
@@ -33,7 +35,7 @@ DEVICE_MEMORY_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v
                      "h200": 141.0, "a100": 80.0}
 
 
-class DryRunError(ValueError):
+class DryRunError(UserError):
   pass
 
 
@@ -41,15 +43,25 @@ class DoesNotFitError(DryRunError):
   pass
 
 
+def pod_config(config):
+  """config as a dry run compiles it: a mesh sized to the devices present (an axis of -1) becomes the config's pod
+  preset (mesh.slice, see config_base.pod_mesh), the layout a dry run is for; a fixed mesh or a named preset stays."""
+  sizes, _ = mesh_axis_sizes(config)
+  pod = str(config.mesh.get("slice", "") or "")
+  if -1 not in sizes.values() or pod not in (config.mesh.get("presets", None) or {}):
+    return config
+  config = config.copy_and_resolve_references()
+  config.mesh.preset = pod
+  return config
+
+
 def mesh_size(config) -> int:
-  """Devices the configured mesh needs (every mesh axis must be fixed for a dry run)."""
-  # parallel.MESH_AXES, without importing JAX (this runs before XLA_FLAGS is set).
-  MESH_AXES = ("data", "fsdp", "tensor")
-  sizes = [int(config.mesh[a]) for a in MESH_AXES]
-  if any(s < 1 for s in sizes):
-    raise DryRunError(f"a dry run needs a fixed mesh, got {dict(zip(MESH_AXES, sizes))}; set every one of "
+  """Devices the mesh of pod_config(config) needs (every mesh axis must be fixed for a dry run)."""
+  sizes, source = mesh_axis_sizes(pod_config(config))
+  if any(s < 1 for s in sizes.values()):
+    raise DryRunError(f"a dry run needs a fixed mesh, got {sizes} ({source}); set every one of "
                       f"--config.mesh.data/fsdp/tensor to a positive size (their product = the chips of the slice)")
-  return math.prod(sizes)
+  return math.prod(sizes.values())
 
 
 def ensure_host_devices(n: int) -> None:
@@ -68,11 +80,12 @@ def ensure_host_devices(n: int) -> None:
 
 
 def device_memory_gib(config, override: float = 0.0) -> Optional[float]:
-  """Per-device memory limit: `override`, config.mesh.device_memory_gib, else config.mesh.slice's chip."""
+  """Per-device memory limit: `override`, config.mesh.device_memory_gib, else the chip of the mesh preset in use
+  (config.mesh.preset, else config.mesh.slice)."""
   gib = float(override or config.mesh.get("device_memory_gib", 0) or 0)
   if gib > 0:
     return gib
-  name = str(config.mesh.get("slice", "") or "").lower()
+  name = str(config.mesh.get("preset", "") or config.mesh.get("slice", "") or "").lower()
   for prefix in sorted(DEVICE_MEMORY_GIB, key=len, reverse=True):
     if name.startswith(prefix):
       return DEVICE_MEMORY_GIB[prefix]
@@ -149,6 +162,7 @@ def target_bytes_per_device(config, mesh=None) -> tuple:
   it on config's mesh (the frozen target's layout in training): from the abstract shapes and logical shardings
   of the architecture (target_config), no weights read. mesh: default the config's (mesh_size devices)."""
   import sys
+  config = pod_config(config)
   if mesh is None and "jax" not in sys.modules:
     ensure_host_devices(mesh_size(config))
   import jax
@@ -210,6 +224,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   from vsd_jax.training.state import make_optimizer, state_shardings
   from vsd_jax.training.trainer import make_train_step
 
+  config = pod_config(config)
   n = mesh_size(config)
   ensure_host_devices(n)
   mesh = parallel.make_mesh(config, jax.devices()[:n])

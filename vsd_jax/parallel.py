@@ -23,19 +23,22 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from vsd_jax.config_base import MESH_AXES, mesh_axis_sizes  # noqa: F401  (MESH_AXES: parallel.MESH_AXES too)
+from vsd_jax.errors import UserError
 
 Rules = tuple  # ((logical_name, mesh_axis | (mesh_axes...) | None), ...), flax's LogicalRules format
 
 
-class MeshError(ValueError):
-  pass
+class MeshError(UserError):
+  """config.mesh (sizes, rules) that does not fit the devices or the arrays; the message names the field."""
 
 
 def mesh_shape(config, num_devices: int) -> tuple:
-  """(data, fsdp, tensor) sizes from config.mesh; one of them may be -1 (= the remaining devices)."""
-  sizes = [int(config.mesh[a]) for a in MESH_AXES]
-  desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  """(data, fsdp, tensor) sizes from config.mesh (its preset, else its sizes); one of them may be -1 (= the
+  remaining devices)."""
+  by_axis, source = mesh_axis_sizes(config)
+  sizes = [by_axis[a] for a in MESH_AXES]
+  desc = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes)) + f" ({source})"
   if sum(s == -1 for s in sizes) > 1:
     raise MeshError(f"{desc}: at most one mesh axis may be -1 (the remaining devices)")
   if any(s == 0 or s < -1 for s in sizes):
@@ -47,15 +50,26 @@ def mesh_shape(config, num_devices: int) -> tuple:
                       f"{num_devices} available devices; change the mesh sizes")
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise MeshError(f"{desc}: the mesh has {math.prod(sizes)} devices but {num_devices} are available; "
-                    f"make the product equal {num_devices} or set one axis to -1")
+    fix = (f"run it where {math.prod(sizes)} devices are present, or leave --config.mesh.preset unset to size the "
+           "mesh to the devices present" if "preset" in source else
+           f"make the product equal {num_devices} or set one axis to -1")
+    raise MeshError(f"{desc}: the mesh has {math.prod(sizes)} devices but {num_devices} are available; {fix}")
   return tuple(sizes)
 
 
 def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A Mesh over all (or the given) devices with axes (data, fsdp, tensor), in GSPMD (Auto) mode."""
   devices = list(jax.devices() if devices is None else devices)
-  return _mesh(mesh_shape(config, len(devices)), devices)
+  shape = mesh_shape(config, len(devices))
+  sizes, source = mesh_axis_sizes(config)
+  how = source if "preset" in source else f"config {', '.join(f'{a}={n}' for a, n in sizes.items())}" + (
+      "; -1 takes the devices present" if -1 in sizes.values() else "")
+  presets = sorted(config.mesh.get("presets", None) or {})
+  if presets and "preset" not in source:
+    how += f"; presets: {', '.join(presets)} (--config.mesh.preset=NAME)"
+  logging.info("mesh: %s over %d %s device(s) (%s)", " x ".join(f"{a} {n}" for a, n in zip(MESH_AXES, shape)),
+               len(devices), devices[0].platform, how)
+  return _mesh(shape, devices)
 
 
 def _mesh(shape: tuple, devices: Sequence[jax.Device]) -> Mesh:
@@ -261,13 +275,14 @@ def decode_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   one device, as decoding always ran; an axis of -1 takes the remaining devices. Where fewer devices are
   present than fsdp x tensor (a pod config on a workstation), one device, with a warning."""
   devices = list(jax.devices() if devices is None else devices)
-  fsdp, tensor = int(config.mesh.fsdp), int(config.mesh.tensor)
+  sizes, source = mesh_axis_sizes(config)
+  fsdp, tensor = sizes["fsdp"], sizes["tensor"]
   if fsdp == -1 and tensor == -1:
-    raise MeshError(f"mesh.fsdp={fsdp}, mesh.tensor={tensor}: at most one mesh axis may be -1")
+    raise MeshError(f"fsdp={fsdp}, tensor={tensor} ({source}): at most one mesh axis may be -1")
   fsdp = len(devices) // max(tensor, 1) if fsdp == -1 else fsdp
   tensor = len(devices) // max(fsdp, 1) if tensor == -1 else tensor
   if fsdp < 1 or tensor < 1:
-    raise MeshError(f"mesh.fsdp={config.mesh.fsdp}, mesh.tensor={config.mesh.tensor}: sizes must be positive or -1")
+    raise MeshError(f"fsdp={sizes['fsdp']}, tensor={sizes['tensor']} ({source}): sizes must be positive or -1")
   if fsdp * tensor > len(devices):
     logging.warning("mesh.fsdp x mesh.tensor = %d x %d devices but %d are present: decoding on one device",
                     fsdp, tensor, len(devices))

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, NamedTuple, Optional
 
 from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, run_app
+from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 
 _CONFIG = define_config_flag()
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh on abstract arrays "
@@ -32,11 +32,8 @@ _DRY_RUN_MEMORY = flags.DEFINE_float("dry_run_device_memory_gib", 0.0, "Per-devi
 def run_dry_run(config) -> None:
   # Before JAX starts: the mesh's devices are host CPU devices standing in for the chips.
   from vsd_jax import dry_run
-  try:
-    dry_run.ensure_host_devices(dry_run.mesh_size(config))
-    report = dry_run.dry_run(config, seq_len=_DRY_RUN_SEQ_LEN.value, device_memory=_DRY_RUN_MEMORY.value)
-  except dry_run.DryRunError as e:
-    sys.exit(f"error: {e}")
+  dry_run.ensure_host_devices(dry_run.mesh_size(config))  # a DryRunError is reported by run_app
+  report = dry_run.dry_run(config, seq_len=_DRY_RUN_SEQ_LEN.value, device_memory=_DRY_RUN_MEMORY.value)
   print(dry_run.format_report(report))
   print("DRY_RUN_JSON " + json.dumps(report, default=float))
 
@@ -51,18 +48,38 @@ class Loaded(NamedTuple):
   stages: dict
 
 
-def check_training_config(config) -> None:
-  """The method and target-feature mode exist and go together; raises ValueError naming the field."""
-  from vsd_jax.methods import METHODS
+def check_inputs(config) -> None:
+  """Everything a run reads, checked before anything loads: the method (its name, head init, TTT loss), the
+  feature mode, config.train's numbers, the target's name or files, the prompt sources (training and held-out),
+  draft.init_from and the workdir. Raises a UserError naming the field and the fix (run_app prints it)."""
+  from vsd_jax.data.sources import check_sources
+  from vsd_jax.methods import check_method_config
   from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
-  if config.method not in METHODS:
-    raise ValueError(f"--config.method={config.method!r} is not a training method; use one of {METHODS}")
+  from vsd_jax.training.heldout import heldout_config
+  from vsd_jax.training.state import check_train_settings
+  from vsd_jax.weights.registry import model_entry
+
+  check_method_config(config)
   mode = str(config.train.target_features)
   if mode not in FEATURE_MODES:
-    raise ValueError(f"--config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
+    raise ConfigError(f"--config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
   if mode == "precomputed" and config.method != "eagle3":
-    raise ValueError(f"train.target_features='precomputed' serves method 'eagle3' only; method "
-                     f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
+    raise ConfigError(f"train.target_features='precomputed' serves method 'eagle3' only; method "
+                      f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
+  check_train_settings(config.train)
+  model_entry(str(config.model.name))
+  check_sources(config.data)
+  check_sources(heldout_config(config).data)
+  init_from = str(config.draft.get("init_from", "") or "")
+  if init_from and not os.path.isfile(os.path.join(init_from, "draft_config.json")):
+    raise InputNotFoundError(f"draft.init_from={init_from!r} holds no trained draft (no draft_config.json); pass a "
+                             "<workdir>/draft written by vsd_jax.train (or convert_draft), or "
+                             "--config.draft.init_from= to start from a random draft")
+  try:
+    os.makedirs(config.workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"workdir {config.workdir!r} cannot be created ({e.strerror}); pass a writable "
+                    "--config.workdir") from e
 
 
 def load_for_training(config) -> Loaded:
@@ -94,7 +111,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   import jax
 
   from vsd_jax import parallel
-  from vsd_jax.data.dataset import iterate_batches
+  from vsd_jax.data.dataset import full_batches, iterate_batches
   from vsd_jax.data.pipeline import data_cache_dir, model_id
   from vsd_jax.methods import build_method
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
@@ -102,8 +119,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   from vsd_jax.training.trainer import train_loop
   from vsd_jax.weights.draft_io import save_draft
 
-  check_training_config(config)
-  os.makedirs(config.workdir, exist_ok=True)
+  check_inputs(config)
   t0 = time.time()
   if loaded is None:
     loaded = load_for_training(config)
@@ -117,7 +133,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   draft, init_params, loss_fn, frozen = method.draft, method.init_params, method.loss_fn, method.frozen
   buckets = tuple(config.data.buckets)
   bs = int(config.train.batch_size)
-  per_epoch = len(data.dataset) // bs
+  per_epoch = full_batches(len(data.dataset), bs, "train.batch_size")  # the data stage is cached: a rerun is quick
 
   cache = None
   if mode == "precomputed":
@@ -179,13 +195,10 @@ def main(_):
 
   config = _CONFIG.value
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  check_inputs(config)
   parallel.maybe_initialize_distributed(config)
   if jax.process_index() != 0:  # one log for the job: the other hosts report only warnings and errors
     logging.getLogger().setLevel(logging.WARNING)
-  try:
-    check_training_config(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
   report = train(config)
   if jax.process_index() == 0:
     print(json.dumps({k: report[k] for k in ("steps", "stopped", "heldout", "stages") if k in report}, indent=1,

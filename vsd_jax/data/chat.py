@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vsd_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Vicuna v1.1 conversation format, for tokenizers that ship no chat template (lmsys/vicuna-*-v1.3).
@@ -32,7 +34,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftex
 LENGTH_POLICIES = ("truncate", "drop")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
   pass
 
 

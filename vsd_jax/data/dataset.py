@@ -16,6 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from vsd_jax.errors import UserError
+
 
 @dataclasses.dataclass
 class SequenceDataset:
@@ -129,6 +131,17 @@ def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad
   return out
 
 
+def full_batches(num_sequences: int, batch_size: int, name: str = "batch_size") -> int:
+  """Full batches of `batch_size` in an epoch of `num_sequences` (the last partial batch dropped); a UserError
+  naming `name` (the setting, e.g. "train.batch_size") when there is none."""
+  if batch_size < 1:
+    raise UserError(f"{name}={batch_size}: must be >= 1 sequences per batch")
+  if num_sequences < batch_size:
+    raise UserError(f"{name}={batch_size} is larger than the {num_sequences} training sequences, so an epoch has no "
+                    f"full batch; lower {name} to at most {num_sequences} or add prompts (config.data.sources)")
+  return num_sequences // batch_size
+
+
 def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch: int = 0,
                     buckets: Optional[Sequence[int]] = None, pad_id: int = 0, drop_last: bool = True,
                     sort_window: int = 0, with_index: bool = False, pixels=None) -> Iterator[dict]:
@@ -140,13 +153,10 @@ def iterate_batches(dataset: SequenceDataset, batch_size: int, seed: int, epoch:
   batch order), to cut padding. with_index adds "index": int32 [B], each row's dataset index (-1 = pad row).
   pixels: a data.images.PixelLoader; a multimodal dataset's batches then carry pixel_values [B, I, C, S, S].
   """
-  if len(dataset) == 0:
-    raise ValueError("the dataset is empty; there is nothing to batch.")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if drop_last and len(dataset) < batch_size:
-    raise ValueError(f"the dataset has {len(dataset)} sequences, fewer than batch_size={batch_size}, so dropping "
-                     "the last partial batch leaves none; lower the batch size or add prompts.")
+  if drop_last:
+    full_batches(len(dataset), batch_size)
+  elif len(dataset) == 0 or batch_size < 1:
+    raise UserError(f"cannot batch {len(dataset)} sequences by batch_size={batch_size}; both must be >= 1")
   buckets = tuple(buckets) if buckets else bucket_lengths(int(dataset.lengths.max()))
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(len(dataset))

@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from vsd_jax.errors import UserError
+
 # 8-bit modes that PIL converts to RGB faithfully (LLaVA's own loader does `Image.open(f).convert("RGB")`; the
 # processor converts the same way). Wider modes ("I;16", "I", "F") would be clipped to 0..255 without a word.
 ACCEPTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
@@ -34,7 +36,7 @@ PACKAGE_PREFIX = "pkg:"
 PACKAGE_INSTALL = {"skimage": "pip install --no-deps scikit-image==0.26.0", "matplotlib": "pip install matplotlib"}
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError):
   """A bad image or image prompt; the message names the file or prompt and the fix."""
 
 

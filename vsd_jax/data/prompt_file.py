@@ -15,9 +15,11 @@ import json
 import os
 from typing import Optional, Sequence
 
+from vsd_jax.errors import UserError
 
-class PromptFileError(ValueError):
-  pass
+
+class PromptFileError(UserError):
+  """A prompt file (or image list) that cannot be read; the message names it and the fix."""
 
 
 def read_prompt_file(path: str, with_images: bool = False, image_folder: str = ""):
@@ -26,8 +28,8 @@ def read_prompt_file(path: str, with_images: bool = False, image_folder: str = "
   are taken under image_folder (default: the file's folder)."""
   if not os.path.isfile(path):
     raise PromptFileError(f"prompt file not found: {path!r}")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  from vsd_jax.data.sources import read_utf8
+  lines = read_utf8(path, f"prompt file {path!r}", PromptFileError).splitlines()
   items = []
   is_jsonl = path.endswith(".jsonl")
   for n, line in enumerate(lines, 1):

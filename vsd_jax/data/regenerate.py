@@ -66,6 +66,35 @@ def read_cache(path: str) -> dict:
   return out
 
 
+def repair_torn_tail(path: str) -> None:
+  """Make the cache file end with a whole line before anything is appended to it.
+
+  A write cut off mid-line (a killed run) leaves a last line without its newline: appended as it is, the next
+  record would join it and both would be lost. A torn line that still parses (only its newline missing) gets the
+  newline; one that does not is cut off (its prompt is regenerated), with one warning naming the file, so later
+  reads are clean."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    start = data.rfind(b"\n") + 1
+    try:
+      rec = json.loads(data[start:].decode("utf-8"))
+      whole = isinstance(rec, dict) and "key" in rec and "response" in rec
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      whole = False
+    if whole:
+      f.write(b"\n")
+    else:
+      f.truncate(start)
+      log.warning("response cache %s: its last line was cut off (an interrupted write; %d bytes); removed it, so "
+                  "its prompt is regenerated and new records append cleanly", path, len(data) - start)
+
+
 def make_target_call(target, settings: GenSettings, max_positions: int, eos_ids: Sequence[int],
                      pad_id: int, pixels=None) -> Callable:
   """`call(ids [B,P], lens [B][, images]) -> (tokens [B,N], num_new [B], rounds [B])` running vanilla.generate.
@@ -114,6 +143,7 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
   from tqdm import tqdm
 
   keys = [prompt_key(p, images[i] if images is not None else ()) for i, p in enumerate(prompts)]
+  repair_torn_tail(path)  # before reading: a repaired file reads without a warning, now and later
   cached = read_cache(path)
   todo = sorted({k: i for i, k in enumerate(keys) if k not in cached}.values(), key=lambda i: len(prompts[i]))
   log.info("regenerate: %d prompts, %d cached in %s, %d to generate", len(prompts), len(prompts) - len(todo),

@@ -27,10 +27,12 @@ import logging
 import os
 from typing import Callable, Iterable, Iterator, Optional
 
+from vsd_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
   """A prompt source cannot be read: the message names the file (or dataset) and the fix."""
 
 
@@ -172,10 +174,22 @@ FORMATS: dict[str, Callable] = {
 }
 
 
+def read_utf8(path: str, what: str, error=None) -> str:
+  """The text of a UTF-8 file; any other encoding is `error` (default DataSourceError) naming `what` (e.g.
+  "prompt file 'x.txt'"), the place of the first bad byte and the fix."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise (error or DataSourceError)(
+        f"{what} is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); save it as UTF-8 (e.g. `iconv -f "
+        "latin1 -t utf-8`) and pass it again.") from e
+
+
 def _records(path: str, on_bad_line: str, stats: SourceStats) -> Iterator[tuple]:
   """(location, record) for a JSON array file or a JSONL file; malformed JSONL lines per on_bad_line."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_utf8(path, f"prompt file {path!r}")
   name = os.path.basename(path)
   if text.lstrip().startswith("["):  # one JSON array (Alpaca, ShareGPT dumps)
     try:
@@ -232,15 +246,19 @@ def read_file(path: str, fmt: str, limit: int = -1, on_bad_line: str = "error",
   stats = stats if stats is not None else SourceStats(os.path.basename(path))
   _check_choice("format", fmt, FORMATS)
   _check_choice("on_bad_line", on_bad_line, ("skip", "error"))
-  if not os.path.isfile(path):
-    raise DataSourceError(f"prompt file not found: {path!r} ({fmt} source). Fix the path in config.data.sources "
-                          "(relative paths are under config.data.root; set --config.data.root or VSD_DATA_DIR).")
+  _check_file(path, fmt)
   prompts = _collect(_records(path, on_bad_line, stats), FORMATS[fmt], on_bad_line, stats, limit,
                      where_prefix=os.path.dirname(path) + os.sep)
   if not prompts and limit != 0:
     raise DataSourceError(f"prompt file {path!r} has no prompts ({fmt} source: {stats.summary()}). Check that the "
                           f"file is not empty and that its records have the fields of the {fmt!r} format.")
   return prompts
+
+
+def _check_file(path: str, fmt: str) -> None:
+  if not os.path.isfile(path):
+    raise DataSourceError(f"prompt file not found: {path!r} ({fmt} source). Fix the path in config.data.sources "
+                          "(relative paths are under config.data.root; set --config.data.root or VSD_DATA_DIR).")
 
 
 def read_hub(name: str, split: str, fmt: str, limit: int = -1, on_bad_line: str = "error",
@@ -273,32 +291,55 @@ def _check_choice(what: str, value, choices):
 
 
 SOURCE_TYPES = tuple(FORMATS) + ("hub",)
+NO_SOURCES = ("config.data.sources is empty; add e.g. "
+              "sources.alpaca = dict(type='alpaca', path='train/alpaca_5000.json').")
+
+
+def _checked_spec(name: str, spec, root: str) -> tuple:
+  """A source spec -> (dict, type, local file path or None), checked without reading anything."""
+  spec = dict(spec)
+  kind = spec.get("type")
+  if kind not in SOURCE_TYPES:
+    raise DataSourceError(f"config.data.sources.{name}: unknown type {kind!r}; choose one of: "
+                          f"{', '.join(SOURCE_TYPES)}.")
+  if kind == "hub":
+    missing = [k for k in ("name", "split", "format") if not spec.get(k)]
+    if missing:
+      raise DataSourceError(f"config.data.sources.{name}: a hub source needs {', '.join(missing)}.")
+    _check_choice("format", spec["format"], FORMATS)
+    return spec, kind, None
+  if not spec.get("path"):
+    raise DataSourceError(f"config.data.sources.{name}: a {kind!r} source needs a `path`.")
+  path = spec["path"] if os.path.isabs(spec["path"]) else os.path.join(root, spec["path"])
+  return spec, kind, os.path.normpath(path)
+
+
+def check_sources(data_cfg) -> None:
+  """config.data's sources checked before anything loads (types, hub fields, local files exist); raises
+  DataSourceError naming the source and the fix. Hub datasets are only fetched when read."""
+  if not data_cfg.sources:
+    raise DataSourceError(NO_SOURCES)
+  _check_choice("on_bad_line", data_cfg.on_bad_line, ("skip", "error"))
+  for name in sorted(data_cfg.sources.keys()):
+    _, kind, path = _checked_spec(name, data_cfg.sources[name], data_cfg.root)
+    if path is not None:
+      _check_file(path, kind)
 
 
 def read_source(name: str, spec, root: str, on_bad_line: str = "error") -> tuple:
   """One config source -> (prompts, SourceStats). spec: dict/ConfigDict with `type`, and `path` (files) or
   `name`, `split`, `format` and optional `data_files` (hub); optional `limit` (default -1: all), `start` (skip
   the first prompts, default 0: a held-out split of one file) and, for images, `image_folder` (under root)."""
-  spec = dict(spec)
-  kind = spec.get("type")
-  if kind not in SOURCE_TYPES:
-    raise DataSourceError(f"config.data.sources.{name}: unknown type {kind!r}; choose one of: "
-                          f"{', '.join(SOURCE_TYPES)}.")
+  spec, kind, path = _checked_spec(name, spec, root)
   start = int(spec.get("start", 0))
   limit = int(spec.get("limit", -1))
   limit = limit + start if limit >= 0 else limit
   stats = SourceStats(name)
   if kind == "hub":
-    missing = [k for k in ("name", "split", "format") if not spec.get(k)]
-    if missing:
-      raise DataSourceError(f"config.data.sources.{name}: a hub source needs {', '.join(missing)}.")
     prompts = read_hub(spec["name"], spec["split"], spec["format"], limit, on_bad_line, stats,
                        data_files=spec.get("data_files") or None)
   else:
-    if not spec.get("path"):
-      raise DataSourceError(f"config.data.sources.{name}: a {kind!r} source needs a `path`.")
-    path = spec["path"] if os.path.isabs(spec["path"]) else os.path.join(root, spec["path"])
-    prompts = read_file(os.path.normpath(path), kind, limit, on_bad_line, stats)
+    prompts = read_file(path, kind, limit, on_bad_line, stats)
   prompts = prompts[start:]
   stats.prompts = len(prompts)
   if any(p.images for p in prompts):
@@ -319,8 +360,7 @@ def load_prompts(data_cfg, system_prompt: str = "") -> tuple:
   """
   sources = data_cfg.sources
   if not sources:
-    raise DataSourceError("config.data.sources is empty; add e.g. "
-                          "sources.alpaca = dict(type='alpaca', path='train/alpaca_5000.json').")
+    raise DataSourceError(NO_SOURCES)
   prompts, stats = [], {}
   for name in sorted(sources.keys()):
     got, stats[name] = read_source(name, sources[name], data_cfg.root, data_cfg.on_bad_line)

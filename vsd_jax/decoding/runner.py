@@ -9,9 +9,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from vsd_jax.errors import UserError
 
-class PromptTooLongError(ValueError):
-  pass
+
+class PromptTooLongError(UserError):
+  """A prompt that cannot fit the model's positions with the tokens asked for; the message names it."""
 
 
 def bucket(n: int, multiple: int = 64) -> int:
@@ -44,10 +46,14 @@ def check_capacity(prompt_lens, max_new_tokens: int, max_positions: int, extra: 
   if need > max_positions:
     i = int(np.argmax(prompt_lens))
     label = names[i] if names is not None else f"prompt {i}"
+    # Fewer new tokens help only while the prompt (and the draft's slots) leave room for at least one.
+    fix = ("Shorten the prompt or lower --max_new_tokens" if longest + extra + 1 <= max_positions else
+           "Shorten the prompt or raise --config.model.max_positions (up to the model's own limit): no "
+           "--max_new_tokens leaves room for it")
     raise PromptTooLongError(
         f"{label} has {int(prompt_lens[i])} tokens; with max_new_tokens={max_new_tokens}"
         f"{f' and {extra} draft slots' if extra else ''} it needs {need} positions but the model/cache "
-        f"allows {max_positions}. Shorten the prompt or lower --max_new_tokens.")
+        f"allows {max_positions}. {fix}.")
   return bucket(min(bucket(longest, multiple) + max_new_tokens + extra, max_positions), 128)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vsd_jax.errors import UserError
+
 
 def acceptance_by_depth(hist) -> list:
   """n-alpha: P(the draft token at depth k+1 is accepted | depths 1..k were), from rounds-by-accepted-count.
@@ -19,7 +21,10 @@ def acceptance_by_depth(hist) -> list:
 
 
 def summarize(vanilla: list, spec: list) -> dict:
-  """Aggregate runner.Generation lists of the same prompts (B=1 each)."""
+  """Aggregate runner.Generation lists of the same prompts (B=1 each); at least one prompt."""
+  if not spec or len(vanilla) != len(spec):
+    raise UserError(f"no results to summarize ({len(vanilla)} vanilla, {len(spec)} speculative generations of "
+                    "the same prompts are needed, at least one); evaluate at least one prompt (--num_prompts >= 1)")
   v_tokens = sum(g.new_tokens for g in vanilla)
   s_tokens = sum(g.new_tokens for g in spec)
   v_time = sum(g.wall_time for g in vanilla)

@@ -15,22 +15,31 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from vsd_jax.errors import ConfigError
 from vsd_jax.methods.base import Method
 
 METHODS = ("eagle3", "vsd")
 INIT_HEADS = ("random", "target")  # config.draft.init_head
 
 
+def check_method_config(config) -> None:
+  """config.method, draft.init_head and the TTT loss settings (every method's), checked without a target: a
+  ConfigError naming the field. train.py calls it before anything loads; build_method again."""
+  from vsd_jax.methods.eagle3 import ttt_loss_options
+  if str(config.method) not in METHODS:
+    raise ConfigError(f"config.method={str(config.method)!r} is not a training method; use one of {METHODS}")
+  head = str(config.draft.get("init_head", "random"))
+  if head not in INIT_HEADS:
+    raise ConfigError(f"config.draft.init_head={head!r}; use one of {INIT_HEADS}")
+  ttt_loss_options(config)
+
+
 def build_method(config, target, vocab) -> Method:
   """config.method -> Method for `target` and the draft vocabulary `vocab` (data.draft_vocab); with
   config.draft.init_from, the draft starts from that trained draft instead of a random init."""
-  name = str(config.method)
-  if name not in METHODS:
-    raise ValueError(f"config.method={name!r} is not a training method; use one of {METHODS}")
-  method = importlib.import_module(f"vsd_jax.methods.{name}").build(config, target, vocab)
+  check_method_config(config)
+  method = importlib.import_module(f"vsd_jax.methods.{config.method}").build(config, target, vocab)
   head = str(config.draft.get("init_head", "random"))
-  if head not in INIT_HEADS:
-    raise ValueError(f"config.draft.init_head={head!r}; use one of {INIT_HEADS}")
   if head == "target":
     method.init_params = _head_from_target(method.init_params, target, vocab)
   if config.draft.get("init_from", ""):

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from vsd_jax.errors import UserError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-  pass
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint directory that cannot be resumed from as it is; the message names it and the fix."""
 
 
 class CorruptCheckpointError(CheckpointError):

@@ -6,6 +6,7 @@ target weights, embedding and vocabulary maps are passed to the train step separ
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vsd_jax import parallel
+from vsd_jax.errors import ConfigError
 
 # Leaves with these names are not weight-decayed (flax names norm scales and biases so).
 NO_DECAY_NAMES = ("scale", "bias")
@@ -30,11 +32,27 @@ class TrainState:
   method_state: Any = flax.struct.field(default_factory=dict)
 
 
+def check_train_settings(train_cfg) -> None:
+  """config.train's numbers in range, or a ConfigError naming the field and the fix. train.py calls it before
+  anything loads; the optimiser (lr_schedule) again, for library use."""
+  lr, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.total_steps)
+  if not (math.isfinite(lr) and lr > 0):
+    raise ConfigError(f"train.lr={train_cfg.lr}: the learning rate must be a finite number > 0 (a negative one "
+                      "trains away from the data); set e.g. --config.train.lr=1e-4")
+  if int(train_cfg.get("batch_size", 1)) < 1:
+    raise ConfigError(f"train.batch_size={train_cfg.batch_size}: must be >= 1 sequences per step; set e.g. "
+                      "--config.train.batch_size=8")
+  if total < 1:
+    raise ConfigError(f"train.total_steps={total}: must be >= 1; set e.g. --config.train.total_steps=1000")
+  if warmup < 0 or total <= warmup:
+    raise ConfigError(f"train.total_steps={total} must exceed train.warmup_steps={warmup} (and warmup >= 0); "
+                      "lower --config.train.warmup_steps or raise --config.train.total_steps")
+
+
 def lr_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup 0 -> lr over warmup_steps, then cosine decay to lr * end_lr_ratio at total_steps."""
+  check_train_settings(train_cfg)
   lr, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.total_steps)
-  if warmup < 0 or total <= warmup:
-    raise ValueError(f"train.total_steps={total} must exceed train.warmup_steps={warmup} (and warmup >= 0)")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total,
       end_value=lr * float(train_cfg.end_lr_ratio))

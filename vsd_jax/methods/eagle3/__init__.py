@@ -9,6 +9,7 @@ unroll's step 0 pools the sequence's image positions, every step fuses the resul
 
 from __future__ import annotations
 
+from vsd_jax.errors import ConfigError
 from vsd_jax.methods.base import Method
 
 
@@ -30,11 +31,11 @@ def ttt_loss_options(config) -> dict:
   d = config.draft
   objective = str(d.get("objective", "kl"))
   if objective not in OBJECTIVES:
-    raise ValueError(f"config.draft.objective={objective!r}; use one of {OBJECTIVES}")
+    raise ConfigError(f"config.draft.objective={objective!r}; use one of {OBJECTIVES}")
   scale, decay = float(d.get("lk_kl_scale", 1.0)), float(d.get("lk_kl_decay", 1.0))
   if objective == "lk_lambda" and not (0.0 <= scale and decay >= 0.0):
-    raise ValueError(f"config.draft.lk_kl_scale={scale} / lk_kl_decay={decay}: both must be >= 0 (the KL weight "
-                     "is lk_kl_scale * exp(-lk_kl_decay * acceptance))")
+    raise ConfigError(f"config.draft.lk_kl_scale={scale} / lk_kl_decay={decay}: both must be >= 0 (the KL weight "
+                      "is lk_kl_scale * exp(-lk_kl_decay * acceptance))")
   return dict(num_steps=int(d.ttt_steps), decay=float(d.step_decay), objective=objective, lk_kl_scale=scale,
               lk_kl_decay=decay)
 
