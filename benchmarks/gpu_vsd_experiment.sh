@@ -18,13 +18,19 @@
 # written, and the same command in the next call (within 30 s: the machine keeps $KEEP) resumes where it stopped.
 # Every call first prints its plan: runs, optimizer steps, compiles, decoded entries left and the estimated GPU
 # time; `PLAN_ONLY=1 ... run` (or scratch) prints only that, and runs on the CPU after `prepare` + `keep`.
-# Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 PROMPTS=1 NEW=8 \
-#   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages).
+# Sizing: at the defaults the plan is about 2,100 s (training 730 s: 8 runs in one worker; decoding 1,370 s at ASSUMED
+# decode rates), more than a whole lease (15 minutes, start-up included). A first call that fits one BUDGET:
+#   ARMS=eagle3,vsd_exact,vsd,lk SEEDS=0 HELDOUT=40 BENCH=mt_bench,gsm8k,humaneval TEMPS=0 MODES=chain  (plan ~640 s)
+# and the second seed / more sets in later calls or leases (the same command resumes; see docs/RESULTS.md section 9).
+# Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 HELDOUT=4 PROMPTS=1 \
+#   NEW=8 BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages; on 2
+#   cores the default BUDGET stops the first call during training, and the same command again finishes it).
 #
 # `scratch`: EAGLE-3, VSD exact and sampled VSD (and lk) trained from the SAME random init (seed 0: same init, data
 # and batch order) for the base's budget (1,500 steps x 16 sequences, lr 6e-4, warmup 75), checkpointed every 250
-# steps, decoded like `run`; about 10 GPU minutes by the plan, so two calls (the second resumes from checkpoints):
-#   run(command="BUDGET=480 bash benchmarks/gpu_vsd_experiment.sh scratch", timeout_s=560)   (twice, after keep a/b/c)
+# steps, decoded like `run`; about 1,500 s by the plan (training 660 s, decoding 830 s at assumed rates): a lease of
+# its own, over calls that each resume from the checkpoints (TEMPS=0 MODES=chain halves the decoding):
+#   run(command="BUDGET=480 bash benchmarks/gpu_vsd_experiment.sh scratch", timeout_s=560)   (repeated, after keep a/b/c)
 # Rehearse: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=4 WARMUP=1 BATCH=2 CKPT=2 PROMPTS=1 NEW=8 HELDOUT=2 \
 #   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh scratch
 #

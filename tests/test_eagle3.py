@@ -43,20 +43,26 @@ def vocab_maps(vocab, n, seed=0):
   return jnp.asarray(t2d), jnp.asarray(used - np.arange(n), jnp.int32)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  """Tiny random target with peaked logits (embedding scaled up), a batch, its features, a draft."""
+def make_tiny(embed_scale: float = 40.0, ids_seed: int = 0, vocab_seed: int = 0) -> dict:
+  """Tiny random target (embedding scaled by embed_scale: larger = more peaked logits), a batch of ids, its
+  features and logits, a fresh draft and a random draft vocabulary."""
   model = LlamaForCausalLM(TINY)
-  ids = jax.random.randint(jax.random.PRNGKey(0), (B, T), 0, TINY.vocab_size, jnp.int32)
+  ids = jax.random.randint(jax.random.PRNGKey(ids_seed), (B, T), 0, TINY.vocab_size, jnp.int32)
   tparams = jax.jit(lambda r: nn.unbox(model.init(r, ids)["params"]))(jax.random.PRNGKey(1))
-  tparams["embed_tokens"]["embedding"] = tparams["embed_tokens"]["embedding"] * 40.0
+  tparams["embed_tokens"]["embedding"] = tparams["embed_tokens"]["embedding"] * embed_scale
   feats, logits = jax.jit(target_features, static_argnums=0)(model, tparams, ids)
   dcfg = Eagle3Config.from_target(TINY, draft_vocab_size=N_DRAFT)
   emb = tparams["embed_tokens"]["embedding"]
   dparams = init_draft_params(dcfg, jax.random.PRNGKey(2), emb)
-  t2d, d2t = vocab_maps(TINY.vocab_size, N_DRAFT)
+  t2d, d2t = vocab_maps(TINY.vocab_size, N_DRAFT, seed=vocab_seed)
   return dict(model=model, tparams=tparams, ids=ids, feats=feats, logits=logits, dcfg=dcfg, draft=Eagle3Draft(dcfg),
               emb=emb, dparams=dparams, t2d=t2d, d2t=d2t)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """Tiny random target with peaked logits (embedding scaled up), a batch, its features, a draft."""
+  return make_tiny()
 
 
 loss_fn = jax.jit(eagle3_loss, static_argnums=1, static_argnames="num_steps")

@@ -3,21 +3,16 @@ definition (1 - total variation), the step objectives' values and gradients, the
 row-by-row reference and jax.grad of an independent form, the target's draft-vocabulary mass, training with it,
 and the config switch."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from tests.test_eagle3 import N_DRAFT, TINY, B, T, vocab_maps
-from tests.tiny_models import init_draft_params
+from tests.test_eagle3 import N_DRAFT, B, T, make_tiny
 from vsd_jax.config_base import base_config
 from vsd_jax.methods.eagle3 import ttt_loss_options
 from vsd_jax.methods.eagle3.loss import (acceptance_rate, eagle3_loss, lk_step_loss, soft_labels, ttt_unroll)
-from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
-from vsd_jax.models.features import target_features
-from vsd_jax.models.llama import LlamaForCausalLM
 
 
 def test_acceptance_rate_is_one_minus_total_variation():
@@ -52,19 +47,13 @@ def test_step_objectives_values_and_gradients():
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = LlamaForCausalLM(TINY)
-  ids = jax.random.randint(jax.random.PRNGKey(3), (B, T), 0, TINY.vocab_size, jnp.int32)
-  tparams = jax.jit(lambda r: nn.unbox(model.init(r, ids)["params"]))(jax.random.PRNGKey(1))
-  tparams["embed_tokens"]["embedding"] = tparams["embed_tokens"]["embedding"] * 10.0
-  feats, logits = jax.jit(target_features, static_argnums=0)(model, tparams, ids)
-  dcfg = Eagle3Config.from_target(TINY, draft_vocab_size=N_DRAFT)
-  emb = tparams["embed_tokens"]["embedding"]
-  t2d, d2t = vocab_maps(TINY.vocab_size, N_DRAFT, seed=4)
+  """The EAGLE-3 tests' tiny target with milder logits (every acceptance rate well above 0) and a loss mask with
+  prompt tokens and a hole."""
+  t = make_tiny(embed_scale=10.0, ids_seed=3, vocab_seed=4)
   mask = np.ones((B, T), np.int32)
   mask[:, :3] = 0
   mask[1, 7] = 0
-  return dict(ids=ids, feats=feats, logits=logits, draft=Eagle3Draft(dcfg), emb=emb, t2d=t2d, d2t=d2t,
-              dparams=init_draft_params(dcfg, jax.random.PRNGKey(2), emb), mask=jnp.asarray(mask))
+  return dict(t, mask=jnp.asarray(mask))
 
 
 def _lk_by_definition(step_logits, target_logits, loss_mask, d2t, objective, decay=0.8, scale=1.0, kdecay=1.0):
