@@ -87,13 +87,16 @@ def _lk_by_definition(step_logits, target_logits, loss_mask, d2t, objective, dec
   return total, alphas
 
 
+loss_fn = jax.jit(eagle3_loss, static_argnums=1, static_argnames=("num_steps", "objective", "lk_kl_scale",
+                                                                  "lk_kl_decay"))
+
+
 @pytest.mark.parametrize("objective,scale,kdecay", [("lk_alpha", 1.0, 1.0), ("lk_lambda", 1.0, 1.0),
-                                                    ("lk_lambda", 0.7, 3.0)])
+                                                    pytest.param("lk_lambda", 0.7, 3.0, marks=pytest.mark.slow)])
 def test_ttt_loss_matches_row_by_row_reference(tiny, objective, scale, kdecay):
   args = (tiny["draft"], tiny["emb"], tiny["feats"], tiny["ids"], tiny["logits"], tiny["mask"], tiny["t2d"],
           tiny["d2t"])
-  loss, m = jax.jit(lambda p: eagle3_loss(p, *args, num_steps=3, objective=objective, lk_kl_scale=scale,
-                                          lk_kl_decay=kdecay))(tiny["dparams"])
+  loss, m = loss_fn(tiny["dparams"], *args, num_steps=3, objective=objective, lk_kl_scale=scale, lk_kl_decay=kdecay)
   step_logits = jax.jit(ttt_unroll, static_argnums=(1, 5))(tiny["dparams"], tiny["draft"], tiny["emb"], tiny["feats"],
                                                            tiny["ids"], 3)
   want, alphas = _lk_by_definition(step_logits, np.asarray(tiny["logits"]), np.asarray(tiny["mask"]),
@@ -101,11 +104,12 @@ def test_ttt_loss_matches_row_by_row_reference(tiny, objective, scale, kdecay):
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   np.testing.assert_allclose(np.asarray(m["step_alpha"]), alphas, rtol=2e-5)
   # The KL objective reports the same acceptance rates (a monitor there) and a different loss.
-  kl_loss, mk = jax.jit(lambda p: eagle3_loss(p, *args, num_steps=3))(tiny["dparams"])
+  kl_loss, mk = loss_fn(tiny["dparams"], *args, num_steps=3)
   np.testing.assert_allclose(np.asarray(mk["step_alpha"]), alphas, rtol=2e-5)
   assert abs(float(kl_loss) - want) > 1e-2
 
 
+@pytest.mark.slow
 def test_lk_alpha_gradient_equals_an_independent_form(tiny):
   """jax.grad of the library's LK loss == jax.grad of -sum_k 0.8^k mean log sum_v min(p, q) written directly on
   ttt_unroll's logits and the full target softmax (the draft-vocabulary columns gathered by index)."""
