@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_hf import VARIANTS, VOCAB, hf_logits, tiny_hf_model
+from tests.tiny_hf import VARIANTS, VOCAB, hf_logits, tiny_hf_model, write_tiny_gguf
 
 torch = pytest.importorskip("torch")
 
@@ -144,3 +144,34 @@ def test_qwen_mistral_architecture_table(name, flags):
   cfg = LlamaConfig(**arch(name))
   assert {k: getattr(cfg, k) for k in flags} == flags
   assert REGISTRY[name][0] == "hub"
+
+
+@pytest.mark.parametrize("variant,arch", [("qwen2-tied", "qwen2"), ("qwen2-untied", "qwen2"), ("qwen3", "qwen3"),
+                                          ("mistral-nowindow", "llama")])
+def test_qwen_mistral_gguf_round_trip(tmp_path, variant, arch):
+  """A tiny random GGUF written with the `gguf` package reads back to the safetensors path's parameters and logits."""
+  from vsd_jax.weights import load_target
+  m = tiny_hf_model(variant, tmp_path / "hf")
+  path = write_tiny_gguf(m, tmp_path / "tiny.gguf", arch)
+  from_gguf = load_target(path, with_tokenizer=False)
+  from_hf = load_target(str(tmp_path / "hf"), with_tokenizer=False)
+  g = from_gguf.config
+  assert g.rms_norm_eps == pytest.approx(from_hf.config.rms_norm_eps, rel=1e-6)  # GGUF stores it as float32
+  assert g == from_hf.config.replace(rms_norm_eps=g.rms_norm_eps)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_gguf.params, from_hf.params)
+  ids = jnp.asarray(_ids(6, (1, 24)))
+  a = from_gguf.model.apply({"params": from_gguf.params}, ids).logits
+  np.testing.assert_allclose(np.asarray(a), hf_logits(m, np.asarray(ids)), atol=1e-4)
+
+
+def test_qwen_mistral_unsupported_gguf_architecture_is_named(tmp_path):
+  import gguf
+  w = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+  w.add_block_count(1)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  from vsd_jax.weights.gguf_file import open_gguf
+  with pytest.raises(ValueError, match=r"GGUF architecture 'phi3' is not supported; supported: llama, qwen2, qwen3"):
+    open_gguf(str(tmp_path / "phi.gguf"))

@@ -48,3 +48,41 @@ def hf_logits(model, ids) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def write_tiny_gguf(model, path, arch: str) -> str:
+  """Write transformers `model`'s float32 weights as a GGUF of llama.cpp architecture `arch` ("llama", "qwen2",
+  "qwen3"): names by gguf_file.gguf_name, q/k rows permuted as llama.cpp's converter does for "llama" only."""
+  import gguf
+  from vsd_jax.weights.gguf_file import gguf_name
+  c = model.config
+  head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
+  w.add_rope_dimension_count(head_dim)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+  w.add_vocab_size(c.vocab_size)
+  w.add_bos_token_id(c.bos_token_id)
+  w.add_eos_token_id(c.eos_token_id)
+  for name, t in model.state_dict().items():
+    if name == "lm_head.weight" and c.tie_word_embeddings:
+      continue
+    a = t.detach().numpy().astype(np.float32)
+    heads = {"q_proj.weight": c.num_attention_heads, "k_proj.weight": c.num_key_value_heads}.get(
+        ".".join(name.split(".")[-2:]))
+    if arch == "llama" and heads:  # llama.cpp's convert script: rows (heads, 2, D/2) -> (heads, D/2, 2)
+      a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+    w.add_tensor(gguf_name(name), np.ascontiguousarray(a))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
