@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_bad_line = "error"       # malformed source line: "error" (stop, naming file:line) or "skip" (count)
   c.data.system_prompt = ""          # prepended to prompts without one; "" keeps the template's default
   c.data.chat_template = ""          # "" = tokenizer's own; "vicuna" or a Jinja string
+  c.data.enable_thinking = False     # Qwen3's template switch (its thinking block), off for draft data; read only
+                                     # by templates that mention it, and part of the response cache's key
   c.data.max_length = 2048           # tokens per training sequence (prompt + response)
   c.data.length_policy = "truncate"  # sequences over max_length: "truncate" or "drop" (both counted)
   # Padded training lengths: each distinct one compiles the train step once; the last must be >= max_length.

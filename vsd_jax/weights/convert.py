@@ -365,17 +365,31 @@ def llava_hf_name(canonical: str) -> str:
   return canonical
 
 
+def hf_config_dict(cfg: LlamaConfig) -> dict:
+  """An HF config.json dict of a text LlamaConfig (`config_from_hf_dict` reads it back): model_type "qwen3" with
+  q/k norms, "qwen2" with q/k/v biases, "mistral" with a sliding window, else "llama". Rope scaling is not written."""
+  if cfg.rope_scaling_type is not None:
+    raise ValueError("hf_config_dict: rope scaling is not written (the checkpoints made here have none)")
+  model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else
+                "mistral" if cfg.sliding_window is not None else "llama")
+  if sum((cfg.qk_norm, cfg.qkv_bias, cfg.sliding_window is not None)) > 1:
+    raise ValueError(f"hf_config_dict: no HF architecture has all of qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias},"
+                     f" sliding_window={cfg.sliding_window}")
+  d = dict(model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+           num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+           rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+           tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+           eos_token_id=list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0])
+  if model_type == "mistral":
+    d["sliding_window"] = cfg.sliding_window
+  return d
+
+
 def llava_hf_config_dict(cfg) -> dict:
   """A llava-hf config.json dict for a models.llava.LlavaConfig (`llava_config_from_hf_dict` reads it back)."""
   t, v = cfg.text, cfg.vision
-  if t.rope_scaling_type is not None:
-    raise ValueError("llava_hf_config_dict: rope scaling is not written; LLaVA-1.5's language model has none")
-  text = dict(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-              num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-              rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
-              tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
-              eos_token_id=list(t.eos_token_ids) if len(t.eos_token_ids) > 1 else t.eos_token_ids[0])
+  text = hf_config_dict(t)
   vision = dict(model_type="clip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                 num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
                 patch_size=v.patch_size, num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps,

