@@ -19,8 +19,7 @@ sets (data.root), held out: the first MT-bench questions.
 
 import os
 
-from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
-from vsd_jax.models.archs import ARCHS
+from vsd_jax.config_base import REPO_ROOT, base_config, hub_target_config, tiny_training
 
 # size -> (registry name (vsd_jax/weights/registry.py; the architecture is ARCHS[name]), slice, mesh (data, fsdp,
 # tensor)): the meshes of configs/llama3.py for models of the same size (Qwen3-32B's 64 query / 8 KV heads and
@@ -39,24 +38,8 @@ def get_config(size="8b"):
     raise ValueError(f"configs/qwen3.py:{size}: unknown size; use tiny or one of {sorted(MODELS)}, "
                      "e.g. configs/qwen3.py:32b")
   name, slice_name, (data, fsdp, tensor) = MODELS[size]
-  c = base_config()
-  c.workdir = os.path.join(REPO_ROOT, "runs", f"qwen3_{size}")
-  c.model.name = name
-  c.model.arch = dict(ARCHS[name])  # the hub's config.json, so a dry run needs no download
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "bfloat16"
-  c.model.max_positions = 4096
-  c.generate.batch_size = 1
+  c = hub_target_config(name, f"qwen3_{size}", slice_name, data, fsdp, tensor)
   c.data.enable_thinking = False
-  c.data.sources = dict(
-      sharegpt=SHAREGPT_HUB,
-      ultrachat=dict(type="hub", name="HuggingFaceH4/ultrachat_200k", split="train_sft", format="messages",
-                     limit=-1))
-  c.data.draft_vocab_size = 32000  # of the 151936 target ids
-  c.data.max_length = 2048
-  c.data.buckets = (512, 1024, 2048)
-  eagle3_released_recipe(c)
-  pod_mesh(c, slice_name, data, fsdp, tensor)
   return c
 
 
@@ -78,12 +61,5 @@ def _tiny():
   c.data.regen.batch_size = 8
   c.data.draft_vocab_size = 128
   c.eval.heldout_limit = 4
-  c.train.batch_size = 4
-  c.train.total_steps = 40
-  c.train.warmup_steps = 5
-  c.train.lr = 3e-3
-  c.train.log_every = 10
-  c.train.checkpoint_every = 20
-  c.draft.ttt_steps = 3
-  c.vsd.depth, c.vsd.num_paths, c.vsd.num_anchors = 3, 4, 4   # with --config.method=vsd
+  tiny_training(c, batch_size=4)
   return c

@@ -45,14 +45,20 @@ def _greedy_equals_vanilla(model, params, draft, draft_params, d2t, shapes):
   return outs
 
 
+def _random_draft(arch):
+  """-> (tiny target model, params, draft module, random draft params, d2t, t2d): a draft over ids 2..7 of 8."""
+  model, params = tiny_target(arch=arch)
+  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)
+  d2t, t2d = vocab_maps(8, range(2, 8))
+  dp = init_draft_params(dcfg, jax.random.PRNGKey(1), params["embed_tokens"]["embedding"])
+  return model, params, Eagle3Draft(dcfg), dp, d2t, t2d
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_qwen_mistral_speculative_greedy_equals_vanilla_random_draft(arch):
   """T=0 tree decoding with a random draft equals vanilla decoding; sequences run past Mistral's window (6)."""
-  model, params = tiny_target(arch=arch)
-  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)
-  d2t, _ = vocab_maps(8, range(2, 8))
-  dp = init_draft_params(dcfg, jax.random.PRNGKey(1), params["embed_tokens"]["embedding"])
-  _greedy_equals_vanilla(model, params, Eagle3Draft(dcfg), dp, d2t, [TREE])
+  model, params, draft, dp, d2t, _ = _random_draft(arch)
+  _greedy_equals_vanilla(model, params, draft, dp, d2t, [TREE])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -70,10 +76,7 @@ def test_qwen_mistral_vsd_step(arch):
   """One VSD loss and gradient on the architecture's tiny target: finite, reaching the draft, not the target."""
   from vsd_jax.config_base import base_config
   from vsd_jax.methods.vsd import build as build_vsd
-  model, params = tiny_target(arch=arch)
-  dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=6)
-  d2t, t2d = vocab_maps(8, range(2, 8))
-  dp = init_draft_params(dcfg, jax.random.PRNGKey(1), params["embed_tokens"]["embedding"])
+  model, params, _, dp, d2t, t2d = _random_draft(arch)
   c = base_config()
   c.draft.ttt_steps = 2
   c.vsd.update(dict(depth=3, num_paths=2, num_anchors=3, burn_in=1))

@@ -91,7 +91,7 @@ ARCHS = {
                                         bos_token_id=151646, eos_token_ids=(151643,)),
     # weights/tiny_qwen3.py (a random Qwen3 written on first use; configs/qwen3.py:tiny): ids 256 <|endoftext|>,
     # 258 <|im_end|>
-    "tiny-qwen3-random": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+    "tiny-qwen3-random": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
                               num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0,
                               max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=256,
                               eos_token_ids=(258,), qk_norm=True),

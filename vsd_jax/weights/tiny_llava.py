@@ -120,25 +120,32 @@ def make_default() -> str:
   return make_tiny_llava(default_dir())
 
 
-def make_tiny_llava(directory: str, seed: int = 0) -> str:
-  """Write the tiny random LLaVA checkpoint to `directory` (unless a complete one is there); returns it."""
-  done = os.path.join(directory, _DONE)
-  stamp = f"version {VERSION} seed {seed}\n"
+def write_once(directory: str, marker: str, stamp: str, write) -> str:
+  """write(directory) unless `directory` holds the file `marker` with text `stamp` (a complete earlier write of
+  this version and seed); the marker is written last. Returns directory."""
+  done = os.path.join(directory, marker)
   if os.path.isfile(done):
     with open(done) as f:
       if f.read() == stamp:
         return directory
-  from safetensors.numpy import save_file
-
-  from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
   os.makedirs(directory, exist_ok=True)
-  processor = make_processor()
-  cfg = tiny_llava_config(len(processor.tokenizer))
-  tensors = hf_tensors_from_params(cfg, random_params(cfg, seed))
-  save_file({llava_hf_name(k): v for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(dict(llava_hf_config_dict(cfg), pad_token_id=SPECIAL.index("<pad>")), f, indent=1)
-  processor.save_pretrained(directory)
+  write(directory)
   with open(done, "w") as f:
     f.write(stamp)
   return directory
+
+
+def make_tiny_llava(directory: str, seed: int = 0) -> str:
+  """Write the tiny random LLaVA checkpoint to `directory` (unless a complete one is there); returns it."""
+  def write(directory):
+    from safetensors.numpy import save_file
+
+    from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
+    processor = make_processor()
+    cfg = tiny_llava_config(len(processor.tokenizer))
+    tensors = hf_tensors_from_params(cfg, random_params(cfg, seed))
+    save_file({llava_hf_name(k): v for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(dict(llava_hf_config_dict(cfg), pad_token_id=SPECIAL.index("<pad>")), f, indent=1)
+    processor.save_pretrained(directory)
+  return write_once(directory, _DONE, f"version {VERSION} seed {seed}\n", write)

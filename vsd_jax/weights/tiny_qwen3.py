@@ -5,8 +5,8 @@
 
 The directory is an HF Qwen3 checkpoint like the real ones (config.json model_type "qwen3", model.safetensors,
 tokenizer files), so it loads through `weights.load_target` and the one name table:
-  config.json        Qwen3 scaled down: 4 layers, hidden 64, 4 query / 2 KV heads of head_dim 32 (4 * 32 != 64, as
-                     Qwen3's explicit head_dim), per-head q/k norms, untied embeddings, 320 vocabulary rows
+  config.json        Qwen3 scaled down: 8 layers (the EAGLE-3 draft reads 2, 4, 5: exportable), hidden 64, 4 query /
+                     2 KV heads of head_dim 32 (4 * 32 != 64, as Qwen3's explicit head_dim), per-head q/k norms, untied embeddings, 320 vocabulary rows
   model.safetensors  random weights, scaled as the tiny LLaVA's (tiny_llava.random_like), lm_head std 0.6 so that
                      next-token distributions are peaked; the output rows of the specials are 0 but <|im_end|>'s
   tokenizer files    byte-level BPE without merges (every UTF-8 byte a token, so any prompt encodes), the specials of
@@ -23,11 +23,13 @@ import os
 
 import numpy as np
 
+from vsd_jax.weights.tiny_llava import default_dir, random_like, write_once
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VOCAB = 320  # 256 bytes + 5 specials, padded to a multiple of 64
 HEAD_SCALE = 0.6
 _DONE = "tiny_qwen3.done"
-VERSION = 1
+VERSION = 2
 # Qwen's ChatML with Qwen3's switch: enable_thinking undefined or true lets the model think; false closes an empty
 # think block in the generation prompt.
 CHAT_TEMPLATE = (
@@ -58,39 +60,29 @@ def tiny_qwen3_config():
 
 def make_tiny_qwen3(directory: str, seed: int = 0) -> str:
   """Write the tiny random Qwen3 checkpoint to `directory` (unless a complete one is there); returns it."""
-  done = os.path.join(directory, _DONE)
-  stamp = f"version {VERSION} seed {seed}\n"
-  if os.path.isfile(done):
-    with open(done) as f:
-      if f.read() == stamp:
-        return directory
-  from safetensors.numpy import save_file
+  def write(directory):
+    from safetensors.numpy import save_file
 
-  from vsd_jax.models.llama import LlamaForCausalLM
-  from vsd_jax.weights.convert import hf_config_dict, hf_tensors_from_params
-  from vsd_jax.weights.tiny_llava import random_like
-  os.makedirs(directory, exist_ok=True)
-  tokenizer = make_tokenizer()
-  cfg = tiny_qwen3_config()
-  if len(tokenizer) > cfg.vocab_size:
-    raise AssertionError(f"tokenizer of {len(tokenizer)} ids does not fit the {cfg.vocab_size} vocabulary rows")
-  params = random_like(LlamaForCausalLM(cfg), seed)
-  head = params["lm_head"]["kernel"]
-  head *= HEAD_SCALE / 0.15
-  head[:, 256:] = 0.0                                  # specials and padding rows: never emitted ...
-  head[:, 256 + SPECIAL.index("<|im_end|>")] = HEAD_SCALE * np.random.default_rng(seed + 1).standard_normal(
-      head.shape[0])                                   # ... but the end of turn
-  save_file(hf_tensors_from_params(cfg, params), os.path.join(directory, "model.safetensors"))
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(dict(hf_config_dict(cfg), architectures=["Qwen3ForCausalLM"],
-                   pad_token_id=256 + SPECIAL.index("<|endoftext|>")), f, indent=1)
-  tokenizer.save_pretrained(directory)
-  with open(done, "w") as f:
-    f.write(stamp)
-  return directory
+    from vsd_jax.models.llama import LlamaForCausalLM
+    from vsd_jax.weights.convert import hf_config_dict, hf_tensors_from_params
+    tokenizer = make_tokenizer()
+    cfg = tiny_qwen3_config()
+    if len(tokenizer) > cfg.vocab_size:
+      raise AssertionError(f"tokenizer of {len(tokenizer)} ids does not fit the {cfg.vocab_size} vocabulary rows")
+    params = random_like(LlamaForCausalLM(cfg), seed)
+    head = params["lm_head"]["kernel"]
+    head *= HEAD_SCALE / 0.15
+    head[:, 256:] = 0.0                                  # specials and padding rows: never emitted ...
+    head[:, 256 + SPECIAL.index("<|im_end|>")] = HEAD_SCALE * np.random.default_rng(seed + 1).standard_normal(
+        head.shape[0])                                   # ... but the end of turn
+    save_file(hf_tensors_from_params(cfg, params), os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(dict(hf_config_dict(cfg), architectures=["Qwen3ForCausalLM"],
+                     pad_token_id=256 + SPECIAL.index("<|endoftext|>")), f, indent=1)
+    tokenizer.save_pretrained(directory)
+  return write_once(directory, _DONE, f"version {VERSION} seed {seed}\n", write)
 
 
 def make_default() -> str:
   """The registry's "tiny-qwen3-random": written under $VSD_JAX_CACHE (default ~/.cache/vsd_jax) on first use."""
-  from vsd_jax.weights.tiny_llava import default_dir
   return make_tiny_qwen3(default_dir("tiny-qwen3-random"))
