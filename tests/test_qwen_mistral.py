@@ -182,7 +182,8 @@ def test_qwen_mistral_gguf_round_trip(tmp_path, variant, arch):
   g = from_gguf.config
   assert g.rms_norm_eps == pytest.approx(from_hf.config.rms_norm_eps, rel=1e-6)  # GGUF stores it as float32
   assert g == from_hf.config.replace(rms_norm_eps=g.rms_norm_eps)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_gguf.params, from_hf.params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_gguf.params,
+               from_hf.params)
   ids = jnp.asarray(_ids(6, (1, 24)))
   a = _forward(from_gguf.model, from_gguf.params, ids)
   np.testing.assert_allclose(np.asarray(a), hf_logits(m, np.asarray(ids)), atol=1e-4)

@@ -94,9 +94,9 @@ class PromptEncoder:
 
   tokenizer: the target's tokenizer. chat_template: config.data.chat_template ("" = the tokenizer's own, a
   NAMED_TEMPLATES name or a Jinja string). template_kwargs: the switches passed to the template
-  (`template_switches`: Qwen3's enable_thinking from config.data.enable_thinking). eos_ids: ids that end a response (end_of_turn_ids: the tokenizer's
-  EOS, known end-of-turn tokens in its vocabulary and the model config's eos ids). pad_id: the tokenizer's
-  pad id, else 0.
+  (`template_switches`: Qwen3's enable_thinking from config.data.enable_thinking). eos_ids: ids that end a
+  response (end_of_turn_ids: the tokenizer's EOS, known end-of-turn tokens in its vocabulary and the model config's
+  eos ids). pad_id: the tokenizer's pad id, else 0.
   """
   tokenizer: Any
   chat_template: str

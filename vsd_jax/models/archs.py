@@ -83,8 +83,8 @@ ARCHS = {
     "deepseek-r1-distill-llama-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_layers=32,
                                          num_heads=32, eos_token_ids=(128001,)),
     # Qwen2.5-Math-7B's architecture (model_type "qwen2"): rope_theta 10000 and 131072 positions, unlike
-    # Qwen2.5-7B-Instruct; bos <|begin_of_sentence|> 151646, eos <|end_of_sentence|> 151643 (the distill's config.json;
-    # theta, positions and token ids as recalled from it, not re-read here: check them when a real download is possible).
+    # Qwen2.5-7B-Instruct; bos <|begin_of_sentence|> 151646, eos <|end_of_sentence|> 151643 (the distill's
+    # config.json; theta, positions and token ids as recalled from it, not re-read here: no hub access).
     "deepseek-r1-distill-qwen-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                                         num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
                                         tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=131072,

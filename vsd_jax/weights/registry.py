@@ -33,7 +33,7 @@ REGISTRY = {
     "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
     # A random tiny LLaVA in the llava-hf layout (weights/tiny_llava.py): configs/llava.py:tiny, offline.
     "tiny-llava-random": ("generated", "tiny_llava"),
-    # A random tiny Qwen3 with a byte-level tokenizer and a ChatML template (weights/tiny_qwen3.py): configs/qwen3.py:tiny.
+    # A random tiny Qwen3, byte-level tokenizer, ChatML template (weights/tiny_qwen3.py): configs/qwen3.py:tiny.
     "tiny-qwen3-random": ("generated", "tiny_qwen3"),
 }
 

@@ -6,7 +6,8 @@
 The directory is an HF Qwen3 checkpoint like the real ones (config.json model_type "qwen3", model.safetensors,
 tokenizer files), so it loads through `weights.load_target` and the one name table:
   config.json        Qwen3 scaled down: 8 layers (the EAGLE-3 draft reads 2, 4, 5: exportable), hidden 64, 4 query /
-                     2 KV heads of head_dim 32 (4 * 32 != 64, as Qwen3's explicit head_dim), per-head q/k norms, untied embeddings, 320 vocabulary rows
+                     2 KV heads of head_dim 32 (4 * 32 != 64, as Qwen3's explicit head_dim), per-head q/k norms,
+                     untied embeddings, 320 vocabulary rows
   model.safetensors  random weights, scaled as the tiny LLaVA's (tiny_llava.random_like), lm_head std 0.6 so that
                      next-token distributions are peaked; the output rows of the specials are 0 but <|im_end|>'s
   tokenizer files    byte-level BPE without merges (every UTF-8 byte a token, so any prompt encodes), the specials of
