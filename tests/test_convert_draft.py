@@ -339,3 +339,13 @@ def test_bad_checkpoints(exported, tmp_path):
     import_eagle3(str(tmp_path), str(tmp_path / "o_none"), tcfg)
   with pytest.raises(SystemExit, match="is the input directory"):
     convert_draft.main(["--input", str(e3), "--to", "vsd_jax", "--target", str(e3), "--output", str(e3)])
+
+
+def test_qwen3_draft_for_another_vocabulary(tmp_path):
+  """A Qwen3-target draft (151936 ids) imported for a Qwen2.5-7B-shaped target (152064 ids) names both sizes."""
+  fields = dict(SPECFORGE_TARGETS["qwen3"])
+  make_draft(tmp_path / "ours", **fields)
+  export_eagle3(str(tmp_path / "ours"), str(tmp_path / "e3"))
+  other = config_from_hf_dict(target_hf_config(vocab=152064, model_type="qwen2"))
+  with pytest.raises(Eagle3FormatError, match="vocabulary size: draft 151936 vs target 152064"):
+    import_eagle3(str(tmp_path / "e3"), str(tmp_path / "out"), other)
