@@ -151,7 +151,9 @@ def test_paper_configs_describe_their_slices():
   for path, want in [("configs/vicuna.py", ("vicuna-7b-v1.3", "v5p-32", 16)),
                      ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-64", 32)),
                      ("configs/llama3.py", ("llama-3.1-8b-instruct", "v5p-32", 16)),
-                     ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32))]:
+                     ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32)),
+                     ("configs/qwen3.py", ("qwen3-8b", "v5p-32", 16)),
+                     ("configs/qwen3.py:32b", ("qwen3-32b", "v5p-64", 32))]:
     c = _paper_config(path)
     assert (c.model.name, c.mesh.slice, dry_run.mesh_size(c)) == want, path
     # The config's architecture is the one table's entry for its model, and the dry run builds exactly it.
@@ -173,7 +175,8 @@ ALL_CONFIGS = {"configs/tiny.py": None, "configs/tiny_vsd.py": None, "configs/vs
                "configs/vicuna.py": ("v5p-32", (1, 8, 2)), "configs/vicuna.py:13b": ("v5p-64", (1, 16, 2)),
                "configs/llama3.py": ("v5p-32", (1, 8, 2)), "configs/llama3.py:70b": ("v5p-64", (1, 8, 4)),
                "configs/llava.py:7b": ("v5p-32", (1, 8, 2)), "configs/llava.py:7b-text": ("v5p-32", (1, 8, 2)),
-               "configs/llava.py:13b": ("v5p-64", (1, 16, 2))}
+               "configs/llava.py:13b": ("v5p-64", (1, 16, 2)), "configs/qwen3.py:tiny": None,
+               "configs/qwen3.py": ("v5p-32", (1, 8, 2)), "configs/qwen3.py:32b": ("v5p-64", (1, 8, 4))}
 
 
 def test_every_config_sizes_its_mesh_to_the_devices_present():
