@@ -75,7 +75,9 @@ def hub_snapshot(repo_id: str) -> str:
   """Download (or reuse the cached) config, tokenizer and safetensors of a hub repo."""
   try:
     from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    # mistralai's repos also hold the weights again in Mistral's own layout (consolidated.safetensors): not read.
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+                             ignore_patterns=["consolidated*"])
   except Exception as e:  # offline, DNS failure, gated repo, ...
     cause = (str(e).strip().splitlines() or [""])[0]  # one line: the hub client's messages run to several
     raise HubUnreachableError(
