@@ -10,10 +10,7 @@ The mesh is sized to the devices present (mesh.fsdp = -1); the pod layout of MOD
 slice, used with --config.mesh.preset=<slice> and by --dry_run. The chosen mesh is logged.
 """
 
-import os
-
-from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
-from vsd_jax.models.archs import ARCHS
+from vsd_jax.config_base import hub_target_config
 
 # size -> (registry name (vsd_jax/weights/registry.py; the architecture is ARCHS[name]), slice, mesh (data,
 # fsdp, tensor)). Why these meshes (per-chip memory of each choice): docs/RESULTS.md section 5.
@@ -28,22 +25,5 @@ def get_config(size="8b"):
   if size not in MODELS:
     raise ValueError(f"configs/llama3.py:{size}: unknown size; use one of {sorted(MODELS)}, e.g. configs/llama3.py:70b")
   name, slice_name, (data, fsdp, tensor) = MODELS[size]
-  c = base_config()
-  c.workdir = os.path.join(REPO_ROOT, "runs", f"llama3_{size}")
-  c.model.name = name
-  c.model.arch = dict(ARCHS[name])  # the hub's config.json, so a dry run needs no download
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "bfloat16"
-  c.model.max_positions = 4096
-  c.generate.batch_size = 1
-  # EAGLE-3's training prompts: ShareGPT + UltraChat-200K from the hub (local files: see config_base.py).
-  c.data.sources = dict(
-      sharegpt=SHAREGPT_HUB,
-      ultrachat=dict(type="hub", name="HuggingFaceH4/ultrachat_200k", split="train_sft", format="messages",
-                     limit=-1))
-  c.data.draft_vocab_size = 32000
-  c.data.max_length = 2048
-  c.data.buckets = (512, 1024, 2048)
-  eagle3_released_recipe(c)
-  pod_mesh(c, slice_name, data, fsdp, tensor)
-  return c
+  # EAGLE-3's training prompts (ShareGPT + UltraChat-200K from the hub) and released recipe.
+  return hub_target_config(name, f"llama3_{size}", slice_name, data, fsdp, tensor)

@@ -28,7 +28,7 @@ scikit-image and matplotlib ship); 8 prompts train, the other 3 are the held-out
 
 import os
 
-from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
+from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh, tiny_training
 from vsd_jax.models.archs import ARCHS, LLAVA_ARCHS
 
 # The offline sample set (data.images.sample_prompt_path(); not imported here: configs load before JAX starts).
@@ -105,12 +105,5 @@ def _tiny(adaptor: bool = False):
   c.data.regen.batch_size = 4
   c.data.draft_vocab_size = 128
   c.eval.heldout_source = dict(type="llava", path=SAMPLE_PROMPTS, start=8)
-  c.train.batch_size = 2
-  c.train.total_steps = 40
-  c.train.warmup_steps = 5
-  c.train.lr = 3e-3
-  c.train.log_every = 10
-  c.train.checkpoint_every = 20
-  c.draft.ttt_steps = 3
-  c.vsd.depth, c.vsd.num_paths, c.vsd.num_anchors = 3, 4, 4   # with --config.method=vsd
+  tiny_training(c, batch_size=2)
   return c

@@ -11,10 +11,7 @@ recipe is the named preset of its slice (7B: v5p-32, fsdp 8 x tensor 2; 13B: v5p
 --config.mesh.preset=<slice> and by --dry_run. The chosen mesh is logged.
 """
 
-import os
-
-from vsd_jax.config_base import REPO_ROOT, SHAREGPT_HUB, base_config, eagle3_released_recipe, pod_mesh
-from vsd_jax.models.archs import ARCHS
+from vsd_jax.config_base import hub_target_config
 
 # size -> registry name (vsd_jax/weights/registry.py); the architecture is ARCHS[name].
 SIZES = {"7b": "vicuna-7b-v1.3", "13b": "vicuna-13b-v1.3"}
@@ -24,25 +21,11 @@ def get_config(size="7b"):
   size = str(size).lower()
   if size not in SIZES:
     raise ValueError(f"configs/vicuna.py:{size}: unknown size; use one of {sorted(SIZES)}, e.g. configs/vicuna.py:13b")
-  c = base_config()
-  c.workdir = os.path.join(REPO_ROOT, "runs", f"vicuna{size}")
-  c.model.name = SIZES[size]
-  c.model.arch = dict(ARCHS[c.model.name])  # the hub's config.json, so a dry run needs no download
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "bfloat16"
+  # EAGLE-3's training prompts (ShareGPT + UltraChat-200K from the hub) and released recipe. 7B: v5p-32 (16 chips),
+  # FSDP 8 x tensor 2; 13B: v5p-64 (32 chips), FSDP 16 x tensor 2. Why these meshes (per-chip memory of each
+  # choice): docs/RESULTS.md section 5.
+  c = hub_target_config(SIZES[size], f"vicuna{size}", "v5p-32" if size == "7b" else "v5p-64", data=1,
+                        fsdp=8 if size == "7b" else 16, tensor=2)
   c.model.max_positions = 2048
-  c.generate.batch_size = 1
-  # EAGLE-3's training prompts: ShareGPT + UltraChat-200K from the hub (local files: see config_base.py).
-  c.data.sources = dict(
-      sharegpt=SHAREGPT_HUB,
-      ultrachat=dict(type="hub", name="HuggingFaceH4/ultrachat_200k", split="train_sft", format="messages",
-                     limit=-1))
-  c.data.draft_vocab_size = 32000
   c.data.chat_template = "vicuna"  # the vicuna-v1.3 tokenizer ships no chat template
-  c.data.max_length = 2048
-  c.data.buckets = (512, 1024, 2048)
-  eagle3_released_recipe(c)
-  # 7B: v5p-32 (16 chips), FSDP 8 x tensor 2; 13B: v5p-64 (32 chips), FSDP 16 x tensor 2. Why these meshes
-  # (per-chip memory of each choice): docs/RESULTS.md section 5.
-  pod_mesh(c, "v5p-32" if size == "7b" else "v5p-64", data=1, fsdp=8 if size == "7b" else 16, tensor=2)
   return c

@@ -26,11 +26,23 @@ V, N, H = 64, 40, 32
 KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a PRNG key's shape: params are only shaped by the init, not drawn
 
 
-def target_hf_config(num_layers=8, rope_scaling=None, hidden=H, vocab=V):
-  """A tiny LLaMA target as an HF config.json dict (8 layers: fused layer inputs (2, 4, 5))."""
-  return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
-              num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-              rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=rope_scaling, max_position_embeddings=512)
+def target_hf_config(num_layers=8, rope_scaling=None, hidden=H, vocab=V, **fields):
+  """A tiny LLaMA target as an HF config.json dict (8 layers: fused layer inputs (2, 4, 5)); fields: other keys
+  (e.g. a Qwen3 target's model_type, head_dim, rope_theta)."""
+  return dict(dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
+                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=rope_scaling, max_position_embeddings=512),
+              **fields)
+
+
+# Targets of the SpecForge comparison: a LLaMA-3 (llama3 RoPE scaling), and a Qwen3 with its 151936-id vocabulary
+# (the draft's 40 ids spread over it: d2t offsets up to ~151k) and head_dim 16 (q width 64 != hidden 32).
+QWEN3_VOCAB = 151936
+SPECFORGE_TARGETS = {
+    "llama3": dict(vocab=V, draft_ids=list(range(5, 30)) + list(range(40, 55))),
+    "qwen3": dict(vocab=QWEN3_VOCAB, draft_ids=list(range(5, 30)) + list(range(151000, 151015)),
+                  model_type="qwen3", head_dim=16, rope_theta=1000000.0),
+}
 
 
 # llama3 RoPE with a short original context: the 8-dim head has one frequency in each band (kept,
@@ -50,13 +62,13 @@ def random_params(cfg, seed=0):
           s.dtype), shapes)
 
 
-def make_draft(directory, rope_scaling=None, num_layers=8):
+def make_draft(directory, rope_scaling=None, num_layers=8, vocab=V, draft_ids=None, **target_fields):
   """A random draft saved with `save_draft`, with a draft vocabulary that skips low ids (d2t non-zero)."""
-  tcfg = config_from_hf_dict(target_hf_config(num_layers, rope_scaling))
+  tcfg = config_from_hf_dict(target_hf_config(num_layers, rope_scaling, vocab=vocab, **target_fields))
   cfg = Eagle3Config.from_target(tcfg, draft_vocab_size=N)
-  embed = np.random.default_rng(1).standard_normal((V, H)).astype(np.float32)
+  embed = np.random.default_rng(1).standard_normal((vocab, H)).astype(np.float32)
   params = random_params(cfg)
-  d2t, t2d = vocab_maps(V, list(range(5, 30)) + list(range(40, 55)))
+  d2t, t2d = vocab_maps(vocab, draft_ids or list(range(5, 30)) + list(range(40, 55)))
   save_draft(str(directory), cfg, params, d2t, t2d, tcfg)
   return tcfg, cfg, embed, params
 
@@ -188,8 +200,10 @@ def test_import_pytorch_bin_without_vocab_maps(exported, tmp_path):
   np.testing.assert_array_equal(np.asarray(params["fc"]["kernel"]), tensors["fc.weight"].T)
 
 
-def test_logits_match_specforge(tmp_path, monkeypatch):
-  """SpecForge's LlamaForCausalLMEagle3 on the exported checkpoint = our Eagle3Draft, TTT steps 0, 1, 2.
+@pytest.mark.parametrize("target", sorted(SPECFORGE_TARGETS))
+def test_logits_match_specforge(tmp_path, monkeypatch, target):
+  """SpecForge's LlamaForCausalLMEagle3 on the exported checkpoint = our Eagle3Draft, TTT steps 0, 1, 2, for a
+  LLaMA-3 target and a Qwen3 one (`SPECFORGE_TARGETS`).
 
   SpecForge's TTT (OnlineEagle3Model.forward, sdpa backend): step 0 runs the draft over the sequence with
   fc(features) and the tokens shifted left by one; step k feeds the previous step's output hidden state, the
@@ -206,13 +220,17 @@ def test_logits_match_specforge(tmp_path, monkeypatch):
   from vsd_jax.methods.eagle3.loss import ttt_unroll
 
   monkeypatch.setattr(torch._dynamo.config, "disable", True)  # SpecForge's @torch.compile: eager on CPU
-  tcfg, cfg, embed, params = make_draft(tmp_path / "ours", rope_scaling=LLAMA3)
-  assert cfg.rope_scaling_type == "llama3"
+  fields = dict(SPECFORGE_TARGETS[target])
+  vocab = fields["vocab"]
+  tcfg, cfg, embed, params = make_draft(tmp_path / "ours", rope_scaling=LLAMA3 if target == "llama3" else None,
+                                        **fields)
+  assert cfg.rope_scaling_type == ("llama3" if target == "llama3" else None) and cfg.vocab_size == vocab
+  assert tcfg.qk_norm == (target == "qwen3") and cfg.num_heads * cfg.head_dim == (64 if target == "qwen3" else 32)
   export_eagle3(str(tmp_path / "ours"), str(tmp_path / "e3"))
   b, t, steps = 2, 9, 3
   rng = np.random.default_rng(7)
   feats = rng.standard_normal((b, t, 3 * H)).astype(np.float32)
-  ids = rng.integers(0, V, (b, t)).astype(np.int32)
+  ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
   unroll = jax.jit(lambda p, e, f, i: ttt_unroll(p, Eagle3Draft(cfg), e, f, i, num_steps=steps))
   ours = np.asarray(unroll(params, embed, feats, ids))  # [K, B, T, N]
 
@@ -321,3 +339,13 @@ def test_bad_checkpoints(exported, tmp_path):
     import_eagle3(str(tmp_path), str(tmp_path / "o_none"), tcfg)
   with pytest.raises(SystemExit, match="is the input directory"):
     convert_draft.main(["--input", str(e3), "--to", "vsd_jax", "--target", str(e3), "--output", str(e3)])
+
+
+def test_qwen3_draft_for_another_vocabulary(tmp_path):
+  """A Qwen3-target draft (151936 ids) imported for a Qwen2.5-7B-shaped target (152064 ids) names both sizes."""
+  fields = dict(SPECFORGE_TARGETS["qwen3"])
+  make_draft(tmp_path / "ours", **fields)
+  export_eagle3(str(tmp_path / "ours"), str(tmp_path / "e3"))
+  other = config_from_hf_dict(target_hf_config(vocab=152064, model_type="qwen2"))
+  with pytest.raises(Eagle3FormatError, match="vocabulary size: draft 151936 vs target 152064"):
+    import_eagle3(str(tmp_path / "e3"), str(tmp_path / "out"), other)

@@ -151,7 +151,9 @@ def test_paper_configs_describe_their_slices():
   for path, want in [("configs/vicuna.py", ("vicuna-7b-v1.3", "v5p-32", 16)),
                      ("configs/vicuna.py:13b", ("vicuna-13b-v1.3", "v5p-64", 32)),
                      ("configs/llama3.py", ("llama-3.1-8b-instruct", "v5p-32", 16)),
-                     ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32))]:
+                     ("configs/llama3.py:70b", ("llama-3.3-70b-instruct", "v5p-64", 32)),
+                     ("configs/qwen3.py", ("qwen3-8b", "v5p-32", 16)),
+                     ("configs/qwen3.py:32b", ("qwen3-32b", "v5p-64", 32))]:
     c = _paper_config(path)
     assert (c.model.name, c.mesh.slice, dry_run.mesh_size(c)) == want, path
     # The config's architecture is the one table's entry for its model, and the dry run builds exactly it.
@@ -173,7 +175,8 @@ ALL_CONFIGS = {"configs/tiny.py": None, "configs/tiny_vsd.py": None, "configs/vs
                "configs/vicuna.py": ("v5p-32", (1, 8, 2)), "configs/vicuna.py:13b": ("v5p-64", (1, 16, 2)),
                "configs/llama3.py": ("v5p-32", (1, 8, 2)), "configs/llama3.py:70b": ("v5p-64", (1, 8, 4)),
                "configs/llava.py:7b": ("v5p-32", (1, 8, 2)), "configs/llava.py:7b-text": ("v5p-32", (1, 8, 2)),
-               "configs/llava.py:13b": ("v5p-64", (1, 16, 2))}
+               "configs/llava.py:13b": ("v5p-64", (1, 16, 2)), "configs/qwen3.py:tiny": None,
+               "configs/qwen3.py": ("v5p-32", (1, 8, 2)), "configs/qwen3.py:32b": ("v5p-64", (1, 8, 4))}
 
 
 def test_every_config_sizes_its_mesh_to_the_devices_present():
@@ -211,7 +214,7 @@ def test_arch_table_entries_are_valid_llama_configs():
   assert set(ARCHS) == set(REGISTRY)  # every registry model, by its registry name
   for name, fields in ARCHS.items():
     cfg = LlamaConfig(**fields)  # an unknown field raises TypeError
-    assert cfg.num_heads * cfg.head_dim == cfg.hidden_size, name
+    assert cfg.num_heads * cfg.head_dim == cfg.hidden_size or cfg.qk_norm, name  # Qwen3's head_dim is explicit
     assert cfg.num_heads % cfg.num_kv_heads == 0, name
     assert 0 <= cfg.bos_token_id < cfg.vocab_size and all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids), name
     assert isinstance(cfg.eos_token_ids, tuple) and rope_inv_freq(cfg).shape == (cfg.head_dim // 2,), name
@@ -233,6 +236,11 @@ _LLAMA3_HUB = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8,
                                      original_max_position_embeddings=8192, rope_type="llama3"))
 _VICUNA_HUB = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048,
                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_QWEN3_HUB = dict(model_type="qwen3", vocab_size=151936, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                  rope_theta=1000000, rope_scaling=None, max_position_embeddings=40960, attention_bias=False,
+                  use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151645)
+_QWEN25_HUB = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                   use_sliding_window=False, sliding_window=131072, bos_token_id=151643, eos_token_id=151645)
 HUB_CONFIG_JSON = {
     "smollm2-135m-instruct": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -247,6 +255,30 @@ HUB_CONFIG_JSON = {
                                   num_attention_heads=32),
     "llama-3.3-70b-instruct": dict(_LLAMA3_HUB, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                    num_attention_heads=64),
+    "deepseek-r1-distill-llama-8b": dict(_LLAMA3_HUB, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, eos_token_id=128001),
+    # Qwen/Qwen3-*, Qwen/Qwen2.5-*-Instruct, mistralai/Mistral-7B-Instruct-v0.3,
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-7B (sliding_window set but use_sliding_window false: no window).
+    **{f"qwen3-{size}": dict(_QWEN3_HUB, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                             num_attention_heads=q, tie_word_embeddings=tie)
+       for size, h, i, n, q, tie in (("0.6b", 1024, 3072, 28, 16, True), ("1.7b", 2048, 6144, 28, 16, True),
+                                     ("4b", 2560, 9728, 36, 32, True), ("8b", 4096, 12288, 36, 32, False),
+                                     ("14b", 5120, 17408, 40, 40, False), ("32b", 5120, 25600, 64, 64, False))},
+    **{f"qwen2.5-{size}-instruct": dict(_QWEN25_HUB, vocab_size=v, hidden_size=h, intermediate_size=i,
+                                        num_hidden_layers=n, num_attention_heads=q, num_key_value_heads=kv,
+                                        tie_word_embeddings=v == 151936)
+       for size, v, h, i, n, q, kv in (("0.5b", 151936, 896, 4864, 24, 14, 2), ("1.5b", 151936, 1536, 8960, 28, 12, 2),
+                                       ("7b", 152064, 3584, 18944, 28, 28, 4), ("14b", 152064, 5120, 13824, 48, 40, 8),
+                                       ("32b", 152064, 5120, 27648, 64, 40, 8),
+                                       ("72b", 152064, 8192, 29568, 80, 64, 8))},
+    "mistral-7b-instruct-v0.3": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
+                                     sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "deepseek-r1-distill-qwen-7b": dict(_QWEN25_HUB, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                        rope_theta=10000, max_position_embeddings=131072, sliding_window=4096,
+                                        tie_word_embeddings=False, bos_token_id=151646, eos_token_id=151643),
 }
 
 

@@ -16,13 +16,26 @@ from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.models.features import target_features
 
 
-def tiny_target(vocab=8, seed=0, scale=12.0):
-  """Random tiny target; the embedding is scaled up so that the next-token distributions are peaked."""
+# Architecture -> the LlamaConfig fields of a tiny target of it: Qwen2's q/k/v biases, Qwen3's q/k norms with a
+# head_dim whose q width (4 * 16) differs from the hidden size, Mistral's sliding window shorter than the sequences.
+ARCH_FIELDS = {"llama": dict(), "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True, head_dim=16),
+               "mistral": dict(sliding_window=6)}
+
+
+def tiny_target(vocab=8, seed=0, scale=12.0, arch="llama"):
+  """Random tiny target of architecture `arch` (ARCH_FIELDS); the embedding is scaled up so that the next-token
+  distributions are peaked. Biases and q/k norm scales (initialised to 0 and 1) are perturbed so that they matter."""
+  fields = dict(dict(head_dim=8), **ARCH_FIELDS[arch])
   cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                    num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position_embeddings=512)
+                    num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=512, **fields)
   model = LlamaForCausalLM(cfg)
   params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
   params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * scale
+  if arch != "llama":
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype)
+        if any(getattr(k, "key", None) in ("bias", "q_norm", "k_norm") for k in path) else x, params)
   return model, params
 
 
@@ -43,9 +56,9 @@ def vocab_maps(vocab, draft_ids):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_setup(vocab=8, draft_vocab=6, train_steps=150, seed=0):
+def tiny_setup(vocab=8, draft_vocab=6, train_steps=150, seed=0, arch="llama"):
   """-> (target model, target params, draft module, trained draft params, random draft params, d2t, t2d)."""
-  model, params = tiny_target(vocab, seed)
+  model, params = tiny_target(vocab, seed, arch=arch)
   d2t, t2d = vocab_maps(vocab, range(vocab - draft_vocab, vocab))  # drop the lowest ids: exercises d2t
   dcfg = Eagle3Config.from_target(model.cfg, draft_vocab_size=draft_vocab)
   draft = Eagle3Draft(dcfg)

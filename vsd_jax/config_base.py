@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_bad_line = "error"       # malformed source line: "error" (stop, naming file:line) or "skip" (count)
   c.data.system_prompt = ""          # prepended to prompts without one; "" keeps the template's default
   c.data.chat_template = ""          # "" = tokenizer's own; "vicuna" or a Jinja string
+  c.data.enable_thinking = False     # Qwen3's template switch (its thinking block), off for draft data; read only
+                                     # by templates that mention it, and part of the response cache's key
   c.data.max_length = 2048           # tokens per training sequence (prompt + response)
   c.data.length_policy = "truncate"  # sequences over max_length: "truncate" or "drop" (both counted)
   # Padded training lengths: each distinct one compiles the train step once; the last must be >= max_length.
@@ -204,3 +206,42 @@ def mesh_axis_sizes(config) -> tuple:
                       f"{', '.join(sorted(presets)) or 'none'}); pass one of them, or --config.mesh.preset= to "
                       "size the mesh by mesh.data/fsdp/tensor")
   return {a: int(presets[name][a]) for a in MESH_AXES}, f"mesh.preset={name}"
+
+
+def hub_target_config(name: str, run_name: str, slice_name: str, data: int, fsdp: int, tensor: int):
+  """A paper-scale config for the hub target `name` (registry name; its architecture is models/archs.ARCHS[name], so
+  a dry run needs no download) on a TPU slice: bfloat16, EAGLE-3's training prompts (ShareGPT + UltraChat-200K
+  from the hub; local files: see above) and released recipe, a 32000-token draft vocabulary. configs/llama3.py,
+  configs/qwen3.py."""
+  from vsd_jax.models.archs import ARCHS
+  c = base_config()
+  c.workdir = os.path.join(REPO_ROOT, "runs", run_name)
+  c.model.name = name
+  c.model.arch = dict(ARCHS[name])  # the hub's config.json
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.model.max_positions = 4096
+  c.generate.batch_size = 1
+  c.data.sources = dict(
+      sharegpt=SHAREGPT_HUB,
+      ultrachat=dict(type="hub", name="HuggingFaceH4/ultrachat_200k", split="train_sft", format="messages",
+                     limit=-1))
+  c.data.draft_vocab_size = 32000
+  c.data.max_length = 2048
+  c.data.buckets = (512, 1024, 2048)
+  eagle3_released_recipe(c)
+  pod_mesh(c, slice_name, data, fsdp, tensor)
+  return c
+
+
+def tiny_training(c: ml_collections.ConfigDict, batch_size: int) -> None:
+  """The tiny random targets' training (configs/llava.py:tiny, configs/qwen3.py:tiny): 40 steps at lr 3e-3 on a CPU,
+  3 TTT steps, and VSD's depth 3 x 4 paths x 4 anchors with --config.method=vsd."""
+  c.train.batch_size = batch_size
+  c.train.total_steps = 40
+  c.train.warmup_steps = 5
+  c.train.lr = 3e-3
+  c.train.log_every = 10
+  c.train.checkpoint_every = 20
+  c.draft.ttt_steps = 3
+  c.vsd.depth, c.vsd.num_paths, c.vsd.num_anchors = 3, 4, 4

@@ -49,21 +49,30 @@ def resolve_template(tokenizer, chat_template: str = "") -> Optional[str]:
   return None  # apply_chat_template uses the tokenizer's own
 
 
-def template_text(tokenizer, chat_template: str = "") -> str:
-  """The template text in use (part of the regeneration cache key)."""
-  return resolve_template(tokenizer, chat_template) or tokenizer.chat_template
+def template_text(tokenizer, chat_template: str = "", template_kwargs: tuple = ()) -> str:
+  """The template text in use, and the template switches passed to it (part of the regeneration cache key)."""
+  text = resolve_template(tokenizer, chat_template) or tokenizer.chat_template
+  return text + (f"\n{dict(template_kwargs)!r}" if template_kwargs else "")
 
 
-def _apply(tokenizer, messages, chat_template: str, add_generation_prompt: bool) -> list:
+def template_switches(tokenizer, chat_template: str, enable_thinking: bool) -> tuple:
+  """((name, value), ...) of the switches this template reads: Qwen3's `enable_thinking` when the template mentions
+  it (config.data.enable_thinking), none for the others (their prompts and cache keys stay as they were)."""
+  text = resolve_template(tokenizer, chat_template) or tokenizer.chat_template
+  return (("enable_thinking", bool(enable_thinking)),) if "enable_thinking" in text else ()
+
+
+def _apply(tokenizer, messages, chat_template: str, add_generation_prompt: bool, template_kwargs: tuple = ()) -> list:
   template = resolve_template(tokenizer, chat_template)
   out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=True,
-                                      chat_template=template)
+                                      chat_template=template, **dict(template_kwargs))
   return list(out["input_ids"])
 
 
-def encode_prompt(tokenizer, messages: Sequence[dict], chat_template: str = "") -> list:
-  """Token ids of the conversation so far plus the assistant header (generation prompt)."""
-  return _apply(tokenizer, list(messages), chat_template, add_generation_prompt=True)
+def encode_prompt(tokenizer, messages: Sequence[dict], chat_template: str = "", template_kwargs: tuple = ()) -> list:
+  """Token ids of the conversation so far plus the assistant header (generation prompt); template_kwargs:
+  `template_switches`."""
+  return _apply(tokenizer, list(messages), chat_template, add_generation_prompt=True, template_kwargs=template_kwargs)
 
 
 def end_of_turn_ids(tokenizer, extra: Sequence[int] = ()) -> tuple:
@@ -84,23 +93,25 @@ class PromptEncoder:
   benchmarks, so a prompt is the same ids everywhere and decoding stops on the same tokens.
 
   tokenizer: the target's tokenizer. chat_template: config.data.chat_template ("" = the tokenizer's own, a
-  NAMED_TEMPLATES name or a Jinja string). eos_ids: ids that end a response (end_of_turn_ids: the tokenizer's
-  EOS, known end-of-turn tokens in its vocabulary and the model config's eos ids). pad_id: the tokenizer's
-  pad id, else 0.
+  NAMED_TEMPLATES name or a Jinja string). template_kwargs: the switches passed to the template
+  (`template_switches`: Qwen3's enable_thinking from config.data.enable_thinking). eos_ids: ids that end a
+  response (end_of_turn_ids: the tokenizer's EOS, known end-of-turn tokens in its vocabulary and the model config's
+  eos ids). pad_id: the tokenizer's pad id, else 0.
   """
   tokenizer: Any
   chat_template: str
   eos_ids: tuple
   pad_id: int
+  template_kwargs: tuple = ()
 
   @property
   def template_text(self) -> str:
-    """The template text in use (part of the regeneration cache key)."""
-    return template_text(self.tokenizer, self.chat_template)
+    """The template text in use and its switches (part of the regeneration cache key)."""
+    return template_text(self.tokenizer, self.chat_template, self.template_kwargs)
 
   def encode(self, messages: Sequence[dict]) -> list:
     """Chat messages [{"role", "content"}] -> prompt token ids [P] ending with the assistant header."""
-    return encode_prompt(self.tokenizer, messages, self.chat_template)
+    return encode_prompt(self.tokenizer, messages, self.chat_template, self.template_kwargs)
 
   def encode_user(self, message: str, system_prompt: str = "") -> list:
     """One user message (after an optional system message) -> prompt token ids [P]."""
@@ -123,7 +134,9 @@ def prompt_encoder(target, config=None) -> PromptEncoder:
   chat_template = str(config.data.chat_template or "") if config is not None else ""
   resolve_template(tok, chat_template)  # fail before any work when there is no template
   pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else 0
-  return PromptEncoder(tok, chat_template, end_of_turn_ids(tok, target.config.eos_token_ids), pad_id)
+  thinking = bool(config.data.enable_thinking) if config is not None else False
+  return PromptEncoder(tok, chat_template, end_of_turn_ids(tok, target.config.eos_token_ids), pad_id,
+                       template_switches(tok, chat_template, thinking))
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], response: str, chat_template: str = "",

@@ -1,4 +1,8 @@
-"""Pure-functional Flax linen LLaMA family (LLaMA 1/2/3, Vicuna, SmolLM2).
+"""Pure-functional Flax linen LLaMA-family decoder: LLaMA 1/2/3, Vicuna, SmolLM2, Mistral, Qwen2/2.5, Qwen3 (dense).
+
+The variants differ by config fields only (`LlamaConfig`): Qwen2's bias on the q/k/v projections (`qkv_bias`),
+Qwen3's per-head RMSNorm of q and k before RoPE (`qk_norm`, with an explicit `head_dim`), Mistral's sliding
+window (`sliding_window`, applied to whatever mask the call gets, by `masks.within_window`).
 
 One attention path serves every use: the caller passes explicit RoPE positions, a boolean attention
 mask over the key slots and, optionally, a preallocated KV cache plus the slot each row writes its new
@@ -19,8 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.models.kv_cache import KVCache, write_layer
-from vsd_jax.models.masks import causal_mask
+from vsd_jax.models.kv_cache import KVCache, write_layer, write_positions
+from vsd_jax.models.masks import causal_mask, within_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,9 @@ class LlamaConfig:
   tie_word_embeddings: bool = True
   bos_token_id: int = 1
   eos_token_ids: tuple = (2,)
+  qkv_bias: bool = False        # Qwen2/2.5: bias on q_proj, k_proj, v_proj (not o_proj)
+  qk_norm: bool = False         # Qwen3: RMSNorm over head_dim of each q and k head, before RoPE
+  sliding_window: Optional[int] = None  # Mistral v0.1: a query at position p sees keys at positions > p - window
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True      # nn.scan over layers: one compiled layer body (fast CPU compiles)
@@ -123,10 +130,11 @@ def dot_product_attention(q, k, v, mask):
   return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
-def _dense(features, name, axes, cfg):
+def _dense(features, name, axes, cfg, bias=False):
   return nn.Dense(
-      features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+      features, use_bias=bias, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 class RMSNorm(nn.Module):
@@ -154,12 +162,14 @@ class Attention(nn.Module):
     Returns ([B,T,H], updated cache or None)."""
     cfg = self.cfg
     b, t, _ = x.shape
-    q = _dense(cfg.num_heads * cfg.head_dim, "q_proj", ("embed", "heads"), cfg)(x)
-    k = _dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", ("embed", "kv_heads"), cfg)(x)
-    v = _dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", ("embed", "kv_heads"), cfg)(x)
+    q = _dense(cfg.num_heads * cfg.head_dim, "q_proj", ("embed", "heads"), cfg, cfg.qkv_bias)(x)
+    k = _dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", ("embed", "kv_heads"), cfg, cfg.qkv_bias)(x)
+    v = _dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", ("embed", "kv_heads"), cfg, cfg.qkv_bias)(x)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
@@ -229,7 +239,8 @@ class LlamaForCausalLM(nn.Module):
       input_ids: int32 [B, T]; may be None when inputs_embeds is given.
       positions: int32 [B, T] RoPE positions; default: write_index + arange(T) (0.. without cache).
       attention_mask: bool [B, T, S] over key slots (S = cache slots, or T without a cache);
-        default causal with slot == position (`masks.causal_mask`).
+        default causal with slot == position (`masks.causal_mask`). A sliding-window model narrows it to the
+        keys within its window by position (`masks.within_window`; the cache's `pos` holds the key positions).
       kv_cache: optional KVCache with k, v of [L, B, KV, S, D]; new keys/values are written at slots
         write_index[b] + arange(T) and the updated cache is returned.
       write_index: int32 [B]; default zeros.
@@ -256,6 +267,15 @@ class LlamaForCausalLM(nn.Module):
       positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if attention_mask is None:
       attention_mask = causal_mask(b, t, None if kv_cache is None else kv_cache.num_slots, write_index)
+    key_positions = None
+    if kv_cache is not None and kv_cache.pos is not None:
+      key_positions = write_positions(kv_cache.pos, positions, write_index)
+    if cfg.sliding_window is not None:
+      if kv_cache is not None and key_positions is None:
+        raise ValueError("a sliding-window model's KV cache must hold each slot's position: make it with "
+                         "KVCache.zeros(cfg, ...) of this model's config")
+      attention_mask = within_window(attention_mask, positions, positions if kv_cache is None else key_positions,
+                                     cfg.sliding_window)
     collect = len(hidden_layers) > 0
     cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
     if cfg.scan_layers:
@@ -274,7 +294,7 @@ class LlamaForCausalLM(nn.Module):
     hidden = None
     if collect:
       hidden = jnp.stack([layer_inputs[i] for i in hidden_layers])
-    new_cache = None if kv_cache is None else KVCache(*cache)
+    new_cache = None if kv_cache is None else KVCache(*cache, pos=key_positions)
     logits = None
     if return_logits:
       if logits_at is not None:

@@ -13,6 +13,7 @@ only in the mask:
     chain_window_mask    its window part
     ancestor_mask        the window part for a draft tree, from parent pointers (decoding verification)
     path_ancestors       the window part for many flat paths verified in one tree forward (VSD oracle)
+    within_window        any of them narrowed to a sliding window by position (Mistral; applied by the model)
 
 Shapes: B batch, T queries, S key slots, W window slots, R chain rows per batch row.
 """
@@ -126,3 +127,13 @@ def path_ancestors(num_paths: int, length: int) -> jax.Array:
   path_id = jnp.arange(num_paths * length) // length
   step = jnp.arange(num_paths * length) % length
   return (path_id[:, None] == path_id[None, :]) & (step[None, :] <= step[:, None])
+
+
+def within_window(mask: jax.Array, query_positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
+  """bool [B, T, S]: `mask` where the key is within a sliding window of the query, by RoPE position.
+
+  query_positions: int32 [B, T]; key_positions: int32 [B, S] (the KV cache's `pos`, or the queries' own positions
+  without a cache). A query at position p keeps keys at positions > p - window (transformers' sliding-window
+  overlay), so prefill, cached decoding and tree verification see the same keys whatever slots they occupy.
+  """
+  return mask & (key_positions[:, None, :] > query_positions[:, :, None] - window)

