@@ -186,8 +186,10 @@ def test_request_file_round_trip(data_root, tmp_path):
     return {"id": "x", "custom_id": r["custom_id"], "error": None, "response": {"status_code": status, "body": {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]}}}
 
+  flat = result(reqs[4], "answer four")
+  flat["response"] = flat["response"]["body"]  # the completion without the "body" wrapper: read the same
   results = [result(reqs[0], "answer zero"), result(reqs[1], "cut", finish="length"),
-             result(reqs[2], "failed", status=500), result(reqs[4], "answer four")]  # reqs[3]: no result
+             result(reqs[2], "failed", status=500), flat]  # reqs[3]: no result
   results_path = write_jsonl(tmp_path / "results.jsonl", results)
   records, left_out, missing = conversations_from_results(path, results_path)
   assert [x.split(": ")[0] for x in left_out] == [f"{results_path}:2", f"{results_path}:3"]
@@ -207,30 +209,44 @@ def test_request_file_refuses_images():
 
 
 @pytest.mark.slow
-def test_train_cli_on_conversations(tmp_path):
-  """`python -m vsd_jax.train --config configs/tiny.py` with a conversations source: trains a few steps on the
-  handmade file; the response cache holds only the held-out report's one regenerated prompt (none for training)."""
-  convs = [{"messages": [msg("user", "What is 2+2?"), msg("assistant", "2+2 is 4.")]},
-           {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour."},
-                              {"from": "gpt", "value": "Blue."}, {"from": "human", "value": "Another?"},
-                              {"from": "gpt", "value": "Red."}]},
-           {"messages": [msg("user", "Say hi."), msg("assistant", "Hi!")]}]
-  path = write_jsonl(tmp_path / "conv.jsonl", convs)
+def test_request_cli_then_train_cli_on_conversations(tmp_path):
+  """The recipe end to end with the CLIs: `vsd_jax.data.requests` writes configs/tiny.py's prompts, a stand-in
+  server answers them, `--results` joins the answers back; `python -m vsd_jax.train --config configs/tiny.py` trains
+  a few steps on them and on a handmade multi-turn file. The response cache then holds only the held-out report's
+  one regenerated prompt: nothing was generated for training."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")  # one CPU device, as on a workstation
+
+  def cli(*args):
+    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+  requests, results, merged = (str(tmp_path / f) for f in ("requests.jsonl", "results.jsonl", "merged.jsonl"))
+  cli("vsd_jax.data.requests", "--config", "configs/tiny.py", "--config.data.sources.alpaca.limit=2",
+      "--config.data.sources.gsm8k.limit=1", "--config.data.sources.self_instruct.limit=0", "--output", requests)
+  reqs = [json.loads(line) for line in open(requests, encoding="utf-8")]
+  assert len(reqs) == 3
+  write_jsonl(tmp_path / "results.jsonl", [
+      {"custom_id": r["custom_id"], "error": None, "response": {"status_code": 200, "body": {"choices": [
+          {"message": {"role": "assistant", "content": f"Answer number {n}."}, "finish_reason": "stop"}]}}}
+      for n, r in enumerate(reqs)])
+  cli("vsd_jax.data.requests", "--requests", requests, "--results", results, "--output", merged)
+  handmade = write_jsonl(tmp_path / "handmade.jsonl", [
+      {"messages": [msg("user", "What is 2+2?"), msg("assistant", "2+2 is 4.")]},
+      {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour."},
+                         {"from": "gpt", "value": "Blue."}, {"from": "human", "value": "Another?"},
+                         {"from": "gpt", "value": "Red."}]}])
   work = tmp_path / "run"
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "vsd_jax.train", "--config", "configs/tiny.py",
-                      f"--config.workdir={work}", "--config.data.sources.alpaca.type=conversations",
-                      f"--config.data.sources.alpaca.path={path}", "--config.data.sources.gsm8k.limit=0",
-                      "--config.data.sources.self_instruct.limit=0", "--config.train.total_steps=3",
-                      "--config.train.warmup_steps=1", "--config.train.log_every=1",
-                      "--config.train.target_features=in_step", "--config.train.progress_bar=False",
-                      "--config.eval.heldout_limit=1", "--config.data.regen.max_new_tokens=4",
-                      "--config.data.draft_vocab_size=64"],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-4000:]
+  cli("vsd_jax.train", "--config", "configs/tiny.py", f"--config.workdir={work}",
+      "--config.data.sources.alpaca.type=conversations", f"--config.data.sources.alpaca.path={handmade}",
+      "--config.data.sources.gsm8k.type=conversations", f"--config.data.sources.gsm8k.path={merged}",
+      "--config.data.sources.self_instruct.limit=0", "--config.train.total_steps=3", "--config.train.warmup_steps=1",
+      "--config.train.log_every=1", "--config.train.target_features=in_step", "--config.train.progress_bar=False",
+      "--config.eval.heldout_limit=1", "--config.data.regen.max_new_tokens=4", "--config.data.draft_vocab_size=64")
   report = json.loads((work / "report.json").read_text())
   assert report["steps"] == 3 and report["stopped"] == "done"
-  assert report["data"]["answered"] == 3 and report["data"]["sequences"] == 3
-  assert report["data"]["loss_tokens"] > 0
+  assert report["data"]["answered"] == 5 and report["data"]["sequences"] == 5
+  assert report["data"]["sources"]["gsm8k"]["prompts"] == 3 and report["data"]["loss_tokens"] > 0
   cache = [f for f in os.listdir(work / "data_cache") if f.startswith("responses-")]
   assert len(cache) == 1 and len((work / "data_cache" / cache[0]).read_text().splitlines()) == 1

@@ -3,7 +3,7 @@ endpoint (vLLM, SGLang), and the endpoint's results back as a conversations file
 
   python -m vsd_jax.data.requests --config configs/tiny.py --output requests.jsonl [--model NAME]
   # run requests.jsonl on your server (docs/SCALE_OUT.md, "Bring your own responses"), e.g. vLLM:
-  #   python -m vllm.entrypoints.openai.run_batch -i requests.jsonl -o results.jsonl --model NAME
+  #   vllm run-batch -i requests.jsonl -o results.jsonl --model NAME
   python -m vsd_jax.data.requests --requests requests.jsonl --results results.jsonl --output conversations.jsonl
   # then train on them: a source dict(type="conversations", path="conversations.jsonl") in config.data.sources
 
@@ -16,9 +16,9 @@ data.chat_template must serve the model with that template too (vLLM and SGLang:
 temperature and top_p are data.regen's, as the target's own regeneration uses them. Prompts of "conversations"
 sources (already answered) are not written; prompts with images are refused (the request carries text only).
 
-Results -> conversations: each result (vLLM/SGLang batch output: {"custom_id", "response": {"status_code",
-"body": {"choices": [{"message": {"content"}, "finish_reason"}]}}, "error"}) is joined by custom_id with its
-request: {"custom_id", "messages": request messages + the assistant turn}. Failed requests and responses cut at
+Results -> conversations: each result (OpenAI batch output, as vLLM and SGLang write it: {"custom_id",
+"response": {"status_code", "body": {"choices": [{"message": {"content"}, "finish_reason"}]}}, "error"}) is joined
+by custom_id with its request: {"custom_id", "messages": request messages + the assistant turn}. Failed requests and responses cut at
 max_tokens (finish_reason "length": the chat template would close them with an end-of-turn token the target did
 not write) are left out, counted and named on stderr.
 """
@@ -106,7 +106,7 @@ def _answer(result) -> tuple:
   if response.get("status_code", 200) != 200:
     return None, f"status {response.get('status_code')}"
   try:
-    choice = response["body"]["choices"][0]
+    choice = response.get("body", response)["choices"][0]  # vLLM/SGLang: the completion under "body"
     text = choice["message"]["content"]
   except (KeyError, IndexError, TypeError):
     return None, "no response.body.choices[0].message.content"
