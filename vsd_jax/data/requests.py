@@ -18,9 +18,9 @@ sources (already answered) are not written; prompts with images are refused (the
 
 Results -> conversations: each result (OpenAI batch output, as vLLM and SGLang write it: {"custom_id",
 "response": {"status_code", "body": {"choices": [{"message": {"content"}, "finish_reason"}]}}, "error"}) is joined
-by custom_id with its request: {"custom_id", "messages": request messages + the assistant turn}. Failed requests and responses cut at
-max_tokens (finish_reason "length": the chat template would close them with an end-of-turn token the target did
-not write) are left out, counted and named on stderr.
+by custom_id with its request: {"custom_id", "messages": request messages + the assistant turn}. Failed requests
+and responses cut at max_tokens (finish_reason "length": the chat template would close them with an end-of-turn
+token the target did not write) are left out, counted and named on stderr.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class BadRecord(ValueError):
 @dataclasses.dataclass
 class Prompt:
   id: str          # where it came from, e.g. "gsm8k_train.jsonl:12"
-  messages: list   # [{"role": "system"|"user", "content": str}], ending with the first user turn
+  messages: list   # [{"role": "system"|"user", "content": str}], ending with the first user turn (answered: all turns)
   images: tuple = ()  # image files of a multimodal prompt, in the order of its <image> placeholders
   answered: bool = False  # messages are a whole conversation, assistant turns included (not regenerated)
 
