@@ -68,6 +68,28 @@ def test_every_assistant_turn_and_nothing_else_is_in_the_loss_mask(chatml_target
   assert mask.tolist() == want
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_loss_mask_with_qwen3s_thinking_switch(thinking):
+  """Qwen3 without thinking puts an empty think block in the generation prompt, not in answered turns: each turn's
+  mask still starts at its first content token (where the two renderings part) and ends on its <|im_end|>."""
+  pytest.importorskip("transformers")
+  from vsd_jax.weights.tiny_qwen3 import make_tokenizer
+  tok = make_tokenizer()
+  conv = [msg("system", "Sys"), msg("user", "Q one"), msg("assistant", "A one."), msg("user", "Q two"),
+          msg("assistant", "A two.")]
+  ids, mask = encode_conversation(tok, conv, template_kwargs=(("enable_thinking", thinking),))
+  assert tok.decode(ids) == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv)
+  runs = np.split(np.flatnonzero(mask), np.flatnonzero(np.diff(np.flatnonzero(mask)) > 1) + 1)
+  assert [tok.decode(ids[r]) for r in runs] == ["A one.<|im_end|>", "A two.<|im_end|>"]
+
+
+def test_a_template_that_renders_the_context_otherwise_is_refused(chatml_target):
+  from vsd_jax.data.chat import ChatTemplateError
+  moody = "{% if messages[-1]['role'] == 'assistant' %}w39 {% endif %}" + CHATML  # another opening once answered
+  with pytest.raises(ChatTemplateError, match="renders the prompt differently"):
+    encode_conversation(chatml_target.tokenizer, TWO_TURNS, chat_template=moody)
+
+
 def test_conversation_lines_validated_and_bad_ones_reported_by_line(tmp_path):
   lines = [
       {"messages": TWO_TURNS},                                                   # 1 good, OpenAI

@@ -141,7 +141,7 @@ def conversation_sequence(enc, prompt) -> tuple:
   """An answered Prompt (a whole conversation) -> (input_ids [T], loss_mask [T]) under the encoder's template, the
   mask on every assistant turn; a ChatTemplateError names the conversation."""
   try:
-    return encode_conversation(enc.tokenizer, prompt.messages, enc.chat_template, enc.eos_ids)
+    return encode_conversation(enc.tokenizer, prompt.messages, enc.chat_template, enc.eos_ids, enc.template_kwargs)
   except ChatTemplateError as e:
     raise ChatTemplateError(f"conversation {prompt.id}: {e}") from e
 
