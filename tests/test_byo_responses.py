@@ -201,8 +201,9 @@ def test_request_file_round_trip(data_root, tmp_path):
   assert [r["body"]["messages"] for r in reqs] == [p.messages for p in configured if not p.answered]
   assert all(r["body"]["messages"][0] == msg("system", "Be brief.") for r in reqs)
   assert len({r["custom_id"] for r in reqs}) == 5
-  assert {(r["method"], r["url"], r["body"]["model"], r["body"]["max_tokens"], r["body"]["temperature"])
-          for r in reqs} == {("POST", "/v1/chat/completions", "served/name", 77, 0.5)}
+  assert {(r["method"], r["url"], r["body"]["model"], r["body"]["max_tokens"], r["body"]["temperature"],
+           json.dumps(r["body"]["chat_template_kwargs"])) for r in reqs} == {
+               ("POST", "/v1/chat/completions", "served/name", 77, 0.5, '{"enable_thinking": false}')}
 
   def result(r, text, finish="stop", status=200):
     return {"id": "x", "custom_id": r["custom_id"], "error": None, "response": {"status_code": status, "body": {

@@ -8,13 +8,14 @@ endpoint (vLLM, SGLang), and the endpoint's results back as a conversations file
   # then train on them: a source dict(type="conversations", path="conversations.jsonl") in config.data.sources
 
 Each request line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {"model", "messages",
-"max_tokens", "temperature", "top_p"}}: the prompts as OpenAI chat messages (system turn included, with
-data.system_prompt applied as training applies it), not as template-rendered text, because the chat endpoint
-applies the served model's own chat template, the one data.chat_template "" (the tokenizer's own) trains with;
-rendered text would need the completions endpoint and would template twice on the chat one. A config with its own
-data.chat_template must serve the model with that template too (vLLM and SGLang: --chat-template). max_tokens,
-temperature and top_p are data.regen's, as the target's own regeneration uses them. Prompts of "conversations"
-sources (already answered) are not written; prompts with images are refused (the request carries text only).
+"max_tokens", "temperature", "top_p", "chat_template_kwargs"}}: the prompts as OpenAI chat messages (system turn
+included, with data.system_prompt applied as training applies it), not as template-rendered text, because the chat
+endpoint applies the served model's own chat template, the one data.chat_template "" (the tokenizer's own) trains
+with; rendered text would need the completions endpoint and would template twice on the chat one. A config with its
+own data.chat_template must serve the model with that template too (vLLM and SGLang: --chat-template). max_tokens,
+temperature and top_p are data.regen's, as the target's own regeneration uses them; chat_template_kwargs is
+{"enable_thinking": data.enable_thinking} (vLLM and SGLang pass it to the template; only Qwen3's reads it). Prompts
+of "conversations" sources (already answered) are not written; prompts with images are refused (text only).
 
 Results -> conversations: each result (OpenAI batch output, as vLLM and SGLang write it: {"custom_id",
 "response": {"status_code", "body": {"choices": [{"message": {"content"}, "finish_reason"}]}}, "error"}) is joined
@@ -41,10 +42,11 @@ class RequestFileError(UserError):
   """A request or result file that cannot be used; the message names the file, the line and the fix."""
 
 
-def request_lines(prompts, model: str, regen) -> list:
+def request_lines(prompts, model: str, regen, enable_thinking: bool = False) -> list:
   """Prompts (sources.Prompt, unanswered and text-only) -> request records for an OpenAI-compatible batch endpoint,
   in order; custom_id "<position>:<prompt id>" (unique, and names where the prompt came from). regen: config.data.regen
-  (max_new_tokens, temperature, top_p)."""
+  (max_new_tokens, temperature, top_p). enable_thinking: config.data.enable_thinking, passed to the server's chat
+  template as chat_template_kwargs (read by Qwen3's template only)."""
   out = []
   for n, p in enumerate(prompts):
     if p.images:
@@ -52,7 +54,8 @@ def request_lines(prompts, model: str, regen) -> list:
                              "image source from config.data.sources, or let vsd_jax.train regenerate its responses.")
     out.append({"custom_id": f"{n}:{p.id}", "method": "POST", "url": CHAT_URL,
                 "body": {"model": model, "messages": p.messages, "max_tokens": int(regen.max_new_tokens),
-                         "temperature": float(regen.temperature), "top_p": float(regen.top_p)}})
+                         "temperature": float(regen.temperature), "top_p": float(regen.top_p),
+                         "chat_template_kwargs": {"enable_thinking": bool(enable_thinking)}}})
   return out
 
 
@@ -64,7 +67,8 @@ def write_requests(config, output: str, model: str = "") -> int:
   answered = sum(p.answered for p in prompts)
   if answered:
     log.info("%d conversations of 'conversations' sources already have their responses; not written", answered)
-  lines = request_lines([p for p in prompts if not p.answered], model or str(config.model.name), config.data.regen)
+  lines = request_lines([p for p in prompts if not p.answered], model or str(config.model.name), config.data.regen,
+                        bool(config.data.get("enable_thinking", False)))
   if not lines:
     raise RequestFileError("config.data.sources hold no prompt to request a response for (only already answered "
                            "conversations); add a prompt source.")
