@@ -140,27 +140,45 @@ def prompt_encoder(target, config=None) -> PromptEncoder:
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], response: str, chat_template: str = "",
-                end_ids: Sequence[int] = ()) -> tuple:
-  """Prompt messages + assistant response text -> (input_ids int32 [T], loss_mask int32 [T]).
+                end_ids: Sequence[int] = (), template_kwargs: tuple = ()) -> tuple:
+  """Prompt messages + assistant response text -> (input_ids int32 [T], loss_mask int32 [T]): encode_conversation
+  of the messages followed by the response."""
+  return encode_conversation(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
+                             chat_template, end_ids, template_kwargs)
 
-  The full conversation is rendered with the chat template; the mask covers the tokens after the prompt
-  (with generation prompt) up to and including the first end-of-turn token. Tokens after it (e.g. the
-  newline ChatML puts after `<|im_end|>`) stay in input_ids with mask 0.
+
+def encode_conversation(tokenizer, messages: Sequence[dict], chat_template: str = "", end_ids: Sequence[int] = (),
+                        template_kwargs: tuple = ()) -> tuple:
+  """A conversation whose assistant turns are written [{"role", "content"}] -> (input_ids int32 [T],
+  loss_mask int32 [T]), the mask on every assistant turn.
+
+  The full conversation is rendered once with the chat template; each assistant turn's mask covers the tokens
+  after the conversation before it (rendered with the generation prompt) up to and including the first
+  end-of-turn token. Tokens after it (e.g. the newline ChatML puts after `<|im_end|>`), the system and user turns
+  and the template tokens around them stay in input_ids with mask 0. template_kwargs: `template_switches`.
+
+  A template whose generation prompt holds more than the assistant header it renders inside a conversation (Qwen3
+  with enable_thinking false: an empty think block the answered turns do not have) has the turn start where the
+  two renderings part, which must be after the whole conversation before it (else ChatTemplateError): the
+  conversation is trained as the template renders it.
   """
-  prompt = encode_prompt(tokenizer, messages, chat_template)
-  full = _apply(tokenizer, list(messages) + [{"role": "assistant", "content": response}], chat_template, False)
-  if full[:len(prompt)] != prompt:
-    raise ChatTemplateError(
-        "the chat template renders the prompt differently with and without the assistant turn, so the response "
-        "tokens cannot be located; use a template whose generation prompt is a prefix of the full conversation.")
+  messages = list(messages)
+  full = _apply(tokenizer, messages, chat_template, False, template_kwargs)
   ends = set(end_of_turn_ids(tokenizer, end_ids))
-  rest = full[len(prompt):]
-  stop = next((i for i, t in enumerate(rest) if t in ends), None)
-  if stop is None:
-    raise ChatTemplateError(f"no end-of-turn token (ids {sorted(ends)}) after the assistant response; pass its id "
-                            "as end_ids.")
   mask = np.zeros(len(full), np.int32)
-  mask[len(prompt):len(prompt) + stop + 1] = 1
+  for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+    prompt = encode_prompt(tokenizer, messages[:i], chat_template, template_kwargs)
+    start = next((j for j, (a, b) in enumerate(zip(full, prompt)) if a != b), min(len(full), len(prompt)))
+    context = _apply(tokenizer, messages[:i], chat_template, False, template_kwargs) if start < len(prompt) else ()
+    if start < len(context) or full[:len(context)] != list(context):
+      raise ChatTemplateError(
+          "the chat template renders the prompt differently with and without the assistant turn, so the response "
+          "tokens cannot be located; use a template whose generation prompt is a prefix of the full conversation.")
+    stop = next((j for j in range(start, len(full)) if full[j] in ends), None)
+    if stop is None:
+      raise ChatTemplateError(f"no end-of-turn token (ids {sorted(ends)}) after the assistant response; pass its "
+                              "id as end_ids.")
+    mask[start:stop + 1] = 1
   return np.asarray(full, np.int32), mask
 
 

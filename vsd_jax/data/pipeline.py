@@ -1,6 +1,10 @@
 """config.data -> training data: prompts -> chat template -> target responses (cached) -> sequences with
 loss masks (length limit applied) -> draft vocabulary. Every dropped or cut item is counted and logged.
 
+Conversations whose responses come from elsewhere (a "conversations" source, `Prompt.answered`) skip
+regeneration: each is rendered with the target's chat template as it is, every assistant turn in the loss mask
+(chat.encode_conversation), and goes through the same length limit as the regenerated sequences.
+
 Prompts with images (LLaVA-Instruct sources, a LLaVA target): the chat template renders each `<image>` as the
 target's one image token, which is expanded to the model's image-token count (images.expand_image_tokens, what
 the processor does to text); the target regenerates the response from the multimodal prefill (pixel values by
@@ -15,7 +19,8 @@ import logging
 import os
 from typing import Callable, Optional
 
-from vsd_jax.data.chat import apply_length_limit, build_sequence, prompt_encoder
+from vsd_jax.data.chat import (ChatTemplateError, apply_length_limit, build_sequence, encode_conversation,
+                               prompt_encoder)
 from vsd_jax.data.dataset import SequenceDataset
 from vsd_jax.data.draft_vocab import DraftVocab, build_draft_vocab
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
@@ -72,6 +77,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   d = config.data
   enc = prompt_encoder(target, config)
   prompts, source_stats = load_prompts(d, d.system_prompt)
+  answered = [p for p in prompts if p.answered]
+  prompts = [p for p in prompts if not p.answered]
   prompt_ids = [enc.encode(p.messages) for p in prompts]
   images, pixels = None, None
   if any(p.images for p in prompts):
@@ -80,7 +87,7 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   settings = gen_settings(d)
   max_pos = min(config.model.max_positions, target.config.max_position_embeddings)
   room = min(d.max_length - 1, max_pos - settings.max_new_tokens)
-  if room < 1:
+  if room < 1 and prompts:  # (conversations with their responses need no room for new tokens)
     raise ValueError(f"data.regen.max_new_tokens={settings.max_new_tokens} leaves no room for a prompt within "
                      f"{max_pos} positions (model.max_positions); lower it.")
   keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= room]
@@ -110,6 +117,7 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
                 len(with_image_token), len(responses), image_token)
   pairs = [build_sequence(prompt_ids[i], r) + ((images[i],) if images is not None else ())
            for n, (i, r) in enumerate(zip(keep, responses)) if n not in with_image_token]
+  pairs += [conversation_sequence(enc, p) + (((),) if images is not None else ()) for p in answered]
   pairs, length_stats = apply_length_limit(pairs, int(d.max_length), d.length_policy)
   if not pairs:
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
@@ -118,7 +126,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   vocab = None
   if draft_vocab:
     vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))
-  stats = dict(sources={k: dataclasses.asdict(s) for k, s in source_stats.items()}, prompts=len(prompts),
+  stats = dict(sources={k: dataclasses.asdict(s) for k, s in source_stats.items()},
+               prompts=len(prompts) + len(answered), answered=len(answered),
                prompt_too_long=len(too_long), unfinished=unfinished, length=dataclasses.asdict(length_stats),
                response_with_image_token=len(with_image_token),
                sequences=len(dataset), loss_tokens=dataset.num_loss_tokens(),
@@ -126,6 +135,15 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   log.info("training data: %d sequences, %d response tokens%s", len(dataset), stats["loss_tokens"],
            "" if vocab is None else f", draft vocab coverage {100 * vocab.coverage:.2f}%")
   return TrainingData(dataset, vocab, stats, path, pixels)
+
+
+def conversation_sequence(enc, prompt) -> tuple:
+  """An answered Prompt (a whole conversation) -> (input_ids [T], loss_mask [T]) under the encoder's template, the
+  mask on every assistant turn; a ChatTemplateError names the conversation."""
+  try:
+    return encode_conversation(enc.tokenizer, prompt.messages, enc.chat_template, enc.eos_ids, enc.template_kwargs)
+  except ChatTemplateError as e:
+    raise ChatTemplateError(f"conversation {prompt.id}: {e}") from e
 
 
 def multimodal_prompts(target, prompts, prompt_ids, max_images: int = 0) -> tuple:
