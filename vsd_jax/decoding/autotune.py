@@ -38,8 +38,8 @@ import numpy as np
 
 from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.runner import cache_slots
+from vsd_jax.decoding.speculative import Round
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
-from vsd_jax.decoding.verify import greedy_verify
 from vsd_jax.models.draft_unroll import draft_fn_of, sequence_step
 from vsd_jax.models.features import embedding_matrix, fuse_features
 from vsd_jax.models.kv_cache import KVCache
@@ -262,30 +262,30 @@ def time_verify(target, nodes: int, batch: int, context: int, num_slots: int, re
 
 def draft_side_timer(target, draft_model, draft_params, d2t, shape: TreeConfig, batch: int, context: int,
                      num_slots: int, precision=None):
-  """(fn, args): a round's work other than the target's forward: expansion, greedy acceptance over target
-  logits of the tree's nodes, and the draft over depth + 1 committed tokens (its cache updated in place)."""
-  embed = embedding_matrix(target.params)
-  h = target.config.hidden_size
-  vocab = target.config.vocab_size
+  """(fn, args): a round's work other than the target's forward, as `speculative.Round` does it: expansion, greedy
+  acceptance over target logits of the tree's nodes, the committed tokens' bookkeeping, and the draft over depth + 1
+  committed tokens (its cache updated in place)."""
+  h, vocab, t = target.config.hidden_size, target.config.vocab_size, shape.num_nodes
+  layers = len(target.config.eagle3_layers)
+  r = Round(target.model, draft_model, shape, max_new_tokens=1 << 20)
 
-  def side(dcache, dp, root, root_logits, root_hidden, length, tlogits, feats):
+  def side(dcache, dp, root, root_logits, root_hidden, length, tlogits, hidden_states):
     with matmul_precision(precision):
-      tree, dcache = expand_tree(shape, draft_fn_of(draft_model, dp, embed), dcache, d2t, root, root_logits,
-                                 root_hidden, length)
-      path, m, bonus = greedy_verify(tree, tlogits, shape.depth)
-      new = jnp.take_along_axis(tree.tokens, path, axis=1)
-      f = jnp.take_along_axis(feats, path[:, :, None], axis=1)
-      dout = draft_model.apply({"params": dp}, embed, new, f, kv_cache=dcache, write_index=length)
-      return (dout.logits[:, 0], m, bonus), dout.kv_cache
+      tree, dcache = r.expand(target.params, dp, d2t, dcache, root, root_logits, root_hidden, length, None)
+      path, m, bonus = r.accept(tree, tlogits, None, d2t)
+      tokens = jnp.zeros((batch, 2 * r.width), jnp.int32)
+      new, tokens, _, _, _ = r.commit(tokens, jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), tree.tokens,
+                                      path, m, bonus)
+      dout = r.draft_update(target.params, dp, dcache, new, hidden_states, path, length)
+      return (dout.logits[:, 0], tokens, m, bonus), dout.kv_cache
 
-  t = shape.num_nodes
   rng = np.random.default_rng(0)
   return _threaded(jax.jit(side, donate_argnums=0), KVCache.zeros(draft_model.cfg.layer_config, batch, num_slots),
                    draft_params, jnp.zeros((batch,), jnp.int32),
                    jnp.asarray(rng.normal(size=(batch, d2t.shape[0])), jnp.float32),
                    jnp.zeros((batch, h), jnp.float32), jnp.full((batch,), context, jnp.int32),
                    jnp.asarray(rng.normal(size=(batch, t, vocab)), jnp.float32),
-                   jnp.zeros((batch, t, 3 * h), jnp.float32))
+                   jnp.zeros((layers, batch, t, h), jnp.float32))
 
 
 def _interp(curve: dict, n: int) -> float:

@@ -16,6 +16,7 @@ Cache slots: `runner.cache_slots`, the one rounding of cache sizes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -139,6 +140,12 @@ class Engine:
   def with_draft(self, draft_dir: str, shape: Optional[TreeConfig] = None) -> "Engine":
     """Another engine on the same loaded target, with this draft and shape."""
     return Engine(self.config, draft_dir, shape, precision=self.precision, target=self.target, log=self.log)
+
+  def with_shape(self, shape: TreeConfig) -> "Engine":
+    """This engine (same target and draft) with a shape fixed by the caller."""
+    other = copy.copy(self)
+    other.shape, other.user_shape, other.choice, other.calibration = shape, True, None, None
+    return other
 
   # ---- prompts -------------------------------------------------------------------------------------------------
 
