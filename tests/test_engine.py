@@ -176,6 +176,30 @@ def test_generate_resumes_after_a_kill_without_generating_the_first_batch_again(
                  "--output", str(out))
 
 
+def test_jsonl_output_resumes_drops_a_torn_line_and_refuses_other_settings(tmp_path):
+  """generate's output, without a model: rows appended per batch survive a rerun, a cut-off last line is dropped
+  (its prompt generated again), other settings or a foreign file are errors naming the setting / file."""
+  from vsd_jax.eval.files import JsonlOutput
+  path = str(tmp_path / "o.jsonl")
+  row = lambda q: dict(question_id=q, prompt_ids=[1, q], output_ids=[q])  # noqa: E731
+  out = JsonlOutput(path, dict(max_new_tokens=4))
+  out.start(dict(tree=None))
+  out.append([row(2), row(0)])
+  with open(path, "a") as f:
+    f.write('{"question_id": 1, "pro')
+  again = JsonlOutput(path, dict(max_new_tokens=4))
+  assert set(again.finished) == {again.key(0, [1, 0]), again.key(2, [1, 2])}
+  again.append([row(1)])
+  keys = [again.key(q, [1, q]) for q in range(3)]
+  assert [r["question_id"] for r in again.finish(keys)] == [0, 1, 2]
+  assert [json.loads(line)["question_id"] for line in open(path)] == [0, 1, 2]
+  with pytest.raises(ValueError, match=r"written with max_new_tokens=4 and this run asks for max_new_tokens=8"):
+    JsonlOutput(path, dict(max_new_tokens=8))
+  (tmp_path / "foreign.jsonl").write_text("{}\n")
+  with pytest.raises(ValueError, match=r"exists but has no foreign.jsonl.meta.json"):
+    JsonlOutput(str(tmp_path / "foreign.jsonl"), {})
+
+
 EVALUATE_DRIVER = r"""
 import os
 from vsd_jax.decoding import autotune, engine

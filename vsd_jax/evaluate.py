@@ -120,7 +120,7 @@ def main(_):
       continue
     items = items[:F.num_prompts]
     encoded = engine.encode(items, files[bench])  # a multimodal set's images: encoded.images
-    engine.check_capacity(encoded.ids, n, [f"prompt {it[0]!r} of {files[bench]}" for it in items])
+    engine.check_capacity(encoded.ids, n, [f"prompt {it[0]!r} of {files[bench]}" for it in items], True)
     for temp in temps:
       name = f"{bench}@T={temp:g}"
       if name in results:

@@ -156,10 +156,11 @@ class Engine:
     return encode_prompt_items(self.target, self.encoder, items, self.config.generate.system_prompt, source)
 
   def check_capacity(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     names: Optional[Sequence[str]] = None) -> None:
-    """Every prompt fits the model with max_new_tokens (and, speculating, a round's tree and draft scratch);
-    else PromptTooLongError naming the prompt."""
-    extra = 0 if self.draft is None or self.shape is None else speculative.required_slots(0, 0, self.shape)
+                     names: Optional[Sequence[str]] = None, speculative_too: Optional[bool] = None) -> None:
+    """Every prompt fits the model with max_new_tokens (and, when it is decoded speculatively too -- default: when
+    `speculating` --, a round's tree and draft scratch); else PromptTooLongError naming the prompt."""
+    spec = self.speculating if speculative_too is None else speculative_too
+    extra = speculative.required_slots(0, 0, self.shape) if spec and self.shape is not None else 0
     for i, p in enumerate(prompts):
       check_capacity([len(p)], max_new_tokens, self.max_positions, extra=extra,
                      names=None if names is None else [names[i]])
@@ -187,8 +188,8 @@ class Engine:
     self.calibration = self.calibration_prompts(candidates, n, origin)
     if self.calibration.source == "packaged":
       self.log(f"autotune: no text prompt of {origin or 'the input'} is left to calibrate on (every prompt is "
-               f"decoded, or they have images); measuring on {len(self.calibration.ids)} prompts shipped for "
-               f"calibration ({PACKAGED_CALIBRATION})")
+               f"decoded, or they have images); the calibration uses {len(self.calibration.ids)} prompts shipped for "
+               f"it ({PACKAGED_CALIBRATION}) unless this device's choice is cached")
     d = self.draft
     self.choice = autotune.choose_shape(
         self.target, d.model, d.params, d.d2t, d.path, self.calibration.ids, eos_ids=self.encoder.eos_ids,
