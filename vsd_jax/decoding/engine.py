@@ -33,6 +33,7 @@ from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig
 
 PACKAGED_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                                     "calibration_prompts.jsonl")
+PACKAGED_AT_LEAST = 8  # packaged prompts used however few the run would have taken of its own
 
 
 def explicit_shape(depth=None, top_k=None, total_tokens=None, mode=None) -> Optional[TreeConfig]:
@@ -169,12 +170,14 @@ class Engine:
 
   def calibration_prompts(self, candidates: Sequence[tuple], n: int, origin: str = "") -> CalibrationPrompts:
     """The one calibration policy: the first n text prompts of `candidates` ((id, message[, images]) items the run
-    does not score); when there is none, the first n of the prompts shipped for calibration."""
+    does not score); when there is none, the first max(n, PACKAGED_AT_LEAST) of the prompts shipped for
+    calibration."""
     from vsd_jax.data.prompt_file import read_prompt_file
     text = [it for it in candidates if not (len(it) > 2 and it[2])][:n]
     source = "user"
     if not text:
-      text, source, origin = read_prompt_file(PACKAGED_CALIBRATION)[:n], "packaged", PACKAGED_CALIBRATION
+      text = read_prompt_file(PACKAGED_CALIBRATION)[:max(n, PACKAGED_AT_LEAST)]
+      source, origin = "packaged", PACKAGED_CALIBRATION
     system = self.config.generate.system_prompt
     return CalibrationPrompts([self.encoder.encode_user(it[1], system) for it in text], source,
                               [it[0] for it in text], origin)
