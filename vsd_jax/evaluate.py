@@ -105,6 +105,10 @@ def main(_):
     settings_mismatch(saved["meta"].get("settings", {}), settings, results_path, fix)
 
   engine = Engine(cfg, F.draft, shape, precision=F.precision)
+  encoded = {b: engine.encode(items[:F.num_prompts], files[b]) for b, items in sets.items()}  # images: .images
+  names = {b: [f"prompt {it[0]!r} of {files[b]}" for it in items[:F.num_prompts]] for b, items in sets.items()}
+  for b in sets:  # every prompt fits (the draft's slots are counted once the shape is known)
+    engine.check_capacity(encoded[b].ids, n, names[b], False)
   engine.resolve_shape([it for items in sets.values() for it in items[F.num_prompts:F.num_prompts + F.calib_prompts]],
                        F.calib_prompts * len(sets), origin=", ".join(files.values()), cache_path=F.autotune_cache,
                        retune=F.retune)
@@ -118,18 +122,16 @@ def main(_):
   for bench, items in sets.items():
     if all(f"{bench}@T={t:g}" in results for t in temps):
       continue
-    items = items[:F.num_prompts]
-    encoded = engine.encode(items, files[bench])  # a multimodal set's images: encoded.images
-    engine.check_capacity(encoded.ids, n, [f"prompt {it[0]!r} of {files[bench]}" for it in items], True)
+    engine.check_capacity(encoded[bench].ids, n, names[bench], True)
     for temp in temps:
       name = f"{bench}@T={temp:g}"
       if name in results:
         continue
-      van = engine.vanilla(encoded, samplings[temp])
-      spec = engine.speculative(encoded, samplings[temp])
+      van = engine.vanilla(encoded[bench], samplings[temp])
+      spec = engine.speculative(encoded[bench], samplings[temp])
       results[name] = summarize(van, spec)
       if temp == 0:
-        mismatches[name] = engine.t0_mismatches(encoded, [it[0] for it in items], van, spec)
+        mismatches[name] = engine.t0_mismatches(encoded[bench], [it[0] for it in items], van, spec)
       write_json_atomic(results_path, dict(meta=meta, results=results, t0_mismatches=mismatches))
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",

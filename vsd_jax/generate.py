@@ -96,6 +96,8 @@ def main(_):
   encoded = engine.encode(items, F.prompts)  # image prompts: the image tokens expanded, encoded.images their files
   keys = [out.key(it[0], ids) for it, ids in zip(items, encoded.ids)]
   todo = [i for i, k in enumerate(keys) if k not in out.finished]
+  names = [f"prompt {items[i][0]!r} of {F.prompts}" for i in todo]
+  engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens, names, False)  # before measuring
   if todo:
     engine.resolve_shape(items, F.calib_prompts, origin=F.prompts, batch=sampling.batch_size,
                          cache_path=F.autotune_cache, retune=F.retune)
@@ -103,8 +105,7 @@ def main(_):
       print(f"decoding without the draft: on this device at batch {sampling.batch_size} no draft shape is predicted "
             "faster than vanilla decoding (T=0 acceptance of the calibration prompts against measured costs); fix a "
             "shape with --mode/--tree_depth/--top_k/--total_tokens to speculate anyway", file=sys.stderr)
-    engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens,
-                          [f"prompt {items[i][0]!r} of {F.prompts}" for i in todo])
+    engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens, names)  # with the draft's slots
     out.start(engine.metadata())
   if len(todo) < len(items):
     print(f"resuming {F.output}: {len(items) - len(todo)} of {len(items)} prompts already generated", file=sys.stderr)
