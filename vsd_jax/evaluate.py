@@ -36,6 +36,7 @@ from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
+from vsd_jax.errors import InputNotFoundError, UserError
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("draft", None, "Trained draft directory (<workdir>/draft of `vsd_jax.train`).")
@@ -64,7 +65,7 @@ def bench_files(benches, data_dir) -> dict:
     if not os.path.isfile(path):
       have = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "question.jsonl"))) \
           if os.path.isdir(data_dir) else []
-      raise FileNotFoundError(f"--bench {b!r}: no file {path!r}; sets under --data_dir {data_dir!r}: "
+      raise InputNotFoundError(f"--bench {b!r}: no file {path!r}; sets under --data_dir {data_dir!r}: "
                               f"{', '.join(have) or 'none'} (or pass a question.jsonl path)")
     files[os.path.splitext(os.path.basename(b))[0] if b.endswith(".jsonl") else b] = path
   return files
@@ -76,17 +77,17 @@ def main(_):
   from vsd_jax.decoding.engine import Engine, Sampling, check_decoding_values, explicit_shape
   from vsd_jax.eval.files import check_draft_dir, check_output_dir, read_json, settings_mismatch, write_json_atomic
   from vsd_jax.eval.metrics import summarize
-  from vsd_jax.eval.report import plot_results, results_markdown
+  from vsd_jax.eval.report import write_report
 
   cfg, F = _CONFIG.value, flags.FLAGS
   if not F.draft:
-    raise ValueError("--draft is required: pass the <workdir>/draft directory written by vsd_jax.train")
+    raise UserError("--draft is required: pass the <workdir>/draft directory written by vsd_jax.train")
   check_draft_dir(F.draft)
   g = cfg.generate
   try:
     temps = [float(t) for t in (str(g.temperature) if F.temperature is None else F.temperature).split(",")]
   except ValueError as e:
-    raise ValueError(f"--temperature={F.temperature!r} is not a comma-separated list of numbers; e.g. 0,1") from e
+    raise UserError(f"--temperature={F.temperature!r} is not a comma-separated list of numbers; e.g. 0,1") from e
   n = g.max_new_tokens if F.max_new_tokens is None else F.max_new_tokens
   samplings = {t: Sampling(max_new_tokens=n, temperature=t, top_p=g.top_p, seed=F.seed) for t in temps}
   check_decoding_values(num_prompts=F.num_prompts, calib_prompts=F.calib_prompts)
@@ -136,11 +137,7 @@ def main(_):
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
             file=sys.stderr)
-  md = results_markdown(results)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(md + "\n")
-  plot_results(results, os.path.join(out_dir, "acceptance.png"))
-  print(md)
+  print(write_report(results, out_dir))
   if any(mismatches.values()):
     print("T=0 mismatches (first differing token, target logit gap):", json.dumps(mismatches), file=sys.stderr)
 

@@ -44,6 +44,7 @@ from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
+from vsd_jax.errors import UserError
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("prompts", None, "EAGLE question.jsonl or a text file with one prompt per line.")
@@ -73,7 +74,7 @@ def main(_):
 
   cfg, F = _CONFIG.value, flags.FLAGS
   if F.prompts is None or F.output is None:
-    raise ValueError("--prompts and --output are required: pass --prompts FILE (question.jsonl or one prompt per "
+    raise UserError("--prompts and --output are required: pass --prompts FILE (question.jsonl or one prompt per "
                      "line) and --output OUT.jsonl")
   g = cfg.generate
   given = lambda flag, default: default if flag is None else flag  # noqa: E731  (0 is a value, not "unset")

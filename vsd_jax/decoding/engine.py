@@ -30,6 +30,7 @@ import numpy as np
 from vsd_jax.decoding import autotune, speculative, vanilla
 from vsd_jax.decoding.runner import cache_slots, check_capacity, run_batches
 from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig
+from vsd_jax.errors import UserError
 
 PACKAGED_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                                     "calibration_prompts.jsonl")
@@ -51,7 +52,7 @@ def explicit_shape(depth=None, top_k=None, total_tokens=None, mode=None) -> Opti
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How to decode: new tokens per prompt, temperature (0 = greedy), nucleus mass, prompts per batch, seed.
-  Out-of-range values are a ValueError naming the flag and the range."""
+  Out-of-range values are a UserError naming the flag and the range."""
   max_new_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -64,7 +65,7 @@ class Sampling:
 
 
 def check_decoding_values(**values) -> None:
-  """Raise ValueError for the first value out of range, naming its flag: max_new_tokens / batch_size / num_prompts /
+  """Raise UserError for the first value out of range, naming its flag: max_new_tokens / batch_size / num_prompts /
   calib_prompts >= 1 (integers), temperature >= 0 and finite, 0 < top_p <= 1. None values are skipped."""
   for name, v in values.items():
     if v is None:
@@ -76,7 +77,7 @@ def check_decoding_values(**values) -> None:
     else:
       ok, want = isinstance(v, (int, np.integer)) and v >= 1, "an integer >= 1"
     if not ok:
-      raise ValueError(f"--{name}={v} is out of range: it must be {want}; pass e.g. --{name}="
+      raise UserError(f"--{name}={v} is out of range: it must be {want}; pass e.g. --{name}="
                        f"{dict(temperature=0, top_p=1.0).get(name, 1)}")
 
 

@@ -12,20 +12,22 @@ import os
 import sys
 from typing import Optional
 
+from vsd_jax.errors import InputNotFoundError, UserError
+
 
 def check_output_file(path: str, flag: str) -> None:
   """The output file can be written: not a directory, its folder creatable and writable."""
   if os.path.isdir(path):
-    raise ValueError(f"{flag}={path!r} is a directory; pass a file path, e.g. {flag}={os.path.join(path, 'out.jsonl')}")
+    raise UserError(f"{flag}={path!r} is a directory; pass a file path, e.g. {flag}={os.path.join(path, 'out.jsonl')}")
   _check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
   if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise ValueError(f"{flag}={path!r} exists and is not writable; pass another path or fix its permissions")
+    raise UserError(f"{flag}={path!r} exists and is not writable; pass another path or fix its permissions")
 
 
 def check_output_dir(path: str, flag: str) -> None:
   """The output folder is (or can be made) a writable directory."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"{flag}={path!r} is a file, not a directory; pass a directory path")
+    raise UserError(f"{flag}={path!r} is a file, not a directory; pass a directory path")
   _check_writable_folder(os.path.abspath(path), flag, path)
 
 
@@ -34,17 +36,17 @@ def _check_writable_folder(folder: str, flag: str, path: str) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f"{flag}={path!r}: cannot write under {existing!r} (not a writable directory); pass a path in a "
+    raise UserError(f"{flag}={path!r}: cannot write under {existing!r} (not a writable directory); pass a path in a "
                      "writable folder")
 
 
 def check_draft_dir(path: str, flag: str = "--draft") -> None:
   """A trained draft directory (vsd_jax.train's <workdir>/draft, or convert_draft --to vsd_jax's output)."""
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{flag}={path!r} is not a directory; pass the <workdir>/draft folder written by "
+    raise InputNotFoundError(f"{flag}={path!r} is not a directory; pass the <workdir>/draft folder written by "
                             "vsd_jax.train (or by vsd_jax.convert_draft --to vsd_jax)")
   if not os.path.isfile(os.path.join(path, "draft_config.json")):
-    raise FileNotFoundError(f"{flag}={path!r} holds no draft_config.json, so it is not a trained draft; pass the "
+    raise InputNotFoundError(f"{flag}={path!r} holds no draft_config.json, so it is not a trained draft; pass the "
                             "<workdir>/draft folder written by vsd_jax.train (or by vsd_jax.convert_draft)")
 
 
@@ -65,10 +67,10 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def settings_mismatch(saved: dict, wanted: dict, what: str, fix: str) -> None:
-  """ValueError naming the first setting in which a resumable output's saved settings differ from this run's."""
+  """UserError naming the first setting in which a resumable output's saved settings differ from this run's."""
   for k in sorted(set(saved) | set(wanted)):
     if saved.get(k) != wanted.get(k):
-      raise ValueError(f"{what} was written with {k}={saved.get(k)!r} and this run asks for {k}={wanted.get(k)!r}; "
+      raise UserError(f"{what} was written with {k}={saved.get(k)!r} and this run asks for {k}={wanted.get(k)!r}; "
                        f"{fix}")
 
 
@@ -86,7 +88,7 @@ class JsonlOutput:
     meta = read_json(self.meta_path)
     if meta is None:
       if os.path.exists(path):
-        raise ValueError(f"{flag}={path!r} exists but has no {os.path.basename(self.meta_path)} (it was not written by "
+        raise UserError(f"{flag}={path!r} exists but has no {os.path.basename(self.meta_path)} (it was not written by "
                          "a resumable generate run); pass another path or delete the file")
       return
     settings_mismatch(meta.get("settings", {}), settings, f"{flag}={path!r}",
@@ -103,7 +105,7 @@ class JsonlOutput:
         rows.append(json.loads(line))
       except json.JSONDecodeError as e:
         if n != len(lines):
-          raise ValueError(f"{path}:{n} is not JSON ({e}); delete the file (and {self.meta_path}) to start "
+          raise UserError(f"{path}:{n} is not JSON ({e}); delete the file (and {self.meta_path}) to start "
                            "again") from e
         print(f"{path}: dropping a cut-off last line (a run stopped while writing it); its prompt is generated "
               "again", file=sys.stderr)

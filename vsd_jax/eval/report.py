@@ -6,6 +6,17 @@ Results are keyed "<set>@T=<temperature>"; each holds tau, n_alpha, accept_hist 
 
 from __future__ import annotations
 
+import os
+
+
+def write_report(results: dict, out_dir: str) -> str:
+  """results.md and acceptance.png in out_dir; -> the Markdown table."""
+  md = results_markdown(results)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md + "\n")
+  plot_results(results, os.path.join(out_dir, "acceptance.png"))
+  return md
+
 
 def results_markdown(results: dict) -> str:
   lines = ["| set | T | tau | n-alpha (depth 1..) | vanilla tok/s | spec tok/s | speedup | identical |",
