@@ -91,7 +91,11 @@ def apply_overrides(cfg, overrides, path: str = "<config>"):
 
 
 def define_config_flag(name: str = "config"):
-  """The --config flag (an ml_collections config file). Call at import time of a CLI module."""
+  """The --config flag (an ml_collections config file). Call at import time of a CLI module. Defined once per process:
+  a second CLI module imported into the same process (tests run several) shares it."""
+  from absl import flags
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return config_flags.DEFINE_config_file(name, None, "Path to a config file (configs/*.py).",
                                          lock_config=True)
 
