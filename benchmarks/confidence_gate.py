@@ -13,7 +13,8 @@ draft probability is >= g":
               draft's greedy chain of --depth tokens at every committed length with its probabilities, and the
               rounds replayed as greedy verification would commit them with the gate applied;
   cost        per round, the target's forward over 1 + kept tokens plus the draft side of a chain as deep as
-              the draft steps the gate lets run (both timed here, interleaved, as the autotuner times them).
+              the draft steps the gate lets run (both timed here, interleaved, as the autotuner times them: the
+              draft side is `speculative.Round`'s own expand / accept / commit / draft update).
 
 The cost model is optimistic for gating: it charges no switch and no padding, so the speedups are an upper
 bound on what a gated chain would measure. `g = 0` is the plain chain of that depth (what autotune chooses from).
@@ -37,6 +38,7 @@ from vsd_jax.config_base import DEFAULT_DATA_ROOT, base_config  # noqa: E402
 from vsd_jax.data.chat import prompt_encoder  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.decoding import autotune  # noqa: E402
+from vsd_jax.decoding.runner import cache_slots  # noqa: E402
 from vsd_jax.decoding.tree import TreeConfig  # noqa: E402
 from vsd_jax.models.eagle3 import Eagle3Draft  # noqa: E402
 from vsd_jax.models.features import embedding_matrix  # noqa: E402
@@ -117,7 +119,7 @@ def main():
         f"{time.time() - t0:.0f} s", file=sys.stderr)
 
   context = int(np.mean(calib.lens))
-  slots = -(-(calib.ids.shape[1] + args.max_new_tokens + 2 * args.depth + 4) // 128) * 128
+  slots = cache_slots(calib.ids.shape[1], args.max_new_tokens, 2 * args.depth + 4)
   timers = {("verify", n): autotune.verify_timer(target, n, 1, context, slots) for n in range(1, args.depth + 2)}
   timers.update({("side", d): autotune.draft_side_timer(target, draft, dparams, d2t, TreeConfig(d, 1, d, "chain"),
                                                           1, context, slots) for d in range(1, args.depth + 1)})

@@ -12,10 +12,10 @@
   python benchmarks/round_profile.py --random_target smollm2-135m-instruct --layers 4 --dtype float32 \
       --draft_vocab 8192 --batches 1,2 --max_new_tokens 16 --nodes 1,8 --repeats 3
 
-`speculative_generate` is one jitted while_loop, so its parts cannot be timed from outside. `Round` below
-rebuilds a round from the functions the loop calls (expand_tree, tree_forward, the verify rules,
-gather_slots, the draft over the committed tokens). The script checks that the rebuilt rounds commit the
-tokens speculative_generate commits. It then times each part jitted alone on the state after prefill and
+`speculative_generate` is one jitted while_loop, so its parts cannot be timed from outside. It is built from
+`decoding.speculative.Round` (its prefill and round, and the parts a round is made of: expand, verify, accept,
+kv_update, commit, draft_update), and the public `speculative_prefill` / `speculative_round` run exactly those; this
+script times that same code, not a copy. It times each part jitted alone on the state after prefill and
 --warm_rounds rounds. Each time is the best of --repeats, ended by block_until_ready. The caches that the
 loop updates in place are donated, so no part pays for a cache copy the loop does not make:
 
@@ -57,135 +57,40 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vsd_jax.data.draft_vocab import draft_vocab_ids  # noqa: E402
 from vsd_jax.decoding.precision import PRECISIONS, matmul_precision  # noqa: E402
-from vsd_jax.decoding.runner import bucket, check_capacity, pad_prompts  # noqa: E402
-from vsd_jax.decoding.sampling import sample_token  # noqa: E402
-from vsd_jax.decoding.speculative import _write_rows, required_slots, speculative_generate  # noqa: E402
+from vsd_jax.decoding.runner import cache_slots, pad_prompts  # noqa: E402
+from vsd_jax.decoding.speculative import (Round, required_slots, speculative_generate, speculative_prefill,  # noqa: E402
+                                          speculative_round)
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward  # noqa: E402
-from vsd_jax.decoding.vanilla import generate, is_eos  # noqa: E402
-from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify  # noqa: E402
+from vsd_jax.decoding.vanilla import generate  # noqa: E402
 from vsd_jax.models.draft_unroll import draft_fn_of  # noqa: E402
-from vsd_jax.models.features import embedding_matrix, fuse_features  # noqa: E402
-from vsd_jax.models.kv_cache import KVCache, gather_slots  # noqa: E402
+from vsd_jax.models.features import embedding_matrix  # noqa: E402
+from vsd_jax.models.kv_cache import KVCache  # noqa: E402
 from vsd_jax.models.masks import chain_attention_mask, decode_mask  # noqa: E402
 
 
-class Round:
-  """speculative_generate's prefill and round, rebuilt from the same calls and split into parts.
+def expand_recorded(r: Round, tp, dp, d2t, dcache, root, root_logits, root_hidden, length, key):
+  """Round.expand -> (tree, dcache, the arguments of each draft forward it made, one per depth level >= 2)."""
+  inner = draft_fn_of(r.draft_model, dp, embedding_matrix(tp))
+  calls = []
 
-  Every method is pure, with parameters and state as arguments; the models and settings are fixed at
-  construction. State: the dict the loop carries (tcache, dcache, length, root, root_logits, root_hidden,
-  tokens, num_new, done, rounds, hist, rng).
-  """
+  def recording(*a):
+    calls.append(a)
+    return inner(*a)
+  tree, dcache = expand_tree(r.tree_cfg, recording, dcache, d2t, root, root_logits, root_hidden, length, key,
+                             r.temperature, r.top_p)
+  if r.tree_cfg.mode == "chain":  # its forwards run inside unroll_chain's scan: rebuild their arguments
+    s, depth = dcache.num_slots, r.tree_cfg.depth
+    calls = [(dcache, root[:, None], root_hidden[:, None], (length - 1)[:, None] + i,
+              chain_attention_mask(length, 1, depth, i, s, length), length + i - 1) for i in range(1, depth)]
+  return tree, dcache, calls
 
-  def __init__(self, target_model, draft_model, tree_cfg: TreeConfig, max_new_tokens: int, eos_ids=(),
-               temperature=0.0, top_p=1.0, pad_id=0):
-    self.tm, self.dm, self.cfg = target_model, draft_model, tree_cfg
-    self.max_new, self.eos, self.temp, self.top_p, self.pad = max_new_tokens, tuple(eos_ids), temperature, top_p, pad_id
-    self.layers = target_model.cfg.eagle3_layers
-    self.width = tree_cfg.depth + 1
 
-  def prefill(self, tp, dp, ids, lens, rng, cache_slots: int) -> dict:
-    b, p = ids.shape
-    embed = embedding_matrix(tp)
-    out = self.tm.apply({"params": tp}, ids, kv_cache=KVCache.zeros(self.tm.cfg, b, cache_slots),
-                        write_index=jnp.zeros_like(lens), hidden_layers=self.layers, logits_at=lens - 1)
-    last = out.logits[:, 0]
-    rng, sub = jax.random.split(rng)
-    root = sample_token(last, sub, self.temp, self.top_p)
-    shifted = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-    draft_in = jnp.where(jnp.arange(p)[None, :] == (lens - 1)[:, None], root[:, None], shifted)
-    dout = self.dm.apply({"params": dp}, embed, draft_in, fuse_features(out.hidden_states),
-                         kv_cache=KVCache.zeros(self.dm.cfg.layer_config, b, cache_slots),
-                         write_index=jnp.zeros_like(lens))
-    pick = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
-    return dict(tcache=out.kv_cache, dcache=dout.kv_cache, length=lens, root=root,
-                root_logits=pick(dout.logits, lens - 1), root_hidden=pick(dout.hidden, lens - 1),
-                tokens=jnp.full((b, self.max_new + self.width), self.pad, jnp.int32).at[:, 0].set(root),
-                num_new=jnp.ones((b,), jnp.int32), done=is_eos(root, self.eos) | (self.max_new <= 1),
-                rounds=jnp.zeros((b,), jnp.int32), hist=jnp.zeros((b, self.width), jnp.int32), rng=rng)
-
-  def expand(self, tp, dp, d2t, dcache, root, root_logits, root_hidden, length, key, record=False):
-    """expand_tree -> (tree, dcache[, the arguments of each draft forward it made, one per depth level >= 2])."""
-    inner = draft_fn_of(self.dm, dp, embedding_matrix(tp))
-    calls = []
-
-    def recording(*a):
-      calls.append(a)
-      return inner(*a)
-    tree, dcache = expand_tree(self.cfg, recording, dcache, d2t, root, root_logits, root_hidden, length, key,
-                               self.temp, self.top_p)
-    if not record:
-      return tree, dcache
-    if self.cfg.mode == "chain":  # its forwards run inside unroll_chain's scan: rebuild their arguments
-      s, depth = dcache.num_slots, self.cfg.depth
-      calls = [(dcache, root[:, None], root_hidden[:, None], (length - 1)[:, None] + i,
-                chain_attention_mask(length, 1, depth, i, s, length), length + i - 1) for i in range(1, depth)]
-    return tree, dcache, calls
-
-  def select(self, logits):
-    """A level's choice of children from its draft logits [B, k, Vd] (what expand_tree does with them)."""
-    if self.cfg.mode == "chain":
-      return jnp.argmax(logits, -1)
-    return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), self.cfg.top_k)
-
-  def verify(self, tp, tcache, tree, length):
-    return tree_forward(self.tm, tp, tcache, tree.tokens, tree.depths, tree.ancestors, length,
-                        hidden_layers=self.layers)
-
-  def accept(self, tree, logits, key, d2t):
-    if self.temp <= 0:
-      return greedy_verify(tree, logits, self.cfg.depth)
-    if self.cfg.mode == "chain":
-      return chain_verify(tree, logits, key, draft_vocab_ids(d2t), self.temp, self.top_p)
-    return tree_sampling_verify(tree, logits, key, self.cfg.depth, self.temp, self.top_p)
-
-  @staticmethod
-  def kv_update(tcache, path, length):
-    return gather_slots(tcache, length[:, None] + path, length)
-
-  def commit(self, tokens, num_new, done, tree_tokens, path, m, bonus):
-    """-> (new [B, D+1] committed tokens, pad_id past them; tokens; num_new; done; running)."""
-    width = self.width
-    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
-    path_tokens = jnp.take_along_axis(tree_tokens, path, axis=1)
-    new = jnp.where(idx < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
-    new = jnp.where(idx <= m[:, None], new, self.pad)
-    eos_at = jnp.where(is_eos(new, self.eos) & (idx <= m[:, None]), idx, width)
-    first_eos = jnp.min(eos_at, axis=1)
-    count = jnp.minimum(jnp.minimum(m + 1, first_eos + 1), self.max_new - num_new)
-    running = ~done
-    count = jnp.where(running, count, 0)
-    new = jnp.where(idx < count[:, None], new, self.pad)
-    num_new2 = num_new + count
-    return (new, _write_rows(tokens, new, num_new), num_new2,
-            done | (first_eos < width) | (num_new2 >= self.max_new), running)
-
-  def draft_update(self, tp, dp, dcache, new, hidden_states, path, length):
-    feats = jnp.take_along_axis(fuse_features(hidden_states), path[:, :, None], axis=1)
-    return self.dm.apply({"params": dp}, embedding_matrix(tp), new, feats, kv_cache=dcache,
-                         write_index=length)
-
-  def step(self, tp, dp, d2t, s) -> dict:
-    """One round: the body of speculative_generate's loop."""
-    rng, k_tree, k_verify = jax.random.split(s["rng"], 3)
-    length = s["length"]
-    tree, dcache = self.expand(tp, dp, d2t, s["dcache"], s["root"], s["root_logits"], s["root_hidden"], length,
-                               k_tree)
-    vout = self.verify(tp, s["tcache"], tree, length)
-    path, m, bonus = self.accept(tree, vout.logits, k_verify, d2t)
-    tcache = self.kv_update(vout.kv_cache, path, length)
-    new, tokens, num_new, done, running = self.commit(s["tokens"], s["num_new"], s["done"], tree.tokens, path, m,
-                                                      bonus)
-    dout = self.draft_update(tp, dp, dcache, new, vout.hidden_states, path, length)
-    keep = lambda a, b_: jnp.where(running.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)
-    pick = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
-    return dict(tcache=tcache, dcache=dout.kv_cache, length=keep(length + m + 1, length),
-                root=keep(bonus, s["root"]), root_logits=keep(pick(dout.logits, m), s["root_logits"]),
-                root_hidden=keep(pick(dout.hidden, m), s["root_hidden"]), tokens=tokens, num_new=num_new,
-                done=done, rounds=s["rounds"] + running,
-                hist=s["hist"] + (running[:, None] & (jnp.arange(self.width)[None, :] == m[:, None])), rng=rng)
+def select(r: Round, logits):
+  """A level's choice of children from its draft logits [B, k, Vd] (what expand_tree does with them)."""
+  if r.tree_cfg.mode == "chain":
+    return jnp.argmax(logits, -1)
+  return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), r.tree_cfg.top_k)
 
 
 def copy(tree):
@@ -269,18 +174,20 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
   n2 = args.max_new_tokens
   n1 = max(2, n2 // 4)
   ids, lens = pad_prompts(prompts, 0)
-  slots = bucket(required_slots(ids.shape[1], n2, tree_cfg), 128)        # as evaluate.py sizes it
-  van_slots = check_capacity(lens, n2, 1 << 30)
+  slots = cache_slots(ids.shape[1], n2, required_slots(0, 0, tree_cfg))   # as the decoding engine sizes it
+  van_slots = cache_slots(ids.shape[1], n2)
   ids, lens, d2t = jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(d2t)
   key = jax.random.PRNGKey(args.seed)
-  r = Round(tm, dm, tree_cfg, n2, temperature=args.temperature)
+  r = Round(tm, dm, tree_cfg, n2, temperature=args.temperature)  # speculative_generate's own prefill and round
   reps = args.repeats
   res = dict(batch=b, prompt_width=int(ids.shape[1]), prompt_lens=[int(x) for x in lens], cache_slots=slots,
              vanilla_cache_slots=van_slots)
 
-  # State after prefill and --warm_rounds rounds; the rebuilt rounds must commit speculative_generate's tokens.
-  prefill = jax.jit(lambda tp_, dp_, i, ln, k: r.prefill(tp_, dp_, i, ln, k, slots))
-  step = jax.jit(r.step, donate_argnums=(3,))
+  # State after prefill and --warm_rounds rounds (the public prefill and round); they commit speculative_generate's
+  # tokens (tests/test_round_profile.py), which is checked here on the real prompts too.
+  prefill = lambda tp_, dp_, i, ln, k: speculative_prefill(r, tp_, dp_, i, ln, k, cache_slots=slots,  # noqa: E731
+                                                           precision=args.precision)
+  step = lambda tp_, dp_, d2t_, st: speculative_round(r, tp_, dp_, d2t_, st, precision=args.precision)  # noqa: E731
   s = prefill(tp, dp, ids, lens, key)
   for _ in range(args.warm_rounds):
     s = step(tp, dp, d2t, s)
@@ -302,7 +209,7 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
   _, k_tree, k_verify = jax.random.split(s["rng"], 3)
   length = s["length"]
   sub = (s["root"], s["root_logits"], s["root_hidden"], length, k_tree)
-  expand_rec = jax.jit(lambda tp_, dp_, d, c, *a: r.expand(tp_, dp_, d, c, *a, record=True))
+  expand_rec = jax.jit(lambda *a: expand_recorded(r, *a))
   tree, dcache_x, calls = expand_rec(tp, dp, d2t, copy(s["dcache"]), *sub)
   vout = jax.jit(r.verify)(tp, copy(s["tcache"]), tree, length)
   path, m, bonus = jax.jit(r.accept)(tree, vout.logits, k_verify, d2t)
@@ -313,7 +220,7 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
   t["expand"] = best_ms(expand, lambda: (tp, dp, d2t, copy(s["dcache"])) + sub, reps)
   embed = embedding_matrix(tp)
   fwd = jax.jit(lambda dp_, e, *a: draft_fn_of(dm, dp_, e)(*a), donate_argnums=(2,))
-  fwd_sel = jax.jit(lambda dp_, e, *a: (lambda o: (r.select(o[0]), o[2]))(draft_fn_of(dm, dp_, e)(*a)),
+  fwd_sel = jax.jit(lambda dp_, e, *a: (lambda o: (select(r, o[0]), o[2]))(draft_fn_of(dm, dp_, e)(*a)),
                     donate_argnums=(2,))
   levels = []
   for c in calls:
@@ -333,7 +240,7 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
   t["prefill"] = best_ms(prefill, lambda: (tp, dp, ids, lens, key), reps)
   # Both prefills compute logits at every prompt position; one row of each is used.
   tpre = jax.jit(lambda tp_, i, logits: tm.apply({"params": tp_}, i, kv_cache=KVCache.zeros(tm.cfg, b, slots),
-                                                 hidden_layers=r.layers, return_logits=logits),
+                                                 hidden_layers=tm.cfg.eagle3_layers, return_logits=logits),
                  static_argnums=(2,))
   t["target_prefill"] = best_ms(tpre, lambda: (tp, ids, True), reps)
   t["target_prefill_no_logits"] = best_ms(tpre, lambda: (tp, ids, False), reps)
@@ -346,7 +253,7 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
 
   # Verification by node count: chains of N nodes on the same cache and length.
   vchain = jax.jit(lambda tp_, c, tok, dep, anc, ln: tree_forward(tm, tp_, c, tok, dep, anc, ln,
-                                                                  hidden_layers=r.layers),
+                                                                  hidden_layers=tm.cfg.eagle3_layers),
                    donate_argnums=(1,))
   by_nodes = {}
   for n in args.nodes:
@@ -424,7 +331,7 @@ def profile_batch(args, tm, tp, dm, dp, d2t, tree_cfg, prompts, rows: dict):
             ("  the same lm_head over 1 row", best["draft_head_one_row"]),
             ("bookkeeping: committed tokens, EOS, counters", best["bookkeeping"]),
             ("sum of the parts", sum_parts),
-            ("round: rebuilt, one program", best["round_one_program"]),
+            ("round: speculative_round, one program", best["round_one_program"]),
             ("round: in speculative_generate's loop", sfit["per_iteration"]),
             ("loop alone, per iteration (same carry)", lfit["per_iteration"]),
             ("per call: prefill (target + draft), alone", best["prefill"]),

@@ -65,6 +65,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from vsd_jax.decoding.tree import SHAPE_DEFAULTS  # noqa: E402
+
 CONFIG = os.path.join(REPO, "configs", "vsd_experiment.py")
 ARMS = {
     "eagle3": ["--config.method=eagle3"],
@@ -391,61 +393,34 @@ def evaluate(args, drafts: dict, results: dict, save, clock: Clock) -> dict:
   interrupted evaluation resumes where it stopped (vanilla is decoded again for a set that still has work, so every
   speedup stays against vanilla in the same process). Past the clock's budget it raises OutOfTime before the next
   decode."""
-  import jax
-  import jax.numpy as jnp
-
   from vsd_jax.cli_config import _load_file
-  from vsd_jax.data.chat import prompt_encoder
   from vsd_jax.data.prompt_file import read_prompt_file
-  from vsd_jax.decoding.runner import check_capacity, run_batches
-  from vsd_jax.decoding.speculative import required_slots, speculative_generate
+  from vsd_jax.decoding.engine import Engine, Sampling
   from vsd_jax.decoding.tree import TreeConfig
-  from vsd_jax.decoding.vanilla import generate
   from vsd_jax.eval.metrics import summarize
-  from vsd_jax.models.eagle3 import Eagle3Draft
-  from vsd_jax.weights import decoding_load_options, load_target
-  from vsd_jax.weights.draft_io import load_draft
 
   cfg = _load_file(CONFIG)
-  target = load_target(args.model, **decoding_load_options(cfg))   # the decoding layout, as the evaluate CLI loads it
-  enc = prompt_encoder(target, cfg)   # prompts encoded as the arms' training data was
-  eos, pad_id = enc.eos_ids, enc.pad_id
-  trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),
+  cfg.model.name = args.model
+  base = Engine(cfg)   # the target in the decoding layout, as the evaluate CLI loads it; prompts encoded as the arms'
+  trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),  # training data
            "chain": TreeConfig(depth=args.chain_depth, mode="chain")}
-  n = args.max_new_tokens
-  loaded = {name: load_draft(path, target.config) for name, path in drafts.items()}
+  engines = {name: base.with_draft(path) for name, path in drafts.items()}
   for bench in args.bench.split(","):
-    items = read_prompt_file(os.path.join(args.data_dir, bench, "question.jsonl"))[:args.num_prompts]
-    prompts = [enc.encode_user(m) for _, m in items]
+    path = os.path.join(args.data_dir, bench, "question.jsonl")
+    prompts = base.encode(read_prompt_file(path)[:args.num_prompts], path).ids
     for temp in [float(t) for t in args.temperature.split(",")]:
-      key = jax.random.PRNGKey(0)
       modes = modes_at(args, temp)
-      if all(entry_key(bench, temp, mode) in results.get(name, {}) for mode in modes for name in loaded):
+      if all(entry_key(bench, temp, mode) in results.get(name, {}) for mode in modes for name in engines):
         continue
       clock.check(f"decoding {bench} at T={temp:g}")
-
-      def vcall(ids, lens):
-        o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
-                     cache_slots=check_capacity(lens, n, 2048), eos_ids=eos, pad_id=pad_id)
-        return o.tokens, o.num_new, o.rounds
-
-      van = run_batches(prompts, args.eval_batch, vcall, pad_id)
+      sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=temp, batch_size=args.eval_batch)
+      van = base.vanilla(prompts, sampling)
       for mode in modes:
-        tree_cfg = trees[mode]
-        for name, (dcfg, dparams, d2t, _) in loaded.items():
+        for name, engine in engines.items():
           if entry_key(bench, temp, mode) in results.get(name, {}):
             continue
           clock.check(f"decoding {name} {entry_key(bench, temp, mode)}")
-          draft = Eagle3Draft(dcfg)
-
-          def scall(ids, lens):
-            slots = -(-required_slots(ids.shape[1], n, tree_cfg) // 128) * 128
-            o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t),
-                                     jnp.asarray(ids), jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n,
-                                     cache_slots=slots, eos_ids=eos, temperature=temp, pad_id=pad_id)
-            return o.tokens, o.num_new, o.rounds, o.accept_hist
-
-          spec = run_batches(prompts, args.eval_batch, scall, pad_id)
+          spec = engine.with_shape(trees[mode]).speculative(prompts, sampling)
           r = summarize(van, spec)
           r["prompt_tau"] = [g.new_tokens / max(g.rounds, 1) for g in spec]
           r["prompt_tokens"] = [g.new_tokens for g in spec]
@@ -696,10 +671,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "speedups are for this batch size)")
   ap.add_argument("--num_prompts", type=int, default=10)
   ap.add_argument("--max_new_tokens", type=int, default=128)
-  ap.add_argument("--tree_depth", type=int, default=5)    # the evaluate CLI's defaults
-  ap.add_argument("--top_k", type=int, default=8)
-  ap.add_argument("--total_tokens", type=int, default=12)
-  ap.add_argument("--chain_depth", type=int, default=5)
+  ap.add_argument("--tree_depth", type=int, default=SHAPE_DEFAULTS["depth"])   # the one shape-defaults table
+  ap.add_argument("--top_k", type=int, default=SHAPE_DEFAULTS["top_k"])
+  ap.add_argument("--total_tokens", type=int, default=SHAPE_DEFAULTS["total_tokens"])
+  ap.add_argument("--chain_depth", type=int, default=SHAPE_DEFAULTS["depth"])
   ap.add_argument("--eval_runs", default="", help="comma-separated runs to decode with (default: all, and the base)")
   ap.add_argument("--skip_eval", action="store_true")
   ap.add_argument("extra", nargs="*", help="more --config.x=y overrides for every arm (after --)")

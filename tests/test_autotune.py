@@ -92,17 +92,11 @@ def test_choice_is_cached_per_key(tiny, tmp_path):
   assert len(json.load(open(path))) == 2
 
 
-@pytest.mark.slow  # the trained tiny draft (tiny_setup) costs about a minute
-def test_no_prompts_falls_back_to_the_fixed_shape(tiny, tmp_path):
-  target, draft, dp, d2t, _ = tiny
-  d = tmp_path / "d"
-  d.mkdir()
-  c = autotune.choose_shape(target, draft, dp, d2t, str(d), [], cache_path="", fallback=True, log=lambda m: None)
-  assert c.shape == autotune.explicit_shape(**autotune.FIXED_DEFAULTS) and not c.table
-  assert "fixed default" in c.describe()
-
-
 def test_explicit_shape():
-  assert autotune.explicit_shape() is None
-  assert autotune.explicit_shape(mode="chain", depth=3) == TreeConfig(depth=3, top_k=1, total_tokens=3, mode="chain")
-  assert autotune.explicit_shape(top_k=4) == TreeConfig(depth=5, top_k=4, total_tokens=12, mode="tree")
+  """A partly given shape takes the rest from the one defaults table, which is also TreeConfig's."""
+  from vsd_jax.decoding.engine import explicit_shape
+  from vsd_jax.decoding.tree import SHAPE_DEFAULTS
+  assert explicit_shape() is None
+  assert explicit_shape(mode="chain", depth=3) == TreeConfig(depth=3, top_k=1, total_tokens=3, mode="chain")
+  assert explicit_shape(top_k=4) == TreeConfig(depth=5, top_k=4, total_tokens=12, mode="tree")
+  assert explicit_shape(mode="tree") == TreeConfig() == TreeConfig(**SHAPE_DEFAULTS)

@@ -91,7 +91,11 @@ def apply_overrides(cfg, overrides, path: str = "<config>"):
 
 
 def define_config_flag(name: str = "config"):
-  """The --config flag (an ml_collections config file). Call at import time of a CLI module."""
+  """The --config flag (an ml_collections config file). Call at import time of a CLI module. Defined once per process:
+  a second CLI module imported into the same process (tests run several) shares it."""
+  from absl import flags
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return config_flags.DEFINE_config_file(name, None, "Path to a config file (configs/*.py).",
                                          lock_config=True)
 
@@ -111,12 +115,15 @@ def define_decoding_shape_flags():
   """--mode/--tree_depth/--top_k/--total_tokens (any of them given: that shape; none: the autotuned one, see
   vsd_jax.decoding.autotune), --retune and --autotune_cache. Call at import time of a CLI module."""
   from absl import flags
+
+  from vsd_jax.decoding.tree import SHAPE_DEFAULTS as D
   flags.DEFINE_enum("mode", None, ("tree", "chain"), "Draft shape: tree (top-k dynamic tree) or chain. Leave "
                     "--mode/--tree_depth/--top_k/--total_tokens all unset to use the shape measured fastest on "
-                    "this device for this target and draft (cached; see --retune).")
-  flags.DEFINE_integer("tree_depth", None, "Draft steps per round (given alone: default 5).")
-  flags.DEFINE_integer("top_k", None, "Draft tree branching (given alone: default 8).")
-  flags.DEFINE_integer("total_tokens", None, "Draft tokens verified per round in tree mode (given alone: 12).")
+                    f"this device for this target and draft (cached; see --retune). Others given: {D['mode']}.")
+  flags.DEFINE_integer("tree_depth", None, f"Draft steps per round (others given: default {D['depth']}).")
+  flags.DEFINE_integer("top_k", None, f"Draft tree branching (others given: default {D['top_k']}).")
+  flags.DEFINE_integer("total_tokens", None, "Draft tokens verified per round in tree mode (others given: default "
+                       f"{D['total_tokens']}).")
   flags.DEFINE_bool("retune", False, "Measure the decoding shape again even when the cache holds one.")
   flags.DEFINE_string("autotune_cache", None, "JSON file of measured decoding shapes (default "
                       "$VSD_JAX_CACHE or ~/.cache/vsd_jax/decoding_shapes.json; '' = do not cache).")

@@ -9,7 +9,14 @@ both, speedup; at T=0 the outputs are compared token for token and any mismatch 
 target's logit gap at the first differing token. --precision highest makes every matmul of both decoders
 full float32 (XLA's GPU default for float32 is TF32), for outputs identical to vanilla on GPUs too. Writes
 results.json, results.md and plots. Prompts are encoded, and decoding stops, as in training
-(config.data.chat_template; data/chat.py prompt_encoder).
+(config.data.chat_template; data/chat.py prompt_encoder). --temperature and --max_new_tokens default to
+config.generate's, as in generate; config.generate.top_p applies too.
+
+The shape (unless --mode/--tree_depth/--top_k/--total_tokens fix it) is measured on text prompts of each set after
+the first --num_prompts (never the scored ones); when no set has any left, on the prompts shipped for calibration
+(vsd_jax/data/calibration_prompts.jsonl), and results.json's meta.calibration says which. Every flag is checked
+before the target loads; results.json is rewritten (atomically) after every finished set and temperature, and a rerun
+with the same settings and --output_dir decodes only what is missing.
 The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
 one device with the default mesh).
 
@@ -21,7 +28,6 @@ list; relative to the set's folder or --image_folder; `pkg:<package>/<path>` for
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -30,6 +36,7 @@ from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
+from vsd_jax.errors import InputNotFoundError, UserError
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("draft", None, "Trained draft directory (<workdir>/draft of `vsd_jax.train`).")
@@ -37,9 +44,9 @@ flags.DEFINE_string("bench", "mt_bench,humaneval,gsm8k,alpaca,sum,qa", "Comma-se
                     "--data_dir), or paths of question.jsonl files (ending in .jsonl), e.g. the offline image set "
                     "vsd_jax/data/sample_images_questions.jsonl.")
 flags.DEFINE_string("data_dir", None, "Folder holding <bench>/question.jsonl (default <data.root>/eval/eagle).")
-flags.DEFINE_string("temperature", "0", "Comma-separated temperatures.")
+flags.DEFINE_string("temperature", None, "Comma-separated temperatures (default: config.generate.temperature).")
 flags.DEFINE_integer("num_prompts", 10, "First N prompts of each set.")
-flags.DEFINE_integer("max_new_tokens", 128, "New tokens per prompt.")
+flags.DEFINE_integer("max_new_tokens", None, "New tokens per prompt (default: config.generate.max_new_tokens).")
 define_decoding_shape_flags()
 flags.DEFINE_integer("calib_prompts", 2, "Autotuned shape: prompts of each set after the first --num_prompts (so "
                      "never the evaluated ones) whose greedy continuations measure the draft's acceptance.")
@@ -50,139 +57,87 @@ flags.DEFINE_enum("precision", None, PRECISIONS, "Matmul precision of target and
                   "JAX's, TF32 for float32 on GPUs); 'highest' = full float32, for T=0 output identical to vanilla.")
 
 
-def first_mismatch_gap(target, prompt_ids, a, b, precision=None, pixel_values=None):
-  """Target logit gap (top1 - top2) at the first position where outputs a and b differ.
-  pixel_values: a multimodal prompt's images [1, I, C, S, S] (LLaVA)."""
-  import jax.numpy as jnp
-  import numpy as np
-  from vsd_jax.decoding.precision import matmul_precision
-  from vsd_jax.models.features import image_inputs
-  i = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
-  seq = jnp.asarray([list(prompt_ids) + list(a[:i])], jnp.int32)
-  with matmul_precision(precision):
-    logits = np.asarray(target.model.apply({"params": target.params}, seq,
-                                           **image_inputs(dict(pixel_values=pixel_values))).logits[0, -1])
-  top2 = np.sort(logits)[-2:]
-  return dict(position=i, gap=float(top2[1] - top2[0]))
-
-
-def plot(results, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for key, r in results.items():
-    h = r["accept_hist"]
-    axes[0].plot(range(len(h)), [x / max(1, sum(h)) for x in h], marker="o", label=key)
-    axes[1].plot(range(1, len(r["n_alpha"]) + 1), r["n_alpha"], marker="o", label=key)
-  axes[0].set(xlabel="draft tokens accepted per round", ylabel="fraction of rounds", title="Accepted length")
-  axes[1].set(xlabel="depth", ylabel="acceptance rate", title="Acceptance by depth (n-alpha)", ylim=(0, 1))
-  axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+def bench_files(benches, data_dir) -> dict:
+  """{set name: question.jsonl} for --bench; a missing one is an error naming it and the sets that exist."""
+  files = {}
+  for b in benches:
+    path = b if b.endswith(".jsonl") else os.path.join(data_dir, b, "question.jsonl")
+    if not os.path.isfile(path):
+      have = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "question.jsonl"))) \
+          if os.path.isdir(data_dir) else []
+      raise InputNotFoundError(f"--bench {b!r}: no file {path!r}; sets under --data_dir {data_dir!r}: "
+                              f"{', '.join(have) or 'none'} (or pass a question.jsonl path)")
+    files[os.path.splitext(os.path.basename(b))[0] if b.endswith(".jsonl") else b] = path
+  return files
 
 
 def main(_):
-  import jax
-  import jax.numpy as jnp
-
-  from vsd_jax.decoding.runner import check_capacity, run_batches
-  from vsd_jax.decoding.speculative import required_slots, speculative_generate
-  from vsd_jax.decoding.autotune import choose_shape, explicit_shape, format_table
-  from vsd_jax.decoding.vanilla import generate
+  from vsd_jax.data.prompt_file import read_prompt_file
+  from vsd_jax.decoding.autotune import format_table
+  from vsd_jax.decoding.engine import Engine, Sampling, check_decoding_values, explicit_shape
+  from vsd_jax.eval.files import check_draft_dir, check_output_dir, read_json, settings_mismatch, write_json_atomic
   from vsd_jax.eval.metrics import summarize
-  from vsd_jax.data.chat import prompt_encoder
-  from vsd_jax.data.prompt_file import encode_prompt_items, read_prompt_file
-  from vsd_jax.models.eagle3 import Eagle3Draft
-  from vsd_jax import parallel
-  from vsd_jax.weights import decoding_load_options, load_target
-  from vsd_jax.weights.draft_io import load_draft
+  from vsd_jax.eval.report import write_report
 
   cfg, F = _CONFIG.value, flags.FLAGS
   if not F.draft:
-    sys.exit("error: --draft is required (the <workdir>/draft directory written by vsd_jax.train)")
-  data_dir = F.data_dir or os.path.join(cfg.data.root, "eval", "eagle")
+    raise UserError("--draft is required: pass the <workdir>/draft directory written by vsd_jax.train")
+  check_draft_dir(F.draft)
+  g = cfg.generate
+  try:
+    temps = [float(t) for t in (str(g.temperature) if F.temperature is None else F.temperature).split(",")]
+  except ValueError as e:
+    raise UserError(f"--temperature={F.temperature!r} is not a comma-separated list of numbers; e.g. 0,1") from e
+  n = g.max_new_tokens if F.max_new_tokens is None else F.max_new_tokens
+  samplings = {t: Sampling(max_new_tokens=n, temperature=t, top_p=g.top_p, seed=F.seed) for t in temps}
+  check_decoding_values(num_prompts=F.num_prompts, calib_prompts=F.calib_prompts)
+  shape = explicit_shape(F.tree_depth, F.top_k, F.total_tokens, F.mode)
   out_dir = F.output_dir or os.path.join(cfg.workdir, "eval")
+  check_output_dir(out_dir, "--output_dir")
   os.makedirs(out_dir, exist_ok=True)
-  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg),
-                       **decoding_load_options(cfg))
-  dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
-  draft = Eagle3Draft(dcfg)
-  enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
-  eos, pad_id = enc.eos_ids, enc.pad_id
-  benches = F.bench.split(",")
-  bench_path = lambda b: b if b.endswith(".jsonl") else os.path.join(data_dir, b, "question.jsonl")  # noqa: E731
-  tree_cfg, choice = explicit_shape(F.tree_depth, F.top_k, F.total_tokens, F.mode), None
-  if tree_cfg is None:  # the shape measured fastest here, from text prompts the evaluation does not use
-    calib = [enc.encode_user(m, cfg.generate.system_prompt)
-             for b in benches for _, m, im in read_prompt_file(bench_path(b), with_images=True)[
-                 F.num_prompts:F.num_prompts + F.calib_prompts] if not im]
-    choice = choose_shape(target, draft, dparams, d2t, F.draft, calib, eos_ids=eos, pad_id=pad_id,
-                          precision=F.precision, cache_path=F.autotune_cache, retune=F.retune, fallback=True)
-    print(choice.describe() + "\n" + format_table(choice.table), file=sys.stderr)
-    tree_cfg = choice.shape
-  n = F.max_new_tokens
-  max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
-  temps = [float(t) for t in F.temperature.split(",")]
-  results, mismatches = {}, {}
-  for bench in benches:
-    path = bench_path(bench)
-    bench = os.path.splitext(os.path.basename(bench))[0] if bench.endswith(".jsonl") else bench
-    items = read_prompt_file(path, with_images=True, image_folder=F.image_folder)[:F.num_prompts]
-    encoded = encode_prompt_items(target, enc, items, cfg.generate.system_prompt, path)
-    prompts, images = encoded.ids, encoded.images  # images: a multimodal set's image files per prompt, else None
-    px = lambda rows: None if rows is None else jnp.asarray(encoded.pixel_values(rows))  # noqa: E731
-    for p in prompts:
-      check_capacity([len(p)], n, max_pos, extra=required_slots(0, 0, tree_cfg))
+  files = bench_files(F.bench.split(","), F.data_dir or os.path.join(cfg.data.root, "eval", "eagle"))
+  sets = {b: read_prompt_file(p, with_images=True, image_folder=F.image_folder) for b, p in files.items()}
+  settings = dict(draft=os.path.abspath(F.draft), model=cfg.model.name, num_prompts=F.num_prompts, max_new_tokens=n,
+                  top_p=g.top_p, seed=F.seed, precision=F.precision, image_folder=F.image_folder)
+  results_path = os.path.join(out_dir, "results.json")
+  saved = read_json(results_path) or {}
+  fix = f"pass another --output_dir, or delete {results_path!r} to evaluate again"
+  if saved:
+    settings_mismatch(saved["meta"].get("settings", {}), settings, results_path, fix)
+
+  engine = Engine(cfg, F.draft, shape, precision=F.precision)
+  encoded = {b: engine.encode(items[:F.num_prompts], files[b]) for b, items in sets.items()}  # images: .images
+  names = {b: [f"prompt {it[0]!r} of {files[b]}" for it in items[:F.num_prompts]] for b, items in sets.items()}
+  for b in sets:  # every prompt fits (the draft's slots are counted once the shape is known)
+    engine.check_capacity(encoded[b].ids, n, names[b], False)
+  engine.resolve_shape([it for items in sets.values() for it in items[F.num_prompts:F.num_prompts + F.calib_prompts]],
+                       F.calib_prompts * len(sets), origin=", ".join(files.values()), cache_path=F.autotune_cache,
+                       retune=F.retune)
+  if engine.choice is not None:
+    print(format_table(engine.choice.table), file=sys.stderr)
+  meta = dict(engine.metadata(), settings=settings, max_new_tokens=n, num_prompts=F.num_prompts, top_p=g.top_p)
+  results, mismatches = saved.get("results", {}), saved.get("t0_mismatches", {})
+  if results:
+    settings_mismatch(dict(tree=saved["meta"].get("tree")), dict(tree=meta["tree"]), results_path, fix)
+    print(f"resuming {results_path}: {', '.join(results)} already evaluated", file=sys.stderr)
+  for bench, items in sets.items():
+    if all(f"{bench}@T={t:g}" in results for t in temps):
+      continue
+    engine.check_capacity(encoded[bench].ids, n, names[bench], True)
     for temp in temps:
-      key = jax.random.PRNGKey(F.seed)
-
-      def vcall(ids, lens, rows=None):
-        o = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), key, temp, max_new_tokens=n,
-                     cache_slots=check_capacity(lens, n, max_pos), eos_ids=eos, pad_id=pad_id,
-                     precision=F.precision, pixel_values=px(rows))
-        return o.tokens, o.num_new, o.rounds
-
-      def scall(ids, lens, rows=None):
-        slots = required_slots(ids.shape[1], n, tree_cfg)
-        slots = -(-slots // 128) * 128
-        o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
-                                 jnp.asarray(lens), key, tree_cfg=tree_cfg, max_new_tokens=n, cache_slots=slots,
-                                 eos_ids=eos, temperature=temp, pad_id=pad_id, precision=F.precision,
-                                 pixel_values=px(rows))
-        return o.tokens, o.num_new, o.rounds, o.accept_hist
-
-      van = run_batches(prompts, 1, vcall, pad_id, extras=images)
-      spec = run_batches(prompts, 1, scall, pad_id, extras=images)
       name = f"{bench}@T={temp:g}"
+      if name in results:
+        continue
+      van = engine.vanilla(encoded[bench], samplings[temp])
+      spec = engine.speculative(encoded[bench], samplings[temp])
       results[name] = summarize(van, spec)
       if temp == 0:
-        mismatches[name] = [dict(question_id=items[i][0], **first_mismatch_gap(
-            target, prompts[i], v.output_ids, s.output_ids, F.precision, px(None if images is None else [images[i]])))
-                            for i, (v, s) in enumerate(zip(van, spec)) if v.output_ids != s.output_ids]
+        mismatches[name] = engine.t0_mismatches(encoded[bench], [it[0] for it in items], van, spec)
+      write_json_atomic(results_path, dict(meta=meta, results=results, t0_mismatches=mismatches))
       r = results[name]
       print(f"{name}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x identical {r['identical_outputs']}/{r['prompts']}",
             file=sys.stderr)
-  meta = dict(draft=F.draft, tree=dataclasses.asdict(tree_cfg),
-              autotune=None if choice is None else dict(cached=choice.cached, key=choice.key,
-                                                        predicted_speedup=choice.predicted_speedup, table=choice.table),
-              max_new_tokens=n, num_prompts=F.num_prompts, precision=F.precision, jax=jax.__version__,
-              device=str(jax.devices()[0]))
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(dict(meta=meta, results=results, t0_mismatches=mismatches), f, indent=1)
-  lines = ["| set | T | tau | n-alpha (depth 1..) | vanilla tok/s | spec tok/s | speedup | identical |",
-           "|---|---|---|---|---|---|---|---|"]
-  for name, r in results.items():
-    bench, temp = name.split("@T=")
-    alpha = " ".join(f"{a:.2f}" for a in r["n_alpha"])
-    lines.append(f"| {bench} | {temp} | {r['tau']:.2f} | {alpha} | {r['vanilla_tok_per_s']:.1f} | "
-                 f"{r['spec_tok_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical_outputs']}/{r['prompts']} |")
-  md = "\n".join(lines)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(md + "\n")
-  plot(results, os.path.join(out_dir, "acceptance.png"))
-  print(md)
+  print(write_report(results, out_dir))
   if any(mismatches.values()):
     print("T=0 mismatches (first differing token, target logit gap):", json.dumps(mismatches), file=sys.stderr)
 

@@ -19,11 +19,16 @@ processor prepares the pixels; both decoders prefill with them. Output lines of 
 
 With --draft DIR (from `vsd_jax.train`) decoding is speculative; `rounds` then counts verification forwards, so
 tau = new_tokens / rounds. The draft's shape (chain or tree, depth, branching, verified tokens) is the one measured
-fastest on this device for this target and draft (vsd_jax.decoding.autotune: the first --calib_prompts prompts'
-greedy continuations give the acceptance, the device the costs; cached, --retune to measure again), unless any of
---mode/--tree_depth/--top_k/--total_tokens is given. When no measured shape is predicted faster than vanilla
-decoding on this device at this batch size, generate decodes without the draft and says so (a fixed shape always
-speculates); evaluate, which measures the comparison, speculates with the best shape anyway.
+fastest on this device for this target and draft (vsd_jax.decoding.engine: the first --calib_prompts text prompts'
+greedy continuations give the acceptance -- the prompts shipped for calibration when all are image prompts --, the
+device the costs; cached, --retune to measure again), unless any of --mode/--tree_depth/--top_k/--total_tokens is
+given. When no measured shape is predicted faster than vanilla decoding on this device at this batch size, generate
+decodes without the draft and says so (a fixed shape always speculates); evaluate, which measures the comparison,
+speculates with the best shape anyway.
+
+Every flag is checked before the target loads. Each finished batch is appended to --output at once; a rerun with
+the same --output and settings skips the prompts already there (OUT.meta.json holds the settings, the decoding
+shape and which prompts calibrated it); when all are done the file is rewritten in prompt order.
 --precision highest makes every matmul full float32 (XLA's GPU default for float32 is TF32).
 
 The target is read straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh;
@@ -32,7 +37,6 @@ one device with the default mesh).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -40,10 +44,11 @@ from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
+from vsd_jax.errors import UserError
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("prompts", None, "EAGLE question.jsonl or a text file with one prompt per line.")
-flags.DEFINE_string("output", None, "Output JSONL path.")
+flags.DEFINE_string("output", None, "Output JSONL path (appended batch by batch; a rerun resumes).")
 flags.DEFINE_multi_string("image", [], "Image file for the prompts (LLaVA targets; repeatable): one for every "
                           "prompt, one per prompt, or several for a single prompt.")
 flags.DEFINE_integer("max_new_tokens", None, "New tokens per prompt (default: config.generate.max_new_tokens).")
@@ -61,97 +66,68 @@ flags.DEFINE_enum("precision", None, PRECISIONS, "Matmul precision of target and
 
 
 def main(_):
-  import jax
-  import jax.numpy as jnp
   from tqdm import tqdm
 
-  from vsd_jax.decoding.runner import check_capacity, run_batches
-  from vsd_jax.data.chat import prompt_encoder
-  from vsd_jax.data.prompt_file import attach_images, check_image_files, encode_prompt_items, read_prompt_file
-  from vsd_jax.decoding.vanilla import generate
-  from vsd_jax import parallel
-  from vsd_jax.weights import decoding_load_options, load_target
+  from vsd_jax.data.prompt_file import attach_images, check_image_files, read_prompt_file
+  from vsd_jax.decoding.engine import Engine, Sampling, check_decoding_values, explicit_shape
+  from vsd_jax.eval.files import JsonlOutput, check_draft_dir, check_output_file
 
-  cfg = _CONFIG.value
-  if flags.FLAGS.prompts is None or flags.FLAGS.output is None:
-    sys.exit("error: --prompts and --output are required")
+  cfg, F = _CONFIG.value, flags.FLAGS
+  if F.prompts is None or F.output is None:
+    raise UserError("--prompts and --output are required: pass --prompts FILE (question.jsonl or one prompt per "
+                     "line) and --output OUT.jsonl")
   g = cfg.generate
-  max_new = flags.FLAGS.max_new_tokens or g.max_new_tokens
-  temperature = g.temperature if flags.FLAGS.temperature is None else flags.FLAGS.temperature
-  top_p = flags.FLAGS.top_p or g.top_p
-  batch_size = flags.FLAGS.batch_size or g.batch_size
-
-  items = read_prompt_file(flags.FLAGS.prompts, with_images=True)[:flags.FLAGS.limit]
-  items = attach_images(items, flags.FLAGS.image)
+  given = lambda flag, default: default if flag is None else flag  # noqa: E731  (0 is a value, not "unset")
+  sampling = Sampling(max_new_tokens=given(F.max_new_tokens, g.max_new_tokens),
+                      temperature=given(F.temperature, g.temperature), top_p=given(F.top_p, g.top_p),
+                      batch_size=given(F.batch_size, g.batch_size), seed=F.seed)
+  check_decoding_values(limit=F.limit, calib_prompts=F.calib_prompts)
+  shape = explicit_shape(F.tree_depth, F.top_k, F.total_tokens, F.mode)
+  check_output_file(F.output, "--output")
+  if F.draft:
+    check_draft_dir(F.draft)
+  items = attach_images(read_prompt_file(F.prompts, with_images=True)[:F.limit], F.image)
   check_image_files(items)  # a bad image file fails here, before the target loads
-  target = load_target(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                       mesh=parallel.decode_mesh(cfg), rules=parallel.logical_axis_rules(cfg),
-                       **decoding_load_options(cfg))
-  tok = target.tokenizer
-  enc = prompt_encoder(target, cfg)  # config.data.chat_template, the pipeline's end-of-turn and pad ids
-  encoded = encode_prompt_items(target, enc, items, g.system_prompt, flags.FLAGS.prompts)
-  prompts = encoded.ids  # image prompts: the image tokens expanded, encoded.images their files
-  px = lambda rows: None if rows is None else jnp.asarray(encoded.pixel_values(rows))  # noqa: E731
-  max_pos = min(cfg.model.max_positions, target.config.max_position_embeddings)
-  names = [f"prompt {it[0]!r} of {flags.FLAGS.prompts}" for it in items]
-  for i in range(len(prompts)):  # check every prompt, so the error names the one at fault
-    check_capacity([len(prompts[i])], max_new, max_pos, names=[names[i]])
-  pad_id, eos = enc.pad_id, enc.eos_ids
-  rng = jax.random.PRNGKey(flags.FLAGS.seed)
+  settings = dict(prompts=os.path.abspath(F.prompts), limit=F.limit, images=list(F.image), model=cfg.model.name,
+                  max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                  seed=F.seed, draft=F.draft and os.path.abspath(F.draft), precision=F.precision)
+  out = JsonlOutput(F.output, settings)  # other settings than the rows there: an error, before loading
 
-  def call(ids, lens, rows=None):
-    slots = check_capacity(lens, max_new, max_pos)
-    out = generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens), rng, temperature,
-                   max_new_tokens=max_new, cache_slots=slots, eos_ids=eos, top_p=top_p, pad_id=pad_id,
-                   precision=flags.FLAGS.precision, pixel_values=px(rows))
-    return out.tokens, out.num_new, out.rounds
+  engine = Engine(cfg, F.draft, shape, precision=F.precision)
+  encoded = engine.encode(items, F.prompts)  # image prompts: the image tokens expanded, encoded.images their files
+  keys = [out.key(it[0], ids) for it, ids in zip(items, encoded.ids)]
+  todo = [i for i, k in enumerate(keys) if k not in out.finished]
+  names = [f"prompt {items[i][0]!r} of {F.prompts}" for i in todo]
+  engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens, names, False)  # before measuring
+  if todo:
+    engine.resolve_shape(items, F.calib_prompts, origin=F.prompts, batch=sampling.batch_size,
+                         cache_path=F.autotune_cache, retune=F.retune)
+    if engine.draft is not None and not engine.speculating:  # never decode slower than without the draft
+      print(f"decoding without the draft: on this device at batch {sampling.batch_size} no draft shape is predicted "
+            "faster than vanilla decoding (T=0 acceptance of the calibration prompts against measured costs); fix a "
+            "shape with --mode/--tree_depth/--top_k/--total_tokens to speculate anyway", file=sys.stderr)
+    engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens, names)  # with the draft's slots
+    out.start(engine.metadata())
+  if len(todo) < len(items):
+    print(f"resuming {F.output}: {len(items) - len(todo)} of {len(items)} prompts already generated", file=sys.stderr)
+  tok = engine.target.tokenizer
 
-  tree_cfg = None  # vanilla decoding, unless a draft is given and speculating pays
-  if flags.FLAGS.draft:
-    from vsd_jax.decoding.speculative import required_slots, speculative_generate
-    from vsd_jax.decoding.autotune import choose_shape, explicit_shape
-    from vsd_jax.models.eagle3 import Eagle3Draft
-    from vsd_jax.weights.draft_io import load_draft
-    F = flags.FLAGS
-    dcfg, dparams, d2t, _ = load_draft(F.draft, target.config)
-    draft = Eagle3Draft(dcfg)
-    tree_cfg = explicit_shape(F.tree_depth, F.top_k, F.total_tokens, F.mode)
-    if tree_cfg is None:  # the shape measured fastest on this device (cached per device, target and draft)
-      calib = [p for p, it in zip(prompts, items) if not it[2]][:F.calib_prompts]
-      choice = choose_shape(target, draft, dparams, d2t, F.draft, calib, eos_ids=eos, pad_id=pad_id,
-                            batch=batch_size, precision=F.precision, cache_path=F.autotune_cache, retune=F.retune,
-                            fallback=True)
-      print(choice.describe(), file=sys.stderr)
-      tree_cfg = choice.shape
-      if not choice.pays:  # a serving engine's rule: never decode slower than without the draft
-        print(f"decoding without the draft: on this device at batch {batch_size} no draft shape is predicted faster "
-              "than vanilla decoding (T=0 acceptance of the calibration prompts against measured costs); fix a "
-              "shape with --mode/--tree_depth/--top_k/--total_tokens to speculate anyway", file=sys.stderr)
-        tree_cfg = None
-  if tree_cfg is not None:
-    extra = required_slots(0, 0, tree_cfg)
-    for i in range(len(prompts)):
-      check_capacity([len(prompts[i])], max_new, max_pos, extra=extra, names=[names[i]])
-
-    def call(ids, lens, rows=None):  # noqa: F811  (speculative replaces vanilla)
-      slots = -(-required_slots(ids.shape[1], max_new, tree_cfg) // 128) * 128
-      out = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), jnp.asarray(ids),
-                                 jnp.asarray(lens), rng, tree_cfg=tree_cfg, max_new_tokens=max_new,
-                                 cache_slots=slots, eos_ids=eos, temperature=temperature, top_p=top_p,
-                                 pad_id=pad_id, precision=F.precision, pixel_values=px(rows))
-      return out.tokens, out.num_new, out.rounds
-
-  with tqdm(total=len(prompts), desc="generate", file=sys.stderr) as bar:
-    results = run_batches(prompts, batch_size, call, pad_id, progress=bar.update, extras=encoded.images)
-  os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.output)), exist_ok=True)
-  with open(flags.FLAGS.output, "w") as f:
-    for (qid, _, images), r in zip(items, results):
+  def write(indices, generations):
+    rows = []
+    for j, r in zip(indices, generations):
+      qid, _, images = items[todo[j]]
       row = dict(question_id=qid, prompt_ids=r.prompt_ids, output_ids=r.output_ids,
                  text=tok.decode(r.output_ids, skip_special_tokens=True), new_tokens=r.new_tokens,
                  wall_time=r.wall_time, rounds=r.rounds)
-      f.write(json.dumps(dict(row, images=list(images)) if images else row) + "\n")
-  total_tokens = sum(r.new_tokens for r in results)
-  print(f"wrote {len(results)} generations ({total_tokens} new tokens) to {flags.FLAGS.output}", file=sys.stderr)
+      rows.append(dict(row, images=list(images)) if images else row)
+    out.append(rows)
+
+  with tqdm(total=len(todo), desc="generate", file=sys.stderr) as bar:
+    if todo:
+      engine.generate(encoded.subset(todo), sampling, on_batch=write, progress=bar.update)
+  rows = out.finish(keys)
+  total_tokens = sum(r["new_tokens"] for r in rows)
+  print(f"wrote {len(rows)} generations ({total_tokens} new tokens) to {F.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

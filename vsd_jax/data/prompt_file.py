@@ -119,6 +119,11 @@ class EncodedPrompts:
   images: Optional[list] = None   # each prompt's image files (a tuple, () for a text prompt); None: no image at all
   pixels: Optional[object] = None  # data.images.PixelLoader of the images
 
+  def subset(self, indices) -> "EncodedPrompts":
+    """The prompts at `indices` (e.g. those a resumed run has still to decode)."""
+    return EncodedPrompts([self.ids[i] for i in indices],
+                          None if self.images is None else [self.images[i] for i in indices], self.pixels)
+
   def pixel_values(self, rows) -> Optional[object]:
     """float32 [len(rows), I, C, S, S] of the given rows' image files (run_batches' extras), or None for a text
     set (rows None)."""

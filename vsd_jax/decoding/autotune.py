@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsd_jax.decoding.precision import matmul_precision
+from vsd_jax.decoding.runner import cache_slots
+from vsd_jax.decoding.speculative import Round
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
-from vsd_jax.decoding.verify import greedy_verify
 from vsd_jax.models.draft_unroll import draft_fn_of, sequence_step
 from vsd_jax.models.features import embedding_matrix, fuse_features
 from vsd_jax.models.kv_cache import KVCache
@@ -65,21 +66,6 @@ def candidate_shapes(platform: str) -> list:
   return shapes
 
 
-FIXED_DEFAULTS = dict(depth=5, top_k=8, total_tokens=12, mode="tree")
-
-
-def explicit_shape(depth=None, top_k=None, total_tokens=None, mode=None) -> Optional[TreeConfig]:
-  """The shape a user gave (values left out come from FIXED_DEFAULTS; a chain verifies `depth` tokens), or None
-  when none was given: then `choose_shape` picks it."""
-  given = dict(depth=depth, top_k=top_k, total_tokens=total_tokens, mode=mode)
-  if all(v is None for v in given.values()):
-    return None
-  v = {k: FIXED_DEFAULTS[k] if x is None else x for k, x in given.items()}
-  if v["mode"] == "chain":
-    v.update(top_k=1, total_tokens=v["depth"])
-  return TreeConfig(**v)
-
-
 def shape_name(s: TreeConfig) -> str:
   return f"chain d{s.depth}" if s.mode == "chain" else f"tree d{s.depth} k{s.top_k} n{s.total_tokens}"
 
@@ -102,7 +88,7 @@ def greedy_continuations(target, prompts: Sequence[Sequence[int]], max_new_token
   from vsd_jax.decoding.runner import bucket, pad_prompts
   from vsd_jax.decoding.vanilla import generate
   ids, lens = pad_prompts(prompts, pad_id, multiple)
-  slots = bucket(ids.shape[1] + max_new_tokens, 128)
+  slots = cache_slots(ids.shape[1], max_new_tokens)
   out = jax.device_get(generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens),
                                 jax.random.PRNGKey(0), 0.0, max_new_tokens=max_new_tokens, cache_slots=slots,
                                 eos_ids=tuple(eos_ids), pad_id=pad_id, precision=precision))
@@ -276,30 +262,30 @@ def time_verify(target, nodes: int, batch: int, context: int, num_slots: int, re
 
 def draft_side_timer(target, draft_model, draft_params, d2t, shape: TreeConfig, batch: int, context: int,
                      num_slots: int, precision=None):
-  """(fn, args): a round's work other than the target's forward: expansion, greedy acceptance over target
-  logits of the tree's nodes, and the draft over depth + 1 committed tokens (its cache updated in place)."""
-  embed = embedding_matrix(target.params)
-  h = target.config.hidden_size
-  vocab = target.config.vocab_size
+  """(fn, args): a round's work other than the target's forward, as `speculative.Round` does it: expansion, greedy
+  acceptance over target logits of the tree's nodes, the committed tokens' bookkeeping, and the draft over depth + 1
+  committed tokens (its cache updated in place)."""
+  h, vocab, t = target.config.hidden_size, target.config.vocab_size, shape.num_nodes
+  layers = len(target.config.eagle3_layers)
+  r = Round(target.model, draft_model, shape, max_new_tokens=1 << 20)
 
-  def side(dcache, dp, root, root_logits, root_hidden, length, tlogits, feats):
+  def side(dcache, dp, root, root_logits, root_hidden, length, tlogits, hidden_states):
     with matmul_precision(precision):
-      tree, dcache = expand_tree(shape, draft_fn_of(draft_model, dp, embed), dcache, d2t, root, root_logits,
-                                 root_hidden, length)
-      path, m, bonus = greedy_verify(tree, tlogits, shape.depth)
-      new = jnp.take_along_axis(tree.tokens, path, axis=1)
-      f = jnp.take_along_axis(feats, path[:, :, None], axis=1)
-      dout = draft_model.apply({"params": dp}, embed, new, f, kv_cache=dcache, write_index=length)
-      return (dout.logits[:, 0], m, bonus), dout.kv_cache
+      tree, dcache = r.expand(target.params, dp, d2t, dcache, root, root_logits, root_hidden, length, None)
+      path, m, bonus = r.accept(tree, tlogits, None, d2t)
+      tokens = jnp.zeros((batch, 2 * r.width), jnp.int32)
+      new, tokens, _, _, _ = r.commit(tokens, jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), tree.tokens,
+                                      path, m, bonus)
+      dout = r.draft_update(target.params, dp, dcache, new, hidden_states, path, length)
+      return (dout.logits[:, 0], tokens, m, bonus), dout.kv_cache
 
-  t = shape.num_nodes
   rng = np.random.default_rng(0)
   return _threaded(jax.jit(side, donate_argnums=0), KVCache.zeros(draft_model.cfg.layer_config, batch, num_slots),
                    draft_params, jnp.zeros((batch,), jnp.int32),
                    jnp.asarray(rng.normal(size=(batch, d2t.shape[0])), jnp.float32),
                    jnp.zeros((batch, h), jnp.float32), jnp.full((batch,), context, jnp.int32),
                    jnp.asarray(rng.normal(size=(batch, t, vocab)), jnp.float32),
-                   jnp.zeros((batch, t, 3 * h), jnp.float32))
+                   jnp.zeros((layers, batch, t, h), jnp.float32))
 
 
 def _interp(curve: dict, n: int) -> float:
@@ -317,16 +303,14 @@ class Choice:
   table: list               # per candidate: name, tau, round_ms, step_ms, speedup, verify_timed
   key: str
   cached: bool = False
+  calibration: Optional[dict] = None  # which prompts measured the acceptance (as choose_shape was told), if known
 
   @property
   def pays(self) -> bool:
-    """Whether speculating with this shape is predicted faster than vanilla decoding on this device. A fixed
-    default that was not measured (predicted_speedup NaN) is taken to pay."""
+    """Whether speculating with this shape is predicted faster than vanilla decoding on this device."""
     return not self.predicted_speedup < 1.0
 
   def describe(self) -> str:
-    if not self.table:
-      return f"decoding shape (fixed default, not measured): {shape_name(self.shape)}"
     src = "cached" if self.cached else "measured"
     slower = "" if self.pays else " (no candidate shape is predicted faster than vanilla decoding here)"
     return (f"decoding shape ({src}): {shape_name(self.shape)}, predicted speedup {self.predicted_speedup:.2f}x "
@@ -373,8 +357,8 @@ def _read_cache(path):
 def choose_shape(target, draft_model, draft_params, d2t, draft_dir: str, calib_prompts: Sequence[Sequence[int]],
                  *, eos_ids=(), pad_id: int = 0, batch: int = 1, max_new_tokens: int = 96,
                  shapes: Optional[Sequence[TreeConfig]] = None, precision=None, cache_path: Optional[str] = None,
-                 retune: bool = False, exact_verify_top: int = 4, repeats: int = 10, fallback: bool = False,
-                 log=None) -> Choice:
+                 retune: bool = False, exact_verify_top: int = 4, repeats: int = 10,
+                 calibration: Optional[dict] = None, log=None) -> Choice:
   """The candidate shape with the highest predicted speedup over vanilla on this device (see the module doc).
 
   calib_prompts: token-id prompts whose greedy continuations (max_new_tokens each) give the acceptance; keep
@@ -383,8 +367,8 @@ def choose_shape(target, draft_model, draft_params, d2t, draft_dir: str, calib_p
     16, ... up to the largest candidate and interpolated, then timed exactly at the node counts of the best
     `exact_verify_top` candidates before the final ranking.
   cache_path: JSON cache (default `default_cache_path()`; '' disables it); retune: measure even when cached.
-  fallback: with no calibration prompts and nothing cached, return the fixed default shape (FIXED_DEFAULTS,
-    not measured: predicted_speedup NaN) instead of raising ValueError.
+  calibration: a description of the calibration prompts (e.g. their source and ids), kept with the choice in the
+    cache and returned as Choice.calibration, so a cached choice still says what measured it.
   """
   log = log or (lambda msg: print(msg, file=sys.stderr))
   d2t = jnp.asarray(d2t)
@@ -394,13 +378,9 @@ def choose_shape(target, draft_model, draft_params, d2t, draft_dir: str, calib_p
     hit = _read_cache(path).get(key)
     if hit:
       s = hit["shape"]
-      return Choice(TreeConfig(**s), hit["predicted_speedup"], hit["table"], key, cached=True)
+      return Choice(TreeConfig(**s), hit["predicted_speedup"], hit["table"], key, cached=True,
+                    calibration=hit.get("calibration"))
   if not calib_prompts:
-    if fallback:
-      log("autotune: no text prompts to measure the draft's acceptance on; decoding with the fixed default "
-          f"shape {shape_name(explicit_shape(**FIXED_DEFAULTS))} (give --mode/--tree_depth/--top_k/--total_tokens "
-          "to choose one)")
-      return Choice(explicit_shape(**FIXED_DEFAULTS), float("nan"), [], key)
     raise ValueError("choose_shape needs calibration prompts (token ids) to measure the draft's acceptance; "
                      "pass a few prompts apart from the ones you evaluate, or give the tree shape explicitly")
   platform = jax.devices()[0].platform
@@ -413,8 +393,7 @@ def choose_shape(target, draft_model, draft_params, d2t, draft_dir: str, calib_p
 
   context = int(np.mean(calib.lens))
   max_nodes = max(s.num_nodes for s in shapes)
-  num_slots = -(-(int(calib.ids.shape[1]) + max_new_tokens + max_nodes + 2 * max(s.scratch_slots for s in shapes))
-                // 128) * 128
+  num_slots = cache_slots(int(calib.ids.shape[1]), max_new_tokens, max_nodes + 2 * max(s.scratch_slots for s in shapes))
   coarse = sorted({1} | {n for n in (2, 4, 8, 16, 32, 64, 128) if n < max_nodes} | {max_nodes})
   log(f"autotune: timing the target's verification at {coarse} nodes and each shape's draft side (batch {batch}) ...")
   timers = {("verify", n): verify_timer(target, n, batch, context, num_slots, precision) for n in coarse}
@@ -446,14 +425,15 @@ def choose_shape(target, draft_model, draft_params, d2t, draft_dir: str, calib_p
                       verify_timed=s.num_nodes in verify))
   table.sort(key=lambda r: -r["speedup"])
   top = table[0]
-  choice = Choice(TreeConfig(**top["shape"]), top["speedup"], table, key)
+  measured = dict(calibration or {}, prompts=len(calib_prompts), max_new_tokens=max_new_tokens,
+                  tokens=int(np.sum(calib.lens - calib.prompt_lens)))
+  choice = Choice(TreeConfig(**top["shape"]), top["speedup"], table, key, calibration=measured)
   log(f"autotune: {len(shapes)} shapes in {time.perf_counter() - t0:.0f} s; " + choice.describe())
   if path:
     entries = _read_cache(path)
     entries[key] = dict(shape=top["shape"], predicted_speedup=top["speedup"], table=table,
                         verify_ms={str(k): v * 1e3 for k, v in verify.items()},
-                        calibration=dict(prompts=len(calib_prompts), max_new_tokens=max_new_tokens,
-                                         tokens=int(np.sum(calib.lens - calib.prompt_lens))),
+                        calibration=measured,
                         date=time.strftime("%Y-%m-%d %H:%M"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

@@ -54,7 +54,15 @@ def check_capacity(prompt_lens, max_new_tokens: int, max_positions: int, extra: 
         f"{label} has {int(prompt_lens[i])} tokens; with max_new_tokens={max_new_tokens}"
         f"{f' and {extra} draft slots' if extra else ''} it needs {need} positions but the model/cache "
         f"allows {max_positions}. {fix}.")
-  return bucket(min(bucket(longest, multiple) + max_new_tokens + extra, max_positions), 128)
+  return cache_slots(bucket(longest, multiple), max_new_tokens, extra, max_positions)
+
+
+def cache_slots(prompt_width: int, max_new_tokens: int, extra: int = 0, max_positions: Optional[int] = None) -> int:
+  """KV-cache slots for prompts padded to prompt_width, max_new_tokens new tokens and `extra` slots (a speculative
+  round's tree and draft scratch: speculative.required_slots(0, 0, shape)), capped at max_positions when given,
+  rounded up to a multiple of 128 (the one rounding of cache sizes, so nearby sizes share a compiled program)."""
+  need = prompt_width + max_new_tokens + extra
+  return bucket(need if max_positions is None else min(need, max_positions), 128)
 
 
 @dataclasses.dataclass
@@ -68,13 +76,15 @@ class Generation:
 
 
 def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callable, pad_id: int,
-                progress: Optional[Callable] = None, extras: Optional[Sequence] = None) -> list:
+                progress: Optional[Callable] = None, extras: Optional[Sequence] = None,
+                on_batch: Optional[Callable] = None) -> list:
   """Run `call(ids, lens) -> (tokens, num_new, rounds[, accept_hist])` over batches sorted by length.
 
   Each batch is called once to compile (not timed) and once timed, so wall_time excludes compilation.
   Returns a Generation per prompt, in the input order. The batch's wall time is given to each row.
   extras: one entry per prompt (e.g. a multimodal prompt's image files); then `call(ids, lens, batch_extras)`
-  with the batch rows' entries, as a list in row order.
+  with the batch rows' entries, as a list in row order. on_batch(indices, generations): after each batch, with
+  its prompts' input indices and Generations (e.g. to write them out as they finish).
   """
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list = [None] * len(prompts)
@@ -100,6 +110,8 @@ def run_batches(prompts: Sequence[Sequence[int]], batch_size: int, call: Callabl
       n = int(num_new[row])
       hist = out[3][row].tolist() if len(out) > 3 else None
       results[i] = Generation(list(prompts[i]), tokens[row, :n].tolist(), n, int(rounds[row]), dt, hist)
+    if on_batch is not None:
+      on_batch(idx, [results[i] for i in idx])
     if progress is not None:
       progress(len(idx))
   return results

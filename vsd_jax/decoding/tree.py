@@ -25,15 +25,20 @@ from vsd_jax.models.masks import ancestor_mask, tree_attention_mask
 _TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed
 
 
+# The one table of decoding-shape defaults: a TreeConfig's field defaults, the values a partly given shape takes
+# for the fields left out (`engine.explicit_shape`), the CLIs' help text and the benchmarks' defaults.
+SHAPE_DEFAULTS = dict(depth=5, top_k=8, total_tokens=12, mode="tree")
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeConfig:
   """depth: draft steps per round; top_k: branching; total_tokens: draft nodes verified per round.
   mode: "tree" (top-k dynamic tree; greedy or multi-draft sampling verification) or "chain" (the draft
   samples one path of `depth` tokens; speculative sampling of Leviathan et al.)."""
-  depth: int = 5
-  top_k: int = 8
-  total_tokens: int = 48
-  mode: str = "tree"
+  depth: int = SHAPE_DEFAULTS["depth"]
+  top_k: int = SHAPE_DEFAULTS["top_k"]
+  total_tokens: int = SHAPE_DEFAULTS["total_tokens"]
+  mode: str = SHAPE_DEFAULTS["mode"]
 
   def __post_init__(self):
     if self.mode not in ("tree", "chain"):
