@@ -189,6 +189,7 @@ def test_dry_run_oracle_memory():
   np.testing.assert_allclose(vsd_oracle_memory(c, v, b, 2)["reduced"]["whole"], tokens * 12 / GIB)
 
 
+@pytest.mark.slow  # 17 s on 2 cores: the fast tier stays under 5 minutes
 def test_oracle_and_paths_ignore_the_padding_side():
   """One sequence gives the same oracle outputs and draft paths unpadded, right-padded and LEFT-padded: RoPE
   positions come from the valid mask (anchor t's node z_k at pos(t) + k), and padding slots are never attended.

@@ -124,6 +124,7 @@ def test_hold_share_gradient():
     hold_share(lambda q: ((anchor(q), anchor(q)), {}), params, 1.5)
 
 
+@pytest.mark.slow  # 70 s on 2 cores: the fast tier stays under 5 minutes
 def test_exact_loss_with_eagle3_grad_share():
   """vsd.estep='exact' with eagle3_grad_share: the loss is unchanged and its gradient is g_EAGLE-3 + c g_(-J) with the
   EAGLE-3 term holding that share of the norm (g_EAGLE-3 from lambda_exact = 0, g_(-J) = the plain total's minus it)."""
