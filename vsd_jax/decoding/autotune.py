@@ -44,7 +44,7 @@ from vsd_jax.models.draft_unroll import draft_fn_of, sequence_step
 from vsd_jax.models.features import embedding_matrix, fuse_features
 from vsd_jax.models.kv_cache import KVCache
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the draft side timed through speculative.Round (its commit bookkeeping included)
 
 # Candidate shapes per platform: (mode, depth, top_k, verified-token counts). Chains take depth 1..D.
 CANDIDATES = {
