@@ -149,12 +149,15 @@ def runs(args):
   return [(a, seeds[0]) for a in order] + [(a, s) for s in seeds[1:] for a in order if a in paired]
 
 
+def _read_json(path, default):
+  if not os.path.isfile(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
 def _report(workdir):
-  path = os.path.join(workdir, "report.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
+  return _read_json(os.path.join(workdir, "report.json"), None)
 
 
 MONITORS = ("supported", "ess_frac", "chain_accept", "mean_u", "grad_norm")
@@ -222,13 +225,6 @@ def run_until(cmd: list, clock: Clock) -> None:
     raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
-def _read_json(path, default):
-  if not os.path.isfile(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
 def train_runs(args, todo: list, clock: Clock, base: bool = False) -> None:
   """Train the runs `todo` [(arm, seed, steps)] (and with `base`, the base draft's held-out report) in ONE worker
   process (`--train_worker`): the target and the data load once for all of them. A run stopped by the time budget
@@ -294,7 +290,7 @@ def train_worker(spec_path: str) -> None:
   import logging
 
   from vsd_jax.cli_config import _load_file, apply_overrides
-  from vsd_jax.train import load_for_training, train
+  from vsd_jax.train import check_inputs, load_for_training, train
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   stop = []
@@ -307,12 +303,14 @@ def train_worker(spec_path: str) -> None:
       break
     t0 = time.time()
     config = apply_overrides(_load_file(CONFIG), job["overrides"], CONFIG)
+    if job["kind"] == "train":
+      check_inputs(config)
     key = json.dumps([config.model.to_dict(), config.mesh.to_dict(), config.data.to_dict()], default=str)
     if loaded is None or key != shared:
       loaded, shared = load_for_training(config), key
     if job["kind"] == "base":
       base_heldout(config, loaded.target, job["draft"], job["out"])
-      publish(args, collect_reports(args), {} if args.skip_eval else load_decoding(args))
+      publish(args, collect_reports(args), load_decoding(args))
       continue
     attempts_path = os.path.join(job["workdir"], "attempts.json")
     attempts = _read_json(attempts_path, {"overrides": job["overrides"], "calls": []})
@@ -321,7 +319,7 @@ def train_worker(spec_path: str) -> None:
                                   train_s=report.get("stages", {}).get("train_s")))
     with open(attempts_path, "w") as f:
       json.dump(attempts, f, indent=1)
-    publish(args, collect_reports(args), {} if args.skip_eval else load_decoding(args))
+    publish(args, collect_reports(args), load_decoding(args))
     if report.get("stopped") != "done":
       break
 
@@ -560,13 +558,15 @@ def decoding_settings(args) -> dict:
 
 
 def load_decoding(args) -> dict:
-  """The decoded entries kept in OUT/decoding.json for these settings (none when they were decoded otherwise)."""
-  path = os.path.join(args.out, "decoding.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    saved = json.load(f)
+  """The decoded entries kept in OUT/decoding.json for these settings (none when they were decoded otherwise, or
+  with --skip_eval)."""
+  saved = {} if args.skip_eval else _read_json(os.path.join(args.out, "decoding.json"), {})
   return saved.get("results", {}) if saved.get("settings") == decoding_settings(args) else {}
+
+
+def decoded_runs(args, reports: dict) -> list:
+  """The runs decoded and summarised: --eval_runs, or every run that has a report."""
+  return args.eval_runs.split(",") if args.eval_runs else list(reports)
 
 
 def run_names(args) -> list:
@@ -624,7 +624,7 @@ def print_plan(p: dict) -> None:
 def publish(args, reports: dict, results: dict, stopped: str = "") -> dict:
   """Write OUT/summary.{json,md} from what exists, and copy it, decoding.json, the plan and every run's report,
   metrics and attempts to --mirror (a device call's $OUT: what a call cut off at its limit still returns)."""
-  names = args.eval_runs.split(",") if args.eval_runs else list(reports)
+  names = decoded_runs(args, reports)
   wanted = wanted_entries(args)
   summary = summarise(args, reports, {n: {k: v for k, v in results.get(n, {}).items() if k in wanted}
                                       for n in names})
@@ -711,7 +711,7 @@ def main():
   # Decoding results are kept per run and "<set>@T=<t>/<mode>" in OUT/decoding.json with the settings that
   # shape every entry, so a later call that adds arms, sets, temperatures or modes, or resumes a stopped one,
   # decodes only what is missing; vanilla is rerun with them (speedups stay same-process).
-  results = {} if args.skip_eval else load_decoding(args)
+  results = load_decoding(args)
   left = plan(args, results)
   with open(os.path.join(args.out, "plan.json"), "w") as f:
     json.dump(left, f, indent=1)
@@ -732,7 +732,7 @@ def main():
     reports = collect_reports(args)
     publish(args, reports, results)
     if not args.skip_eval:
-      names = args.eval_runs.split(",") if args.eval_runs else list(reports)
+      names = decoded_runs(args, reports)
       path = os.path.join(args.out, "decoding.json")
 
       def save(res):

@@ -107,7 +107,8 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   """One training run of `config`: train, export <workdir>/draft, held-out report; returns the report (also
   written to <workdir>/report.json by process 0). `loaded`: the mesh, target and data of an earlier
   `load_for_training` with the same model, mesh and data settings (runs in one process share them); loaded here
-  when None (then its seconds are in this report's stages; a shared one's are not)."""
+  when None (then its seconds are in this report's stages; a shared one's are not). The caller has checked the
+  config with `check_inputs` (main does before the distributed start; the experiment's worker before each run)."""
   import jax
 
   from vsd_jax import parallel
@@ -119,7 +120,6 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   from vsd_jax.training.trainer import train_loop
   from vsd_jax.weights.draft_io import save_draft
 
-  check_inputs(config)
   t0 = time.time()
   if loaded is None:
     loaded = load_for_training(config)
