@@ -361,7 +361,7 @@ def base_overrides(args) -> list:
 def base_heldout(config, target, draft_dir: str, out: str) -> None:
   """The base draft's held-out report on the same prompts and settings as every arm's (train.py's report),
   written to `out`."""
-  from vsd_jax.data.draft_vocab import DraftVocab
+  from vsd_jax.models.draft_vocab import DraftVocab
   from vsd_jax.training.heldout import heldout_report
   from vsd_jax.weights.draft_io import load_draft
 

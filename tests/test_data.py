@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from vsd_jax.config_base import base_config
-from vsd_jax.data import (ChatTemplateError, DataSourceError, SequenceDataset, apply_length_limit, build_draft_vocab,
-                          build_sequence, draft_to_target, encode_chat, encode_prompt, iterate_batches, load_prompts,
-                          prepare_data, read_file, read_hub, read_source, regenerate, target_to_draft)
+from vsd_jax.data import (ChatTemplateError, DataSourceError, SequenceDataset, apply_length_limit, build_sequence,
+                          encode_chat, encode_prompt, iterate_batches, load_prompts, prepare_data, read_file, read_hub,
+                          read_source, regenerate)
 from vsd_jax.data.chat import VICUNA_TEMPLATE
 from vsd_jax.data.dataset import bucket_lengths
-from vsd_jax.data.draft_vocab import from_counts, token_counts
 from vsd_jax.data.regenerate import read_cache
+from vsd_jax.models.draft_vocab import build_draft_vocab, draft_to_target, from_counts, target_to_draft, token_counts
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 from vsd_jax.data.chat import (ChatTemplateError, apply_length_limit, build_sequence, encode_conversation,
                                prompt_encoder)
 from vsd_jax.data.dataset import SequenceDataset
-from vsd_jax.data.draft_vocab import DraftVocab, build_draft_vocab
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
 from vsd_jax.data.sources import load_prompts
+from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
 
 log = logging.getLogger(__name__)
 

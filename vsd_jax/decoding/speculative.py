@@ -25,8 +25,8 @@ from vsd_jax.decoding.sampling import sample_token
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
 from vsd_jax.decoding.vanilla import is_eos
 from vsd_jax.decoding.verify import chain_verify, greedy_verify, tree_sampling_verify
-from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.models.draft_unroll import draft_fn_of
+from vsd_jax.models.draft_vocab import draft_vocab_ids
 from vsd_jax.models.eagle3 import image_positions
 from vsd_jax.models.features import embedding_matrix, fuse_features, image_inputs
 from vsd_jax.models.kv_cache import KVCache, gather_slots

@@ -17,9 +17,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.decoding.sampling import warp_logits
 from vsd_jax.models.draft_unroll import unroll_chain
+from vsd_jax.models.draft_vocab import draft_to_target
 from vsd_jax.models.masks import ancestor_mask, tree_attention_mask
 
 _TIE_EPS = 1e-6  # children score strictly below parents, so top-N reranking is ancestor-closed

@@ -35,7 +35,7 @@ def check_method_config(config) -> None:
 
 
 def build_method(config, target, vocab) -> Method:
-  """config.method -> Method for `target` and the draft vocabulary `vocab` (data.draft_vocab); with
+  """config.method -> Method for `target` and the draft vocabulary `vocab` (models.draft_vocab); with
   config.draft.init_from, the draft starts from that trained draft instead of a random init."""
   check_method_config(config)
   method = importlib.import_module(f"vsd_jax.methods.{config.method}").build(config, target, vocab)
@@ -69,7 +69,7 @@ def _head_from_target(init_params: Callable, target, vocab) -> Callable:
   import jax
   import jax.numpy as jnp
 
-  from vsd_jax.data.draft_vocab import draft_vocab_ids
+  from vsd_jax.models.draft_vocab import draft_vocab_ids
   from vsd_jax.models.features import language_model_params, output_matrix
 
   out = output_matrix(target.params, target.config.tie_word_embeddings)

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsd_jax.data.draft_vocab import draft_to_target, draft_vocab_ids
 from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, left_shifter, sequence_step, unroll_chain,
                                          with_slots)
+from vsd_jax.models.draft_vocab import draft_to_target, draft_vocab_ids
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
 

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.data.draft_vocab import draft_vocab_ids
 from vsd_jax.methods.eagle3 import drop_image_tokens, scalar_metrics, ttt_loss_options
 from vsd_jax.methods.eagle3.loss import eagle3_loss
 from vsd_jax.methods.grad_share import check_grad_share, hold_share
@@ -29,6 +28,7 @@ from vsd_jax.methods.vsd import estep, mstep, utility
 from vsd_jax.methods.vsd.oracle import OracleOutputs, oracle_outputs, oracle_slots
 from vsd_jax.methods.vsd.paths import DraftPaths, choose_anchors, unroll_draft_paths
 from vsd_jax.models.draft_unroll import sequence_step
+from vsd_jax.models.draft_vocab import draft_vocab_ids
 from vsd_jax.models.features import TargetPass, embedding_matrix, image_inputs, target_pass
 
 

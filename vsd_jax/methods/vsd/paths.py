@@ -22,9 +22,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.data.draft_vocab import draft_to_target
 from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, gather_rows, sequence_step, shift_left,
                                          unroll_chain, with_slots)
+from vsd_jax.models.draft_vocab import draft_to_target
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
 
