@@ -12,21 +12,28 @@ Per-device figures: parameters, optimiser state and frozen target from the shard
 XLA's temporary buffers of the compiled step (memory_analysis), FLOPs from XLA's cost analysis (per device
 program) and an analytic 2*params*tokens count. A total over config.mesh.device_memory_gib raises
 DoesNotFitError naming the figures and what to change.
+
+JAX, and every module that imports it, is imported inside the functions: the host device count
+(XLA_FLAGS, ensure_host_devices) must be set before JAX starts, and `train.py --dry_run` imports this module first.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import os
+import sys
 import time
-from typing import Any, Optional
+from typing import Optional
+
+import numpy as np
 
 from vsd_jax.config_base import mesh_axis_sizes
 from vsd_jax.errors import UserError
 # Hub architectures by registry name: the one table (it imports no JAX; re-exported as dry_run.ARCHS).
 from vsd_jax.models import archs
 from vsd_jax.models.archs import ARCHS  # noqa: F401  (re-exported: dry_run.ARCHS)
+from vsd_jax.models.draft_vocab import DraftVocab
 
 GIB = 1024 ** 3
 
@@ -66,7 +73,6 @@ def mesh_size(config) -> int:
 
 def ensure_host_devices(n: int) -> None:
   """Make JAX start with n host CPU devices (call before JAX is imported); no-op when it already has n."""
-  import sys
   if "jax" not in sys.modules:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()  # last one wins
@@ -120,34 +126,23 @@ def target_model(cfg):
   return target_module(cfg)
 
 
-@dataclasses.dataclass
-class _AbstractTarget:  # what build_method reads from weights/registry.Target
-  model: Any
-  params: Any
-  config: Any
-  tokenizer: Any = None
-  source: str = "dry run (abstract)"
+def abstract_target(model, params, cfg):
+  """A weights.Target whose params are ShapeDtypeStructs (no tokenizer): what build_method reads of a target."""
+  from vsd_jax.weights import Target
+  return Target(model=model, params=params, tokenizer=None, config=cfg, source="dry run (abstract)")
 
 
-@dataclasses.dataclass
-class _Vocab:
-  d2t: Any
-  t2d: Any
-
-
-def stand_in_vocab(vocab_size: int, draft_vocab_size: int) -> _Vocab:
+def stand_in_vocab(vocab_size: int, draft_vocab_size: int) -> DraftVocab:
   """A valid draft vocabulary of the configured size (the first N target ids): shapes are all that matter."""
-  import numpy as np
   n = min(int(draft_vocab_size), int(vocab_size))
   t2d = np.zeros((vocab_size,), bool)
   t2d[:n] = True
-  return _Vocab(d2t=np.zeros((n,), np.int64), t2d=t2d)
+  return DraftVocab(d2t=np.zeros((n,), np.int32), t2d=t2d, counts=np.zeros((n,), np.int64), coverage=float("nan"))
 
 
 def _bytes_per_device(tree) -> int:
   """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
   import jax
-  import numpy as np
   return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                  for x in jax.tree_util.tree_leaves(tree)))
 
@@ -161,13 +156,11 @@ def target_bytes_per_device(config, mesh=None) -> tuple:
   """(bytes per device, bytes of the whole model) of the target as weights.load_target(mesh=..., rules=...) places
   it on config's mesh (the frozen target's layout in training): from the abstract shapes and logical shardings
   of the architecture (target_config), no weights read. mesh: default the config's (mesh_size devices)."""
-  import sys
   config = pod_config(config)
   if mesh is None and "jax" not in sys.modules:
     ensure_host_devices(mesh_size(config))
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from vsd_jax import parallel
 
@@ -186,12 +179,10 @@ def target_bytes_per_device(config, mesh=None) -> tuple:
 def vsd_oracle_memory(config, vocab_size: int, batch: int, batch_per_device: int) -> dict:
   """GiB of what VSD's oracle returns per step (config.vsd's M, S, K): the reduced `OracleOutputs` the loss reads
   (shapes from `oracle.reduce_logits` itself, draft_logits only with lambda_car > 0) against the float32 logits
-  [B, M, S, K, V] the oracle returned before issue 15. Each {"whole", "per_device"} (batch split over devices)."""
-  import functools
-
+  [B, M, S, K, V] that returning the oracle's full logits would take. Each {"whole", "per_device"} (batch split over
+  devices)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from vsd_jax.methods.vsd.oracle import reduce_logits
 
@@ -244,13 +235,13 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.draft.init_from = ""  # a trained draft only changes the values, not what is compiled
-  method = build_method(cfg, _AbstractTarget(model, target_params, tcfg), vocab)
+  method = build_method(cfg, abstract_target(model, target_params, tcfg), vocab)
 
   def init_params(rng):
     # The draft's init reads the target's embedding: rebuild the method on traced zeros (never materialised,
     # this runs only under jax.eval_shape).
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target_params)
-    return build_method(cfg, _AbstractTarget(model, zeros, tcfg), vocab).init_params(rng)
+    return build_method(cfg, abstract_target(model, zeros, tcfg), vocab).init_params(rng)
 
   tx, schedule = make_optimizer(config.train)
   abstract_state, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(0), mesh, rules,
