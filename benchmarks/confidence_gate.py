@@ -56,7 +56,7 @@ def chain_states(target, draft, dparams, d2t, calib, depth):
   continuation there)."""
   shape = TreeConfig(depth=depth, top_k=1, total_tokens=depth)
   slots = calib.ids.shape[1] + shape.scratch_slots + depth + 2
-  states = jax.jit(autotune._sequence_states, static_argnums=(0, 2, 6))(
+  states = jax.jit(autotune.sequence_states, static_argnums=(0, 2, 6))(
       target.model, target.params, draft, dparams, jnp.asarray(calib.ids), jnp.asarray(calib.lens), slots)
   embed = embedding_matrix(target.params)
 

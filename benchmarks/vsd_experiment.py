@@ -289,7 +289,7 @@ def train_worker(spec_path: str) -> None:
   between runs."""
   import logging
 
-  from vsd_jax.cli_config import _load_file, apply_overrides
+  from vsd_jax.cli_config import apply_overrides, load_config_file
   from vsd_jax.train import check_inputs, load_for_training, train
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -302,7 +302,7 @@ def train_worker(spec_path: str) -> None:
     if stop:
       break
     t0 = time.time()
-    config = apply_overrides(_load_file(CONFIG), job["overrides"], CONFIG)
+    config = apply_overrides(load_config_file(CONFIG), job["overrides"], CONFIG)
     if job["kind"] == "train":
       check_inputs(config)
     key = json.dumps([config.model.to_dict(), config.mesh.to_dict(), config.data.to_dict()], default=str)
@@ -331,7 +331,7 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
   themselves are the same target's (same packaged GGUF, same generation settings and chat template)."""
   import glob
 
-  from vsd_jax.cli_config import _load_file
+  from vsd_jax.cli_config import load_config_file
   from vsd_jax.data.chat import prompt_encoder
   from vsd_jax.data.pipeline import data_cache_dir, gen_settings, model_id
   from vsd_jax.data.regenerate import cache_path
@@ -341,7 +341,7 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
   files = glob.glob(os.path.join(dst, "responses-*.jsonl"))
   if len(files) != 1:
     return
-  config = _load_file(CONFIG)
+  config = load_config_file(CONFIG)
   config.data.cache_dir = dst
   config.model.name = model
   target = load_target(model, with_tokenizer=True)
@@ -391,13 +391,13 @@ def evaluate(args, drafts: dict, results: dict, save, clock: Clock) -> dict:
   interrupted evaluation resumes where it stopped (vanilla is decoded again for a set that still has work, so every
   speedup stays against vanilla in the same process). Past the clock's budget it raises OutOfTime before the next
   decode."""
-  from vsd_jax.cli_config import _load_file
+  from vsd_jax.cli_config import load_config_file
   from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.decoding.engine import Engine, Sampling
   from vsd_jax.decoding.tree import TreeConfig
   from vsd_jax.eval.metrics import summarize
 
-  cfg = _load_file(CONFIG)
+  cfg = load_config_file(CONFIG)
   cfg.model.name = args.model
   base = Engine(cfg)   # the target in the decoding layout, as the evaluate CLI loads it; prompts encoded as the arms'
   trees = {"tree": TreeConfig(depth=args.tree_depth, top_k=args.top_k, total_tokens=args.total_tokens),  # training data

@@ -77,8 +77,8 @@ def reported(fn, *args, **kwargs) -> str:
 def test_train_checks_inputs_before_loading(tmp_path, field, value, needles):
   """train.check_inputs runs before the mesh, the target and the data stage (train.main's first step)."""
   from vsd_jax import train
-  from vsd_jax.cli_config import _load_file
-  c = _load_file(os.path.join(REPO, "configs", "tiny.py"))
+  from vsd_jax.cli_config import load_config_file
+  c = load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.workdir = str(tmp_path / "w")
   *path, last = field.split(".")
   node = c

@@ -106,9 +106,9 @@ def test_calibration_falls_back_to_the_packaged_prompts(tiny_dir):
   """No text prompt left (none, or image prompts only): the packaged prompts, named in the description; a text prompt
   left: the user's."""
   from vsd_jax.decoding.engine import PACKAGED_CALIBRATION, Engine
-  from vsd_jax.cli_config import _load_file
+  from vsd_jax.cli_config import load_config_file
   from vsd_jax.weights import load_target
-  eng = Engine(_load_file(LLAVA_CONFIG), target=load_target(tiny_dir))
+  eng = Engine(load_config_file(LLAVA_CONFIG), target=load_target(tiny_dir))
   for candidates in ([], [(7, "<image>\nWhat is this?", ("x.png",))]):
     c = eng.calibration_prompts(candidates, 3)
     assert c.source == "packaged" and c.origin == PACKAGED_CALIBRATION and len(c.ids) == 8  # at least 8

@@ -124,8 +124,8 @@ def test_publish_mirrors_partial_results_and_pairs_with_lk(exp, tmp_path):
 
 
 def test_apply_overrides_reads_each_field_as_its_type():
-  from vsd_jax.cli_config import ConfigError, _load_file, apply_overrides
-  c = _load_file(os.path.join(REPO, "configs", "vsd_experiment.py"))
+  from vsd_jax.cli_config import ConfigError, apply_overrides, load_config_file
+  c = load_config_file(os.path.join(REPO, "configs", "vsd_experiment.py"))
   apply_overrides(c, ["--config.method=vsd", "--config.vsd.arw=False", "--config.train.lr=6e-4",
                       "--config.data.buckets=(128,256)", "--config.vsd.num_paths=4", "--config.draft.objective=lk_alpha",
                       "--config.draft.init_from="])

@@ -144,7 +144,7 @@ def _paper_config(path):
 
 def test_paper_configs_describe_their_slices():
   from vsd_jax import dry_run
-  from vsd_jax.cli_config import _load_file
+  from vsd_jax.cli_config import load_config_file
   from vsd_jax.models.archs import ARCHS
   from vsd_jax.models.llama import LlamaConfig
 
@@ -162,7 +162,7 @@ def test_paper_configs_describe_their_slices():
                                                    param_dtype="bfloat16"), path
     assert dry_run.device_memory_gib(c) == 95.0
     assert c.train.lr == 5e-5 and c.train.grad_clip == 0.5 and c.draft.ttt_steps == 7
-  assert _load_file(os.path.join(REPO, "configs/llama3.py")).model.arch.num_kv_heads == 8
+  assert load_config_file(os.path.join(REPO, "configs/llama3.py")).model.arch.num_kv_heads == 8
   assert dry_run.ARCHS is ARCHS  # dry_run reads the same table (no copy)
   for path in ("configs/vicuna.py:30b", "configs/llama3.py:405b"):
     with pytest.raises(ValueError, match="unknown size; use one of"):

@@ -242,7 +242,7 @@ def test_question_file_with_images(tmp_path):
 
 def test_llava_configs_and_arch_entries():
   from vsd_jax import dry_run
-  from vsd_jax.cli_config import _load_file
+  from vsd_jax.cli_config import load_config_file
   from vsd_jax.models.llava import LlavaConfig
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   import importlib.util
@@ -257,7 +257,7 @@ def test_llava_configs_and_arch_entries():
     assert cfg.feature_layers == (23,) and c.data.chat_template == "llava"
   assert mod.get_config("7b").draft.init_from.endswith(os.path.join("llava7b-text", "draft"))
   assert mod.get_config("7b").data.sources.llava_instruct.format == "llava"
-  assert _load_file(os.path.join(repo, "configs", "llava.py")).model.name == "tiny-llava-random"
+  assert load_config_file(os.path.join(repo, "configs", "llava.py")).model.name == "tiny-llava-random"
   with pytest.raises(ValueError, match="unknown size or stage"):
     mod.get_config("30b")
 

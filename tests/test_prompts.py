@@ -63,8 +63,8 @@ def tiny_vicuna_dir(tmp_path_factory):
 
 
 def _vicuna_config(model_dir, workdir):
-  from vsd_jax.cli_config import _load_file
-  c = _load_file(os.path.join(REPO, "configs", "vicuna.py"))
+  from vsd_jax.cli_config import load_config_file
+  c = load_config_file(os.path.join(REPO, "configs", "vicuna.py"))
   c.model.name = model_dir
   c.model.dtype = c.model.param_dtype = "float32"
   c.workdir = str(workdir)

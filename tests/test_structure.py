@@ -153,3 +153,35 @@ def test_each_method_package_exposes_build(name):
   assert name in METHODS
   build = importlib.import_module(f"vsd_jax.methods.{name}").build
   assert list(inspect.signature(build).parameters) == ["config", "target", "vocab"]
+
+
+def private_uses(source: str) -> list:
+  """Private names (`_x`, not dunder) a script takes from vsd_jax: `from vsd_jax.m import _x`, and `m._x` for a
+  vsd_jax module bound by an import."""
+  tree = ast.parse(source)
+  modules, found = set(), []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vsd_jax"):
+      for a in node.names:
+        if a.name.startswith("_") and not a.name.startswith("__"):
+          found.append(f"{node.module}.{a.name}")
+        modules.add(a.asname or a.name)
+    elif isinstance(node, ast.Import):
+      modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("vsd_jax")}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+        and node.attr.startswith("_") and not node.attr.startswith("__"):
+      found.append(f"{node.value.id}.{node.attr}")
+  return found
+
+
+def test_private_use_finder():
+  src = "from vsd_jax.cli_config import _load, apply\nfrom vsd_jax.decoding import autotune\nautotune._states(1)\n"
+  assert private_uses(src) == ["vsd_jax.cli_config._load", "autotune._states"]
+  assert private_uses("from vsd_jax.decoding import autotune\nautotune.states(x._y)\n") == []
+
+
+def test_benchmarks_use_only_public_names():
+  bench = os.path.join(REPO, "benchmarks")
+  found = {f: private_uses(open(os.path.join(bench, f)).read()) for f in sorted(os.listdir(bench)) if f.endswith(".py")}
+  assert not {f: p for f, p in found.items() if p}, "benchmarks import private names of vsd_jax"

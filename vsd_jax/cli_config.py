@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from vsd_jax.errors import DEBUG_ENV, ConfigError, debug_requested, run_reporting  # noqa: F401 (ConfigError: here too)
 
 
-def _load_file(path: str):
+def load_config_file(path: str):
   """The config of `file.py` or `file.py:arg` (get_config(arg), as ml_collections passes it)."""
   path, *args = path.split(":", 1)
   if not os.path.isfile(path):
@@ -57,7 +57,7 @@ def check_overrides(argv) -> None:
       path = a.split("=", 1)[1]
   if path is None:
     return
-  cfg = _load_file(path)
+  cfg = load_config_file(path)
   for a in argv:
     if a.startswith("--config."):
       _field(cfg, a[len("--config."):].split("=", 1)[0], path)

@@ -103,7 +103,7 @@ def greedy_continuations(target, prompts: Sequence[Sequence[int]], max_new_token
   return Calibration(seqs, lens, total)
 
 
-def _sequence_states(target_model, target_params, draft_model, draft_params, ids, lens, num_slots):
+def sequence_states(target_model, target_params, draft_model, draft_params, ids, lens, num_slots):
   """The draft over whole sequences, as its decoding prefill runs it (`draft_unroll.sequence_step`: row j reads the
   target's features of position j and token j+1). ids: int32 [B, W]; lens: int32 [B]
   -> (logits [B, W, Vd], hidden [B, W, H], draft cache of num_slots slots)."""
@@ -187,7 +187,7 @@ def measure_tau(target, draft_model, draft_params, d2t, calib: Calibration, shap
   max_depth = max(e[0].depth for e in expansions)
   slots = w + max(e[0].scratch_slots for e in expansions) + max_depth + 2
   with matmul_precision(precision):
-    states = jax.jit(_sequence_states, static_argnums=(0, 2, 6))(
+    states = jax.jit(sequence_states, static_argnums=(0, 2, 6))(
         target.model, target.params, draft_model, draft_params, jnp.asarray(calib.ids), jnp.asarray(calib.lens),
         slots)
   rows = int(np.max(calib.lens - calib.prompt_lens))
