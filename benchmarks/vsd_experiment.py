@@ -66,6 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from vsd_jax.decoding.tree import SHAPE_DEFAULTS  # noqa: E402
+from vsd_jax.eval.stats import bootstrap_ratio  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "vsd_experiment.py")
 ARMS = {
@@ -428,17 +429,6 @@ def evaluate(args, drafts: dict, results: dict, save, clock: Clock) -> dict:
           print(f"{name} {entry_key(bench, temp, mode)}: tau {r['tau']:.3f} speedup {r['speedup']:.2f}x "
                 f"identical {r['identical_outputs']}/{r['prompts']}", file=sys.stderr, flush=True)
   return results
-
-
-def bootstrap_ratio(a_tokens, a_rounds, b_tokens, b_rounds, reps=10000, seed=0):
-  """Ratio of tau (tokens/rounds pooled over prompts) of A over B on the same prompts, with a paired bootstrap
-  95% interval over prompts. Each argument: [P] per-prompt totals (averaged over seeds by the caller)."""
-  a_t, a_r, b_t, b_r = (np.asarray(x, np.float64) for x in (a_tokens, a_rounds, b_tokens, b_rounds))
-  point = (a_t.sum() / a_r.sum()) / (b_t.sum() / b_r.sum())
-  idx = np.random.default_rng(seed).integers(0, len(a_t), (reps, len(a_t)))
-  boot = (a_t[idx].sum(1) / a_r[idx].sum(1)) / (b_t[idx].sum(1) / b_r[idx].sum(1))
-  lo, hi = np.percentile(boot, [2.5, 97.5])
-  return float(point), float(lo), float(hi)
 
 
 def paired_ratios(baseline: str, arms: dict, results: dict, keys: list) -> dict:
