@@ -39,7 +39,7 @@ import vsd_jax
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(vsd_jax.__file__)))
 if os.path.isdir(os.path.join(TREE, "vsd_jax", "methods")):
   from vsd_jax.methods import build_method
-else:  # the layout before issue 11
+else:  # older checkouts: methods lived under vsd_jax/training/methods
   from vsd_jax.training.methods import build_method
 
 a = json.loads(sys.argv[1])

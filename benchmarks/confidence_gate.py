@@ -3,8 +3,8 @@
   python benchmarks/confidence_gate.py --draft ../shared/drafts/smollm2-eagle3-gpu-1500/draft \
       --first 10 --prompts 10 --output runs/issue12/confidence_gate.json
 
-Issue 12 section 2 asks for an early stop of the expansion when the draft's confidence says more depth will not be
-accepted. Before building one into the decoding loop (a verification width chosen per round by `lax.switch` over
+An early stop of the expansion, when the draft's confidence says more depth will not be accepted, could save
+verification work. Before building one into the decoding loop (a verification width chosen per round by `lax.switch` over
 static widths), this measures what it could give, for the gate "verify the leading draft tokens whose cumulative
 draft probability is >= g":
 

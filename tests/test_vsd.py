@@ -193,7 +193,7 @@ def test_dry_run_oracle_memory():
 def test_oracle_and_paths_ignore_the_padding_side():
   """One sequence gives the same oracle outputs and draft paths unpadded, right-padded and LEFT-padded: RoPE
   positions come from the valid mask (anchor t's node z_k at pos(t) + k), and padding slots are never attended.
-  (With slot-index positions, as before issue 15, the left-padded p_k differ.)"""
+  (With slot-index positions the left-padded p_k would differ.)"""
   model, params = tiny_target()
   embed = params["embed_tokens"]["embedding"]
   d2t, _ = vocab_maps(8, range(2, 8))
@@ -427,7 +427,7 @@ def test_vsd_loss_terms_switch_off(tiny, monkeypatch):
   np.testing.assert_allclose(em[0], -np.sum(w[..., None] * logq) / anchors, rtol=1e-5)
   assert abs(em[0] - arw_only[0]) > 1e-3  # a path rejected part-way: ARW weighs it otherwise (not vacuous)
   assert out["snis"][1]["chain_accept"] == 1.0
-  # arw_norm="all" divides ARW by every existing anchor instead of the supported ones (issue 15 variant C)
+  # arw_norm="all" divides ARW by every existing anchor instead of the supported ones
   m_all = out["all_anchors"][1]
   assert 0 < full[1]["supported"] < 1  # some anchors unsupported, or the two divisors agree (vacuous)
   np.testing.assert_allclose(m_all["loss_arw"], full[1]["loss_arw"] * full[1]["supported"], rtol=1e-5)
