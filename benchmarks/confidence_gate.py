@@ -4,8 +4,8 @@
       --first 10 --prompts 10 --output runs/issue12/confidence_gate.json
 
 An early stop of the expansion, when the draft's confidence says more depth will not be accepted, could save
-verification work. Before building one into the decoding loop (a verification width chosen per round by `lax.switch` over
-static widths), this measures what it could give, for the gate "verify the leading draft tokens whose cumulative
+verification work. Before building one into the decoding loop (a verification width chosen per round by
+`lax.switch` over static widths), this measures what it could give, for the gate "verify the leading draft tokens whose cumulative
 draft probability is >= g":
 
   acceptance  exact at T=0, as `vsd_jax.decoding.autotune` replays it: the target's greedy continuations of

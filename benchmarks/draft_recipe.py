@@ -49,16 +49,16 @@ def main(_):
   from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 
-  config, F = _CONFIG.value, flags.FLAGS
+  config, flag_values = _CONFIG.value, flags.FLAGS
   target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   data = prepare_data(config, target, progress=False)
   vocab, buckets = data.draft_vocab, tuple(config.data.buckets)
   full = data.dataset
-  train = SequenceDataset(full.input_ids[:F.train_sequences], full.loss_mask[:F.train_sequences])
+  train = SequenceDataset(full.input_ids[:flag_values.train_sequences], full.loss_mask[:flag_values.train_sequences])
   ev = heldout_config(config)
   with ev.unlocked():
-    ev.eval.heldout_limit = F.heldout
-    ev.data.sources.heldout.limit = F.heldout
+    ev.eval.heldout_limit = flag_values.heldout
+    ev.data.sources.heldout.limit = flag_values.heldout
   heldout = prepare_data(ev, target, progress=False, draft_vocab=False).dataset
   root = os.path.join(config.workdir, "recipe")
   caches = {}
@@ -71,10 +71,10 @@ def main(_):
 
   mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
   results = []
-  for name in F.variants.split(","):
+  for name in flag_values.variants.split(","):
     v = parse_variant(name)
     cfg = copy.deepcopy(config)
-    steps = max(F.visits // v["batch"], 2)
+    steps = max(flag_values.visits // v["batch"], 2)
     with cfg.unlocked():
       cfg.train.batch_size, cfg.train.lr, cfg.train.total_steps = v["batch"], v["lr"], steps
       cfg.train.warmup_steps = max(1, steps // 10)
@@ -107,7 +107,7 @@ def main(_):
                         tau_simulated=float(1 + np.sum(np.cumprod(acc))), last_train_acc0=float(last["acc_0"])))
     print(json.dumps(results[-1]), flush=True)
   print(f"\nfeature pass {pass_s:.0f} s; {len(train)} train sequences, {len(heldout)} held-out; "
-        f"ttt_steps={config.draft.ttt_steps}, {F.visits} visits per variant\n")
+        f"ttt_steps={config.draft.ttt_steps}, {flag_values.visits} visits per variant\n")
   print("| variant | steps | train s | held-out acc@0..k | tau_sim |\n|---|---|---|---|---|")
   for r in results:
     print(f"| {r['variant']} | {r['steps']} | {r['train_s']:.0f} | {' '.join(f'{a:.3f}' for a in r['heldout_acc'])} "

@@ -37,20 +37,20 @@ def main(_):
   from vsd_jax.training.trainer import MethodSteps
   from vsd_jax.weights import load_target
 
-  config, F = _CONFIG.value, flags.FLAGS
+  config, flag_values = _CONFIG.value, flags.FLAGS
   target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   data = prepare_data(config, target)
   bs, buckets = int(config.train.batch_size), tuple(config.data.buckets)
   full = data.dataset
-  sub = SequenceDataset(full.input_ids[:F.sequences], full.loss_mask[:F.sequences])
+  sub = SequenceDataset(full.input_ids[:flag_values.sequences], full.loss_mask[:flag_values.sequences])
   vocab = data.draft_vocab
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     cache = build_feature_cache(target, sub, vocab.d2t, vocab.t2d, os.path.join(tmp, "f"), bs, buckets)
     pass_s = time.perf_counter() - t0
-    plain = list(iterate_batches(sub, bs, seed=0, buckets=(max(buckets),)))[:F.steps + 1]
+    plain = list(iterate_batches(sub, bs, seed=0, buckets=(max(buckets),)))[:flag_values.steps + 1]
     cached = list(with_cached_targets(iterate_batches(sub, bs, seed=0, buckets=(max(buckets),), with_index=True),
-                                      cache, vocab.t2d))[:F.steps + 1]
+                                      cache, vocab.t2d))[:flag_values.steps + 1]
     method = build_method(config, target, vocab)
     mesh, rules = parallel.make_mesh(config), parallel.logical_axis_rules(config)
     runs = {}
@@ -58,7 +58,7 @@ def main(_):
       steps = MethodSteps(config, method, mesh, rules)
       jax.block_until_ready(steps(batches[0]))  # compiles
       runs[name] = dict(steps=steps, batches=batches, times=[])
-    for i in range(1, F.steps + 1):
+    for i in range(1, flag_values.steps + 1):
       for name, r in runs.items():
         t0 = time.perf_counter()
         jax.block_until_ready(r["steps"](r["batches"][i]))

@@ -81,9 +81,9 @@ def test_exact_expected_utility_equals_sampled_draft_paths():
   loss_mask = jnp.arange(ids.shape[1])[None] >= t_prompt
   feats, logits = target_features(model, params, ids, valid)
   embed = params["embed_tokens"]["embedding"]
-  _, m3 = eagle3_loss(trained, draft, embed, feats, ids, logits, loss_mask, t2d, d2t, num_steps=k,
-                      attention_mask=valid, with_rows=True)
-  terms = exact_terms(m3["rows"], "greedy")
+  _, eagle3_metrics = eagle3_loss(trained, draft, embed, feats, ids, logits, loss_mask, t2d, d2t, num_steps=k,
+                                  attention_mask=valid, with_rows=True)
+  terms = exact_terms(eagle3_metrics["rows"], "greedy")
   anchors = np.array([4, 6, 9])                                   # anchor t <-> TTT row t - 1
   n, per_call = 4000, 250
   sample = jax.jit(lambda key: sample_draft_paths(trained, draft, embed, feats, ids, valid, jnp.asarray(anchors)[None],
@@ -93,7 +93,7 @@ def test_exact_expected_utility_equals_sampled_draft_paths():
   hit = tokens == y[:, None, :]                                                 # [M, S, K]
   u = np.cumprod(hit, axis=-1).sum(-1)
   exact = np.asarray(terms.expected_u)[0, anchors - 1]
-  assert np.all(np.asarray(m3["rows"].greedy)[:, 0, anchors - 1] == 1)          # the data is the greedy path
+  assert np.all(np.asarray(eagle3_metrics["rows"].greedy)[:, 0, anchors - 1] == 1)  # the data is the greedy path
   assert exact.min() > 0.05, exact                                              # a test with signal
   np.testing.assert_array_less(np.abs(u.mean(-1) - exact), 4 * u.std(-1) / np.sqrt(n) + 1e-3)
 

@@ -194,10 +194,10 @@ class PixelLoader:
         raise ImageInputError(f"a prompt has {len(paths)} images ({', '.join(map(repr, paths))}) but batches hold "
                               f"at most {self.max_images}; raise the limit (data.max_images) or split the prompt.")
       for i, path in enumerate(paths):
-        px = self.pixels(path)
+        image = self.pixels(path)
         if out is None:
-          out = np.zeros((len(rows), self.max_images) + px.shape, np.float32)
-        out[r, i] = px
+          out = np.zeros((len(rows), self.max_images) + image.shape, np.float32)
+        out[r, i] = image
     if out is None:  # no image in this batch: blank images of the processor's output shape
       from PIL import Image
       shape = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
