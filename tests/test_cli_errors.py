@@ -1,7 +1,7 @@
 """Bad input to the CLIs (train, convert_draft, generate's prompt file) and what must survive a failure: each
 probe fails with one clear message naming the input and the fix, no traceback (--debug / VSD_JAX_DEBUG=1 shows
 it), before anything heavy loads; finished work (a draft, the data stage) stays on disk. The error path itself:
-vsd_jax/errors.py. Drafts written atomically and checked on load: tests/test_errors_decoding.py; the response
+vsd_jax/errors.py. Drafts written atomically and checked on load: tests/test_decoding_errors.py; the response
 cache's torn last line: tests/test_data.py."""
 
 import os

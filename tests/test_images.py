@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.tiny_llava import SAMPLES, WORDS, make_processor
+from tests.tiny_hf_llava import SAMPLES, WORDS, make_processor
 from vsd_jax.data.images import (ImageInputError, expand_image_tokens, open_image, prepare_prompt,
                                  resolve_image_path)
 

@@ -1,5 +1,5 @@
 """LLaVA (models/llava.py, models/clip.py) against transformers' LlavaForConditionalGeneration on the same weights:
-a tiny random llava-hf checkpoint made locally (tests/tiny_llava.py), images from matplotlib's bundled samples
+a tiny random llava-hf checkpoint made locally (tests/tiny_hf_llava.py), images from matplotlib's bundled samples
 (matplotlib is a dependency) prepared by the checkpoint's own processor (vsd_jax/data/images.py)."""
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.multidevice import needs_8_devices
-from tests.tiny_llava import IMAGE_SIZE, SAMPLES, WORDS, make_hf_llava, make_processor, save_llava
+from tests.tiny_hf_llava import IMAGE_SIZE, SAMPLES, WORDS, make_hf_llava, make_processor, save_llava
 from vsd_jax.models.kv_cache import KVCache
 from vsd_jax.models.masks import decode_mask, positions_from_mask, sequence_mask
 

@@ -1,4 +1,5 @@
-"""Bad input to the foundation: each gets one clear error naming the input and the fix."""
+"""Bad input to loading a target (model files, names, hub ids) and to generate (prompt files, cache capacity, config
+fields): each gets one clear error naming the input and the fix; generate's output has its documented fields."""
 
 import os
 import subprocess
