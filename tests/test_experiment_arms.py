@@ -5,8 +5,13 @@ would otherwise fail only after the minutes its predecessors took)."""
 
 import importlib.util
 import os
+import re
 
 import pytest
+
+from vsd_jax.cli_config import ConfigError, apply_overrides, load_config_file
+from vsd_jax.methods import check_method_config
+from vsd_jax.methods.vsd import check_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,14 +26,27 @@ def _module(path, name):
 ARMS = _module("benchmarks/vsd_experiment.py", "vsd_experiment").ARMS
 
 
-@pytest.mark.parametrize("arm", sorted(ARMS))
-def test_experiment_arm_is_a_valid_config(arm):
-  from vsd_jax.methods.eagle3 import ttt_loss_options
-  from vsd_jax.methods.vsd import check_config
-  from vsd_jax.cli_config import apply_overrides
-  config = _module("configs/vsd_experiment.py", "vsd_experiment_config").get_config()
-  apply_overrides(config, ARMS[arm])   # the parser the experiment's training worker applies them with
-  assert config.method in ("eagle3", "vsd")
-  ttt_loss_options(config)   # draft.objective (the LK arms) and its settings
+def check_arm(overrides) -> None:
+  """What the experiment's training worker does with an arm (`cli_config.apply_overrides` on the experiment's
+  config) and the method checks train.py runs before anything loads (a ConfigError naming the field)."""
+  path = os.path.join(REPO, "configs", "vsd_experiment.py")
+  config = apply_overrides(load_config_file(path), overrides, path)
+  check_method_config(config)   # config.method, draft.init_head, the TTT objective (the LK arms) and its settings
   if config.method == "vsd":
     check_config(config.vsd)
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_experiment_arm_is_a_valid_config(arm):
+  check_arm(ARMS[arm])
+
+
+@pytest.mark.parametrize("overrides, error, needle", [
+    (["--config.method=eagle4"], ConfigError, "config.method='eagle4'"),
+    (["--config.vsd.num_pathz=4"], ConfigError, "num_pathz"),
+    (["--config.vsd.num_paths=four"], ConfigError, "vsd.num_paths"),
+    (["--config.method=vsd", "--config.vsd.burn_in=99"], ValueError, "config.vsd.burn_in=99"),
+])
+def test_a_bad_arm_is_refused(overrides, error, needle):
+  with pytest.raises(error, match=re.escape(needle)):
+    check_arm(overrides)
