@@ -54,19 +54,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vsd_jax.config_base import DEFAULT_DATA_ROOT, base_config  # noqa: E402
+from vsd_jax.data.chat import prompt_encoder  # noqa: E402
+from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.decoding.precision import PRECISIONS, matmul_precision  # noqa: E402
 from vsd_jax.decoding.runner import cache_slots, pad_prompts  # noqa: E402
 from vsd_jax.decoding.speculative import (Round, required_slots, speculative_generate, speculative_prefill,  # noqa: E402
                                           speculative_round)
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
+from vsd_jax.models.archs import arch  # noqa: E402
 from vsd_jax.models.draft_unroll import draft_fn_of  # noqa: E402
+from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft  # noqa: E402
 from vsd_jax.models.features import embedding_matrix  # noqa: E402
 from vsd_jax.models.kv_cache import KVCache  # noqa: E402
+from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from vsd_jax.models.masks import chain_attention_mask, decode_mask  # noqa: E402
+from vsd_jax.weights import load_target  # noqa: E402
+from vsd_jax.weights.draft_io import load_draft  # noqa: E402
+from vsd_jax.weights.registry import untie_on_this_device  # noqa: E402
 
 
 def expand_recorded(r: Round, tp, dp, d2t, dcache, root, root_logits, root_hidden, length, key):
@@ -129,9 +139,6 @@ def loop_fit(call, n1: int, n2: int, repeats: int) -> dict:
 
 def random_target(args):
   """-> (model, params): random weights in the shape of archs.ARCHS[args.random_target], in args.dtype."""
-  from flax import linen as nn
-  from vsd_jax.models.archs import arch
-  from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
   fields = arch(args.random_target)
   if args.layers:
     fields["num_layers"] = args.layers
@@ -143,8 +150,6 @@ def random_target(args):
 
 def random_draft(tm, tp, draft_vocab: int, seed: int):
   """-> (module, params, d2t): a random EAGLE-3 draft for target `tm` over its first draft_vocab ids."""
-  from flax import linen as nn
-  from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
   dcfg = Eagle3Config.from_target(tm.cfg, draft_vocab_size=min(draft_vocab, tm.cfg.vocab_size))
   dm = Eagle3Draft(dcfg)
   ids, feats = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2, 3 * dcfg.hidden_size), dcfg.jnp_dtype)
@@ -157,9 +162,6 @@ def prompts_for(args, target, vocab: int, batch: int):
   """Chat prompts of --bench (the real target, when the file is there), else random ids; -> (list, source)."""
   path = os.path.join(args.data_root, "eval", "eagle", args.bench, "question.jsonl")
   if target is not None and target.tokenizer is not None and os.path.isfile(path):
-    from vsd_jax.config_base import base_config
-    from vsd_jax.data.chat import prompt_encoder
-    from vsd_jax.data.prompt_file import read_prompt_file
     enc = prompt_encoder(target, base_config())
     items = read_prompt_file(path)
     return [enc.encode_user(items[i % len(items)][1]) for i in range(batch)], f"{args.bench} (chat template)"
@@ -367,7 +369,6 @@ def main():
   ap.add_argument("--precision", default=None, choices=PRECISIONS, help="Matmul precision (default: JAX's).")
   ap.add_argument("--batches", default="1,4")
   ap.add_argument("--bench", default="mt_bench", help="Prompt set for a real target (<data_root>/eval/eagle/).")
-  from vsd_jax.config_base import DEFAULT_DATA_ROOT
   ap.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
   ap.add_argument("--prompt_len", type=int, default=128, help="Prompt tokens when the prompts are random ids.")
   ap.add_argument("--max_new_tokens", type=int, default=128, help="Loop fits use this and a quarter of it.")
@@ -388,14 +389,10 @@ def main():
     tm, tp = random_target(args)
     name = f"random {args.random_target}" + (f" ({args.layers} layers)" if args.layers else "")
   else:
-    from vsd_jax.weights import load_target
-    from vsd_jax.weights.registry import untie_on_this_device
     target = load_target(args.target, dtype=args.dtype, scan_layers=bool(args.scan_layers),
                          untie_lm_head=untie_on_this_device(args.untie_lm_head))
     tm, tp, name = target.model, target.params, args.target
   if args.draft:
-    from vsd_jax.models.eagle3 import Eagle3Draft
-    from vsd_jax.weights.draft_io import load_draft
     dcfg, dp, d2t, _ = load_draft(args.draft, tm.cfg)
     dm = Eagle3Draft(dcfg)
   else:

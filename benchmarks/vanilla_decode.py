@@ -26,6 +26,7 @@ from vsd_jax.decoding.runner import check_capacity, pad_prompts  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.weights import load_target, untie_vocab_projection  # noqa: E402
+# torch and transformers are imported only for the transformers baseline (torch is a test-only dependency).
 
 
 def main():

@@ -52,7 +52,9 @@ interval (prompts resampled, seeds averaged per prompt). Writes OUT/summary.json
 """
 
 import argparse
+import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -65,8 +67,20 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from vsd_jax.decoding.tree import SHAPE_DEFAULTS  # noqa: E402
+from vsd_jax.cli_config import apply_overrides, load_config_file  # noqa: E402
+from vsd_jax.data.chat import prompt_encoder  # noqa: E402
+from vsd_jax.data.pipeline import data_cache_dir, gen_settings, model_id  # noqa: E402
+from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
+from vsd_jax.data.regenerate import cache_path  # noqa: E402
+from vsd_jax.decoding.engine import Engine, Sampling  # noqa: E402
+from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig  # noqa: E402
+from vsd_jax.eval.metrics import summarize  # noqa: E402
 from vsd_jax.eval.stats import bootstrap_ratio  # noqa: E402
+from vsd_jax.models.draft_vocab import DraftVocab  # noqa: E402
+from vsd_jax.train import check_inputs, load_for_training, train  # noqa: E402
+from vsd_jax.training.heldout import heldout_report  # noqa: E402
+from vsd_jax.weights import load_target  # noqa: E402
+from vsd_jax.weights.draft_io import load_draft  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "vsd_experiment.py")
 ARMS = {
@@ -288,11 +302,6 @@ def train_worker(spec_path: str) -> None:
   (every job has the same model, mesh and data settings); the summary and --mirror are brought up to date after
   each. Stops after a run that did not finish (the trainer caught SIGTERM and saved) or when SIGTERM came
   between runs."""
-  import logging
-
-  from vsd_jax.cli_config import apply_overrides, load_config_file
-  from vsd_jax.train import check_inputs, load_for_training, train
-
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   stop = []
   signal.signal(signal.SIGTERM, lambda *_: stop.append(True))   # the trainer's own handler covers its loop
@@ -330,14 +339,6 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
   computes for configs/vsd_experiment.py. The shipped base's cache was keyed by its GGUF's absolute path on
   the GPU machine (fixed since: `data.pipeline.model_id` no longer depends on the install path); the responses
   themselves are the same target's (same packaged GGUF, same generation settings and chat template)."""
-  import glob
-
-  from vsd_jax.cli_config import load_config_file
-  from vsd_jax.data.chat import prompt_encoder
-  from vsd_jax.data.pipeline import data_cache_dir, gen_settings, model_id
-  from vsd_jax.data.regenerate import cache_path
-  from vsd_jax.weights import load_target
-
   shutil.copytree(src, dst)
   files = glob.glob(os.path.join(dst, "responses-*.jsonl"))
   if len(files) != 1:
@@ -362,10 +363,6 @@ def base_overrides(args) -> list:
 def base_heldout(config, target, draft_dir: str, out: str) -> None:
   """The base draft's held-out report on the same prompts and settings as every arm's (train.py's report),
   written to `out`."""
-  from vsd_jax.models.draft_vocab import DraftVocab
-  from vsd_jax.training.heldout import heldout_report
-  from vsd_jax.weights.draft_io import load_draft
-
   _, params, d2t, t2d = load_draft(draft_dir, target.config)
   vocab = DraftVocab(d2t=d2t, t2d=t2d, counts=np.zeros(d2t.shape, np.int64), coverage=float("nan"))
   t0 = time.time()
@@ -392,12 +389,6 @@ def evaluate(args, drafts: dict, results: dict, save, clock: Clock) -> dict:
   interrupted evaluation resumes where it stopped (vanilla is decoded again for a set that still has work, so every
   speedup stays against vanilla in the same process). Past the clock's budget it raises OutOfTime before the next
   decode."""
-  from vsd_jax.cli_config import load_config_file
-  from vsd_jax.data.prompt_file import read_prompt_file
-  from vsd_jax.decoding.engine import Engine, Sampling
-  from vsd_jax.decoding.tree import TreeConfig
-  from vsd_jax.eval.metrics import summarize
-
   cfg = load_config_file(CONFIG)
   cfg.model.name = args.model
   base = Engine(cfg)   # the target in the decoding layout, as the evaluate CLI loads it; prompts encoded as the arms'

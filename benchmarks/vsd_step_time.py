@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from vsd_jax.cli_config import define_config_flag, run_app  # noqa: E402
+# JAX and the training modules are imported in main, as vsd_jax/train.py does: a bad flag or config field fails before
+# they load.
 
 _CONFIG = define_config_flag()
 flags.DEFINE_integer("steps", 3, "Timed steps per method (after one compile step).")

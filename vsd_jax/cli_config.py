@@ -11,9 +11,12 @@ import importlib.util
 import os
 import sys
 
+from absl import app, flags
 from ml_collections import config_flags
 
 from vsd_jax.errors import DEBUG_ENV, ConfigError, debug_requested, run_reporting  # noqa: F401 (ConfigError: here too)
+# decoding.tree (and with it JAX) is imported only by the CLIs that define decoding-shape flags, so train's start-up
+# stays light.
 
 
 def load_config_file(path: str):
@@ -93,7 +96,6 @@ def apply_overrides(cfg, overrides, path: str = "<config>"):
 def define_config_flag(name: str = "config"):
   """The --config flag (an ml_collections config file). Call at import time of a CLI module. Defined once per process:
   a second CLI module imported into the same process (tests run several) shares it."""
-  from absl import flags
   if name in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return config_flags.DEFINE_config_file(name, None, "Path to a config file (configs/*.py).",
@@ -104,7 +106,6 @@ def run_app(main) -> None:
   """absl app.run of a CLI's main, with the one error path for user mistakes (vsd_jax.errors): the override
   check first, so a bad field fails before absl loads anything, then `main`; a UserError from either prints
   `error: <message>` (no traceback) and exits with status 1. --debug or VSD_JAX_DEBUG=1 shows the traceback."""
-  from absl import app, flags
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, f"Show the traceback of an input error (also: {DEBUG_ENV}=1).")
   run_reporting(check_overrides, sys.argv)
@@ -114,16 +115,15 @@ def run_app(main) -> None:
 def define_decoding_shape_flags():
   """--mode/--tree_depth/--top_k/--total_tokens (any of them given: that shape; none: the autotuned one, see
   vsd_jax.decoding.autotune), --retune and --autotune_cache. Call at import time of a CLI module."""
-  from absl import flags
-
-  from vsd_jax.decoding.tree import SHAPE_DEFAULTS as D
+  from vsd_jax.decoding.tree import SHAPE_DEFAULTS
   flags.DEFINE_enum("mode", None, ("tree", "chain"), "Draft shape: tree (top-k dynamic tree) or chain. Leave "
                     "--mode/--tree_depth/--top_k/--total_tokens all unset to use the shape measured fastest on "
-                    f"this device for this target and draft (cached; see --retune). Others given: {D['mode']}.")
-  flags.DEFINE_integer("tree_depth", None, f"Draft steps per round (others given: default {D['depth']}).")
-  flags.DEFINE_integer("top_k", None, f"Draft tree branching (others given: default {D['top_k']}).")
+                    "this device for this target and draft (cached; see --retune). Others given: "
+                    f"{SHAPE_DEFAULTS['mode']}.")
+  flags.DEFINE_integer("tree_depth", None, f"Draft steps per round (others given: default {SHAPE_DEFAULTS['depth']}).")
+  flags.DEFINE_integer("top_k", None, f"Draft tree branching (others given: default {SHAPE_DEFAULTS['top_k']}).")
   flags.DEFINE_integer("total_tokens", None, "Draft tokens verified per round in tree mode (others given: default "
-                       f"{D['total_tokens']}).")
+                       f"{SHAPE_DEFAULTS['total_tokens']}).")
   flags.DEFINE_bool("retune", False, "Measure the decoding shape again even when the cache holds one.")
   flags.DEFINE_string("autotune_cache", None, "JSON file of measured decoding shapes (default "
                       "$VSD_JAX_CACHE or ~/.cache/vsd_jax/decoding_shapes.json; '' = do not cache).")

@@ -22,6 +22,7 @@ import shutil
 import sys
 
 from vsd_jax.errors import DEBUG_ENV, InputNotFoundError, UserError, debug_requested, run_reporting
+# The weights modules (and JAX with them) are imported where used: a bad argument fails before they load.
 
 
 def target_config(name_or_path: str):

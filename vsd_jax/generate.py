@@ -45,6 +45,7 @@ from absl import flags
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
 from vsd_jax.errors import UserError
+# The engine, weights and data modules are imported in main: a bad flag or config field fails before they load.
 
 _CONFIG = define_config_flag()
 flags.DEFINE_string("prompts", None, "EAGLE question.jsonl or a text file with one prompt per line.")

@@ -20,6 +20,8 @@ from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, run_app
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
+# JAX and everything that imports it are imported inside the functions: --dry_run sets the host device count
+# (XLA_FLAGS) before JAX starts, and a bad flag or config field fails before anything heavy loads.
 
 _CONFIG = define_config_flag()
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh on abstract arrays "

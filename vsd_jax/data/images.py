@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from vsd_jax.errors import UserError
+# PIL and transformers are imported where images are read: text-only runs never pay for them.
 
 # 8-bit modes that PIL converts to RGB faithfully (LLaVA's own loader does `Image.open(f).convert("RGB")`; the
 # processor converts the same way). Wider modes ("I;16", "I", "F") would be clipped to 0..255 without a word.

@@ -15,6 +15,9 @@ import json
 import os
 from typing import Optional, Sequence
 
+from vsd_jax.data.images import ImageInputError, open_image, resolve_image_path
+from vsd_jax.data.pipeline import multimodal_prompts
+from vsd_jax.data.sources import BadRecord, Prompt, place_image_placeholders, read_utf8, record_images
 from vsd_jax.errors import UserError
 
 
@@ -28,7 +31,6 @@ def read_prompt_file(path: str, with_images: bool = False, image_folder: str = "
   are taken under image_folder (default: the file's folder)."""
   if not os.path.isfile(path):
     raise PromptFileError(f"prompt file not found: {path!r}")
-  from vsd_jax.data.sources import read_utf8
   lines = read_utf8(path, f"prompt file {path!r}", PromptFileError).splitlines()
   items = []
   is_jsonl = path.endswith(".jsonl")
@@ -57,8 +59,6 @@ def read_prompt_file(path: str, with_images: bool = False, image_folder: str = "
 
 
 def _with_images(item, rec, where: str, image_folder: str) -> tuple:
-  from vsd_jax.data.images import resolve_image_path
-  from vsd_jax.data.sources import BadRecord, place_image_placeholders, record_images
   try:
     images = record_images(rec)
     text = place_image_placeholders(item[1], len(images))
@@ -72,8 +72,6 @@ def attach_images(items, images: Sequence[str], where: str = "--image") -> list:
   one image goes with every prompt, as many images as prompts go one per prompt, and any number go with a single
   prompt. Each prompt's text gets one <image> placeholder per image (none in it: "<image>\n" in front). Paths are
   `resolve_image_path` references (`pkg:<package>/<path>` too). Raises PromptFileError naming the files."""
-  from vsd_jax.data.images import resolve_image_path
-  from vsd_jax.data.sources import BadRecord, place_image_placeholders
   if not images:
     return list(items)
   files = [resolve_image_path(im) for im in images]
@@ -107,7 +105,6 @@ def attach_images(items, images: Sequence[str], where: str = "--image") -> list:
 def check_image_files(items) -> None:
   """Open every image file of the items (read_prompt_file(with_images=True) / attach_images) once, before any
   model is loaded: a missing or unreadable file is an ImageInputError naming it."""
-  from vsd_jax.data.images import open_image
   for path in dict.fromkeys(im for it in items for im in it[2]):
     open_image(path)
 
@@ -141,12 +138,9 @@ def encode_prompt_items(target, enc, items, system_prompt: str, source: str) -> 
     image_token = getattr(target.config, "image_token_id", None)  # a LLaVA target's; None for text targets
     bad = next((it[0] for it, ids in zip(items, prompts) if image_token is not None and image_token in ids), None)
     if bad is not None:
-      from vsd_jax.data.images import ImageInputError
       raise ImageInputError(f"prompt {bad!r} of {source} has an <image> placeholder but no image; give the image "
                             "(generate --image, or the question's \"image\" field) or remove the placeholder")
     return EncodedPrompts(prompts)
-  from vsd_jax.data.pipeline import multimodal_prompts
-  from vsd_jax.data.sources import Prompt
   ids, images, pixels = multimodal_prompts(target, [Prompt(f"{it[0]!r} of {source}", [], it[2]) for it in items],
                                            prompts)
   for path in dict.fromkeys(im for ims in images for im in ims):

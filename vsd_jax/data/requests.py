@@ -31,6 +31,10 @@ import logging
 import os
 import sys
 
+from absl import flags
+
+from vsd_jax.cli_config import define_config_flag, run_app
+from vsd_jax.data.sources import load_prompts, read_utf8
 from vsd_jax.errors import InputNotFoundError, UserError
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,6 @@ def request_lines(prompts, model: str, regen, enable_thinking: bool = False) -> 
 def write_requests(config, output: str, model: str = "") -> int:
   """config.data's prompts (load_prompts: every source, data.system_prompt applied) -> the request file `output`;
   returns the number of requests. model: the served model name (default config.model.name)."""
-  from vsd_jax.data.sources import load_prompts
   prompts, _ = load_prompts(config.data, config.data.system_prompt)
   answered = sum(p.answered for p in prompts)
   if answered:
@@ -90,7 +93,6 @@ def _read_jsonl(path: str, what: str) -> list:
   """[(line number, record)] of a JSONL file; RequestFileError naming file:line for a malformed line."""
   if not os.path.isfile(path):
     raise InputNotFoundError(f"{what} {path!r} does not exist; pass the file's path.")
-  from vsd_jax.data.sources import read_utf8
   out = []
   for n, line in enumerate(read_utf8(path, f"{what} {path!r}", RequestFileError).splitlines(), 1):
     if line.strip():
@@ -149,7 +151,6 @@ def conversations_from_results(requests_path: str, results_path: str) -> tuple:
 
 
 def main(_):
-  from absl import flags
   f = flags.FLAGS
   if not f.output:
     raise UserError("--output is required: the JSONL file to write")
@@ -176,9 +177,6 @@ def main(_):
 
 
 def _define_flags():
-  from absl import flags
-
-  from vsd_jax.cli_config import define_config_flag
   define_config_flag()
   flags.DEFINE_string("output", None, "JSONL file to write: the request file, or with --results the conversations.")
   flags.DEFINE_string("model", None, "The model name the server serves (vLLM: its model argument or "
@@ -188,6 +186,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from vsd_jax.cli_config import run_app
   _define_flags()
   run_app(main)

@@ -36,7 +36,9 @@ import logging
 import os
 from typing import Callable, Iterable, Iterator, Optional
 
+from vsd_jax.data.images import resolve_image_path
 from vsd_jax.errors import UserError
+# datasets is imported only for hub sources: it takes seconds to import.
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +392,6 @@ def read_source(name: str, spec, root: str, on_bad_line: str = "error") -> tuple
   prompts = prompts[start:]
   stats.prompts = len(prompts)
   if any(p.images for p in prompts):
-    from vsd_jax.data.images import resolve_image_path
     folder = spec.get("image_folder") or ""  # default: next to a local file; the working directory for hub data
     folder = (os.path.join(root, folder) if folder and not os.path.isabs(folder) else folder) or (
         os.path.dirname(os.path.normpath(path)) if kind != "hub" else "")

@@ -36,10 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsd_jax.data.pipeline import model_id
 from vsd_jax.decoding.precision import matmul_precision
-from vsd_jax.decoding.runner import cache_slots
+from vsd_jax.decoding.runner import bucket, cache_slots, pad_prompts
 from vsd_jax.decoding.speculative import Round
 from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward
+from vsd_jax.decoding.vanilla import generate
 from vsd_jax.models.draft_unroll import draft_fn_of, sequence_step
 from vsd_jax.models.features import embedding_matrix, fuse_features
 from vsd_jax.models.kv_cache import KVCache
@@ -85,8 +87,6 @@ class Calibration:
 def greedy_continuations(target, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids=(), pad_id=0,
                          precision=None, multiple: int = 64) -> Calibration:
   """The target's T=0 continuations of `prompts` (one batched vanilla.generate call)."""
-  from vsd_jax.decoding.runner import bucket, pad_prompts
-  from vsd_jax.decoding.vanilla import generate
   ids, lens = pad_prompts(prompts, pad_id, multiple)
   slots = cache_slots(ids.shape[1], max_new_tokens)
   out = jax.device_get(generate(target.model, target.params, jnp.asarray(ids), jnp.asarray(lens),
@@ -330,7 +330,6 @@ def draft_identity(draft_dir: str) -> str:
 
 
 def cache_key(target, draft_dir: str, batch: int, precision=None) -> str:
-  from vsd_jax.data.pipeline import model_id
   dev = jax.devices()[0]
   return "|".join([f"v{CACHE_VERSION}", dev.platform, getattr(dev, "device_kind", "?"), f"x{jax.device_count()}",
                    model_id(target), f"scan={target.config.scan_layers}", f"tied={target.config.tie_word_embeddings}",

@@ -27,10 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsd_jax import parallel
+from vsd_jax.data.chat import prompt_encoder
+from vsd_jax.data.prompt_file import encode_prompt_items, read_prompt_file
 from vsd_jax.decoding import autotune, speculative, vanilla
+from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.runner import cache_slots, check_capacity, run_batches
 from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig
 from vsd_jax.errors import UserError
+from vsd_jax.models.eagle3 import Eagle3Draft
+from vsd_jax.models.features import image_inputs
+from vsd_jax.weights import decoding_load_options, load_target
+from vsd_jax.weights.draft_io import load_draft
 
 PACKAGED_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                                     "calibration_prompts.jsonl")
@@ -104,16 +112,12 @@ class LoadedDraft:
 def load_decoding_target(config, name: Optional[str] = None):
   """The target of config.model in the decoding layout (unrolled layers; an untied vocabulary projection on CPUs),
   straight into its shardings on config.mesh's fsdp x tensor devices (parallel.decode_mesh)."""
-  from vsd_jax import parallel
-  from vsd_jax.weights import decoding_load_options, load_target
   return load_target(name or config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                      mesh=parallel.decode_mesh(config), rules=parallel.logical_axis_rules(config),
                      **decoding_load_options(config))
 
 
 def load_decoding_draft(draft_dir: str, target) -> LoadedDraft:
-  from vsd_jax.models.eagle3 import Eagle3Draft
-  from vsd_jax.weights.draft_io import load_draft
   dcfg, params, d2t, _ = load_draft(draft_dir, target.config)
   return LoadedDraft(Eagle3Draft(dcfg), params, jnp.asarray(d2t), draft_dir)
 
@@ -129,7 +133,6 @@ class Engine:
 
   def __init__(self, config, draft_dir: Optional[str] = None, shape: Optional[TreeConfig] = None, *,
                precision: Optional[str] = None, target=None, log: Optional[Callable] = None):
-    from vsd_jax.data.chat import prompt_encoder
     self.config, self.precision, self.shape, self.user_shape = config, precision, shape, shape is not None
     self.log = log or (lambda msg: print(msg, file=sys.stderr))
     self.target = target if target is not None else load_decoding_target(config)
@@ -154,7 +157,6 @@ class Engine:
   def encode(self, items, source: str):
     """(id, user message[, image files]) items -> data.prompt_file.EncodedPrompts (chat template with
     config.generate.system_prompt; a LLaVA target's image tokens expanded). source names the prompts in errors."""
-    from vsd_jax.data.prompt_file import encode_prompt_items
     return encode_prompt_items(self.target, self.encoder, items, self.config.generate.system_prompt, source)
 
   def check_capacity(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -173,7 +175,6 @@ class Engine:
     """The one calibration policy: the first n text prompts of `candidates` ((id, message[, images]) items the run
     does not score); when there is none, the first max(n, PACKAGED_AT_LEAST) of the prompts shipped for
     calibration."""
-    from vsd_jax.data.prompt_file import read_prompt_file
     text = [it for it in candidates if not (len(it) > 2 and it[2])][:n]
     source = "user"
     if not text:
@@ -286,8 +287,6 @@ class Engine:
   def logit_gap(self, prompt_ids, a, b, pixel_values=None) -> dict:
     """The target's logit gap (top1 - top2) at the first position where outputs a and b differ.
     pixel_values: a multimodal prompt's images [1, I, C, S, S] (LLaVA)."""
-    from vsd_jax.decoding.precision import matmul_precision
-    from vsd_jax.models.features import image_inputs
     i = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
     seq = jnp.asarray([list(prompt_ids) + list(a[:i])], jnp.int32)
     with matmul_precision(self.precision):

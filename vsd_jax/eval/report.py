@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+# matplotlib is imported when the picture is drawn (it is slow to import and only the report needs it).
+
 
 def write_report(results: dict, out_dir: str) -> str:
   """results.md and acceptance.png in out_dir; -> the Markdown table."""
@@ -37,7 +40,6 @@ def plot_results(results: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
 
   names = list(results)
   n = len(names)

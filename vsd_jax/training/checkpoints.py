@@ -22,6 +22,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vsd_jax.errors import UserError
 
@@ -200,7 +201,6 @@ class Checkpoints:
       shutil.move(self.step_dir(step), dest)
       logging.warning("moved corrupt checkpoint %s to %s", self.step_dir(step), dest)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"vsd_quarantine_{step}")
     self._mngr.reload()
 

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+# tensorboardX is imported only when TensorBoard logging is on (it takes seconds to import).
 
 
 def mean_metrics(history) -> dict:

@@ -14,7 +14,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from vsd_jax.models.clip import ClipVisionConfig
 from vsd_jax.models.llama import LlamaConfig
+from vsd_jax.models.llava import LlavaConfig
 
 # (HF name inside model.layers.{i}., our path under "layers", transpose linear weight?)
 _LAYER_TABLE = (
@@ -311,8 +313,6 @@ _VISION_OVERRIDES = ("dtype", "param_dtype", "scan_layers")
 def llava_config_from_hf_dict(d: dict, **overrides):
   """models.llava.LlavaConfig from a llava-hf config.json dict. overrides: LlamaConfig fields for the language
   model; dtype, param_dtype and scan_layers also set the vision tower's."""
-  from vsd_jax.models.clip import ClipVisionConfig
-  from vsd_jax.models.llava import LlavaConfig
   if d.get("model_type") != "llava":
     raise ValueError(f"model_type={d.get('model_type')!r} is not 'llava'")
   v = d.get("vision_config")

@@ -54,12 +54,16 @@ import logging
 import os
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from vsd_jax.errors import InputNotFoundError, UserError
 from vsd_jax.models.eagle3 import Eagle3Config
 from vsd_jax.models.llama import LlamaConfig
 from vsd_jax.weights.draft_io import load_draft, save_draft
+# torch is imported only to read PyTorch .bin files: it is a test-only dependency (setup.py's test extra).
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +212,6 @@ def export_eagle3(draft_dir: str, output_dir: str) -> str:
 
   Returns output_dir, holding config.json and model.safetensors (tensors in the draft's parameter dtype).
   """
-  from safetensors.numpy import save_file
-
   cfg, params, d2t, t2d = load_draft(draft_dir)
   with open(os.path.join(draft_dir, "draft_config.json")) as f:
     target = json.load(f)["target"]
@@ -260,7 +262,6 @@ def _read_tensors(directory: str) -> dict:
   """name -> numpy array of every tensor in the directory's safetensors files, else its PyTorch .bin files."""
   st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if st:
-    from safetensors import safe_open
     out = {}
     for path in st:
       with safe_open(path, framework="numpy") as f:
@@ -280,7 +281,6 @@ def _read_tensors(directory: str) -> dict:
   for path in bins:
     for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
       if v.dtype == torch.bfloat16:  # numpy has no bfloat16: widen (exact) and narrow back
-        import ml_dtypes
         out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
       else:
         out[k] = v.numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import numpy as np
 
 from vsd_jax.models.llama import LlamaConfig
@@ -55,8 +56,6 @@ def _field(reader, key, default=None):
 def open_gguf(path: str, **config_overrides):
   """Returns (LlamaConfig, get, has, chat_template or None) of a GGUF file: get(hf_name) dequantises one
   tensor (float32, HF layout, q/k un-permuted); has(hf_name) says whether the file holds it."""
-  import gguf  # imported here: only GGUF users need it
-
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path!r}. Check the path, or use a registry name "
                             "such as 'smollm2-135m-instruct'.")

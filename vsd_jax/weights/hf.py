@@ -8,9 +8,11 @@ import os
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy reader reads BF16)
 import numpy as np
+from safetensors import safe_open
 
 from vsd_jax.weights.convert import (config_from_hf_dict, llava_canonical_name, llava_config_from_hf_dict,
                                     params_from_hf)
+# torch is imported only to read PyTorch .bin files: it is a test-only dependency (setup.py's test extra).
 
 
 class _TensorIndex:
@@ -37,7 +39,6 @@ class _TensorIndex:
     st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
     if st:
-      from safetensors import safe_open
       for f in st:
         with safe_open(f, framework="numpy") as h:
           for k in h.keys():
@@ -71,7 +72,6 @@ class _TensorIndex:
     kind, f = self.files[name]
     if kind == "bin":
       return self._bins[name][tuple(index)].float().numpy()
-    from safetensors import safe_open
     if f not in self._open:
       self._open[f] = safe_open(f, framework="numpy")
     h = self._open[f]

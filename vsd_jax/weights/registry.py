@@ -4,6 +4,7 @@ targets: LLaMA, Mistral, Qwen2/2.5, Qwen3; or LLaVA)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import os
 from typing import Any, Optional
@@ -11,8 +12,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from vsd_jax import parallel
+from vsd_jax.data.images import load_processor
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
+from vsd_jax.models.features import language_model_params
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
+from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
+from vsd_jax.weights.gguf_file import open_gguf
+from vsd_jax.weights.hf import open_hf_dir
+# transformers (tokenizers) and huggingface_hub (hub downloads) are imported where they are used: transformers takes
+# seconds to import, and a GGUF or local target needs neither.
 
 # name -> ("package_gguf", package, filename) | ("hub", repo_id) | ("generated", module): a checkpoint written here on
 # first use by vsd_jax.weights.<module>.make_default()
@@ -116,7 +125,6 @@ def resolve(name_or_path: str) -> tuple:
   if entry[0] == "package_gguf":
     return "gguf", packaged_gguf_path(entry[1], entry[2])
   if entry[0] == "generated":
-    import importlib
     return "hf_dir", importlib.import_module(f"vsd_jax.weights.{entry[1]}").make_default()
   return "hf_dir", hub_snapshot(entry[1])
 
@@ -136,7 +144,6 @@ def untie_vocab_projection(target: Target) -> Target:
   cfg = target.config
   if not cfg.tie_word_embeddings:
     return target
-  from vsd_jax.models.features import language_model_params
   lm = dict(language_model_params(target.params))
   lm["lm_head"] = {"kernel": jax.jit(lambda e: e.T)(lm["embed_tokens"]["embedding"])}  # keeps the sharding, transposed
   params = {**target.params, "language_model": lm} if "language_model" in target.params else lm
@@ -176,10 +183,6 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   untie_lm_head: give a tied vocabulary projection its own [H, V] kernel (`untie_vocab_projection`; decoding on
     CPUs).
   """
-  from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
-  from vsd_jax.weights.gguf_file import open_gguf
-  from vsd_jax.weights.hf import open_hf_dir
-
   if mesh is not None and rules is None:
     raise ValueError("load_target(mesh=...) also needs rules (parallel.logical_axis_rules(config)), the logical "
                      "axis rules that map the parameters' axes to the mesh")
@@ -195,13 +198,11 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params_from_hf(cfg, get, has))
   else:
-    from vsd_jax import parallel
     abstract = parallel.model_abstract_params(model, mesh, rules, jnp.zeros((1, 8), jnp.int32))
     params = params_from_hf_sharded(cfg, get_slice, has, abstract, whole_params=kind == "gguf")
   tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
   processor = None
   if with_tokenizer and isinstance(model, LlavaForConditionalGeneration):
-    from vsd_jax.data.images import load_processor
     processor = load_processor(path, required=False)
   target = Target(model, params, tokenizer, cfg, path, processor)
   return untie_vocab_projection(target) if untie_lm_head else target

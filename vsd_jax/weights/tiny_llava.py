@@ -26,7 +26,19 @@ import json
 import os
 import re
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
+
+from vsd_jax.data.chat import VICUNA_TEMPLATE
+from vsd_jax.data.images import sample_prompt_path
+from vsd_jax.models.clip import ClipVisionConfig
+from vsd_jax.models.llama import LlamaConfig
+from vsd_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
+# tokenizers and transformers are imported where the processor is built: transformers takes seconds to import.
 
 IMAGE_SIZE, PATCH = 42, 14
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -38,8 +50,6 @@ HEAD_SCALE = 0.6  # lm_head std: logits spread ~3, so next-token distributions a
 def vocabulary() -> list:
   """The tokenizer's words: the specials, then every word / punctuation run of the sample prompts and the
   LLaVA-1.5 template (chat.VICUNA_TEMPLATE's system prompt and roles), sorted; padded to a multiple of 64."""
-  from vsd_jax.data.chat import VICUNA_TEMPLATE
-  from vsd_jax.data.images import sample_prompt_path
   with open(sample_prompt_path(), encoding="utf-8") as f:
     texts = [turn["value"] for rec in json.load(f) for turn in rec["conversations"]]
   texts += [re.sub(r"\{[{%].*?[%}]\}", " ", VICUNA_TEMPLATE), "USER: ASSISTANT:"]
@@ -68,9 +78,6 @@ def make_processor(words=None):
 
 def tiny_llava_config(vocab_size: int):
   """models.llava.LlavaConfig of the tiny checkpoint (image token 4 = "<image>", eos 2 = "</s>")."""
-  from vsd_jax.models.clip import ClipVisionConfig
-  from vsd_jax.models.llama import LlamaConfig
-  from vsd_jax.models.llava import LlavaConfig
   text = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=8, num_heads=4,
                      num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
                      tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,))
@@ -81,7 +88,6 @@ def tiny_llava_config(vocab_size: int):
 
 def random_params(cfg, seed: int = 0) -> dict:
   """Random float32 params of LlavaForConditionalGeneration(cfg) (numpy), scaled as the module docstring says."""
-  from vsd_jax.models.llava import LlavaForConditionalGeneration
   params = random_like(LlavaForConditionalGeneration(cfg), seed)
   # The specials' output rows are 0 (logit 0 where the others spread O(1)): the model does not emit <image> or
   # <pad> (a real LLaVA never predicts its image token either), while </s> stays a possible end of turn.
@@ -94,9 +100,6 @@ def random_params(cfg, seed: int = 0) -> dict:
 def random_like(model, seed: int = 0) -> dict:
   """Random float32 numpy params of a target module: weights of std 0.15, RMS/layer-norm scales 1 +- 0.1 (every
   layer moves the logits by O(1)); the tiny random targets' (this file, weights/tiny_qwen3.py) shared scaling."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
   shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 4), jnp.int32))["params"]),
                           jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
@@ -138,9 +141,6 @@ def write_once(directory: str, marker: str, stamp: str, write) -> str:
 def make_tiny_llava(directory: str, seed: int = 0) -> str:
   """Write the tiny random LLaVA checkpoint to `directory` (unless a complete one is there); returns it."""
   def write(directory):
-    from safetensors.numpy import save_file
-
-    from vsd_jax.weights.convert import hf_tensors_from_params, llava_hf_config_dict, llava_hf_name
     processor = make_processor()
     cfg = tiny_llava_config(len(processor.tokenizer))
     tensors = hf_tensors_from_params(cfg, random_params(cfg, seed))

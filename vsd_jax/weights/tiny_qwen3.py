@@ -23,8 +23,13 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from vsd_jax.models.archs import arch
+from vsd_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vsd_jax.weights.convert import hf_config_dict, hf_tensors_from_params
 from vsd_jax.weights.tiny_llava import default_dir, random_like, write_once
+# tokenizers and transformers are imported where the tokenizer is built: transformers takes seconds to import.
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VOCAB = 320  # 256 bytes + 5 specials, padded to a multiple of 64
@@ -54,18 +59,12 @@ def make_tokenizer():
 
 def tiny_qwen3_config():
   """LlamaConfig of the tiny checkpoint (models/archs.py "tiny-qwen3-random" holds the same fields)."""
-  from vsd_jax.models.archs import arch
-  from vsd_jax.models.llama import LlamaConfig
   return LlamaConfig(**arch("tiny-qwen3-random"))
 
 
 def make_tiny_qwen3(directory: str, seed: int = 0) -> str:
   """Write the tiny random Qwen3 checkpoint to `directory` (unless a complete one is there); returns it."""
   def write(directory):
-    from safetensors.numpy import save_file
-
-    from vsd_jax.models.llama import LlamaForCausalLM
-    from vsd_jax.weights.convert import hf_config_dict, hf_tensors_from_params
     tokenizer = make_tokenizer()
     cfg = tiny_qwen3_config()
     if len(tokenizer) > cfg.vocab_size:
