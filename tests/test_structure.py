@@ -6,6 +6,8 @@ benchmarks that use only public names of vsd_jax."""
 import ast
 import inspect
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -187,3 +189,14 @@ def test_benchmarks_use_only_public_names():
   bench = os.path.join(REPO, "benchmarks")
   found = {f: private_uses(open(os.path.join(bench, f)).read()) for f in sorted(os.listdir(bench)) if f.endswith(".py")}
   assert not {f: p for f, p in found.items() if p}, "benchmarks import private names of vsd_jax"
+
+
+def test_cli_modules_import_without_jax():
+  """The modules whose imports stay inside functions for that reason import no JAX: train.py (--dry_run sets
+  XLA_FLAGS before JAX starts), dry_run, cli_config, convert_draft and the draft vocabulary dry_run reads."""
+  code = ("import sys, vsd_jax.train, vsd_jax.dry_run, vsd_jax.cli_config, vsd_jax.convert_draft, "
+          "vsd_jax.models.draft_vocab; print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, PYTHONPATH=REPO))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == "[]", r.stdout

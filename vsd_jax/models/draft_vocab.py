@@ -12,6 +12,8 @@ import os
 from typing import Optional
 
 import numpy as np
+# jax.numpy is imported only when a map is given jax arrays: this module imports no JAX (dry_run uses it before JAX
+# starts).
 
 log = logging.getLogger(__name__)
 
