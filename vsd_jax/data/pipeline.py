@@ -24,6 +24,7 @@ from vsd_jax.data.chat import (ChatTemplateError, apply_length_limit, build_sequ
 from vsd_jax.data.dataset import SequenceDataset
 from vsd_jax.data.draft_vocab import DraftVocab, build_draft_vocab
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
+from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   if not pairs:
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
                      "data.length_policy='truncate'.")
-  dataset = SequenceDataset.from_pairs(pairs)
+  dataset = store_sequences(data_cache_dir(config), pairs)  # on disk once, read by every process
+  del pairs
   vocab = None
   if draft_vocab:
     vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))

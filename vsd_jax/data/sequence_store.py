@@ -223,3 +223,22 @@ def open_store(directory: str) -> SequenceDataset:
   ds = _dataset(directory, lengths, images, manifest["fingerprint"])
   ds.manifest = manifest
   return ds
+
+
+def store_sequences(cache_dir: str, items, builder: Optional[str] = None) -> SequenceDataset:
+  """The sequence store of `items` ((ids, mask[, images]) in training order, e.g. the data pipeline's sequences
+  after the length limit) under cache_dir, named by their content fingerprint: built when missing (resuming an
+  unfinished build of the same content), opened as it is otherwise. `items` is read twice (fingerprint, build).
+  builder: default "<host>-<JAX process index>" (each process sharing the cache directory writes its own partial
+  store; the first finished one is published)."""
+  h = Fingerprint()
+  images = []
+  for item in items:
+    h.add(np.asarray(item[0]), np.asarray(item[1]))
+    if len(item) > 2:
+      images.append(tuple(item[2]))
+  key = h.hexdigest(images if images else None)
+  if builder is None:
+    import jax
+    builder = f"{socket.gethostname()}-{jax.process_index()}"
+  return build_store(os.path.join(cache_dir, f"sequences-{key}"), items, meta=dict(fingerprint=key), builder=builder)
