@@ -148,3 +148,20 @@ def test_store_checks_its_files_and_keeps_images(tmp_path):
     open_store(d)
   with pytest.raises(ValueError, match="loss_mask must hold only 0 and 1"):
     build_store(str(tmp_path / "bad"), [(np.arange(3), np.array([0, 2, 1]))])
+
+
+def test_store_sequences_is_named_by_content_and_reused(tmp_path):
+  from vsd_jax.data.sequence_store import store_sequences
+  pairs = list(synthetic(12, seed=5))
+  first = store_sequences(str(tmp_path), pairs, builder="t")
+  assert os.listdir(tmp_path) == [f"sequences-{first.fingerprint()}"]
+  added = []
+  orig = StoreWriter.add
+  StoreWriter.add = lambda self, *a: added.append(1) or orig(self, *a)
+  try:
+    again = store_sequences(str(tmp_path), pairs, builder="t")
+    other = store_sequences(str(tmp_path), pairs[1:], builder="t")
+  finally:
+    StoreWriter.add = orig
+  assert again.fingerprint() == first.fingerprint() and len(added) == 11  # only the other content was written
+  assert len(other) == 11 and len(os.listdir(tmp_path)) == 2
