@@ -83,8 +83,8 @@ def test_store_batches_equal_in_memory_whole_resumed_and_per_process(tmp_path, d
 def test_process_slice_reads_only_its_rows(tmp_path):
   store = build_store(str(tmp_path / "s"), synthetic(40, seed=2), meta={})
   reads = []
-  real = store.read
-  store.read = lambda name, i: reads.append(int(i)) or real(name, i)
+  real = store.read_into
+  store.read_into = lambda i, *out: reads.append(int(i)) or real(i, *out)
   batches = list(iterate_batches(store, 8, seed=0, process_index=1, process_count=2, with_index=True))
   assert sorted(set(reads)) == sorted(int(i) for b in batches for i in b["index"])
   assert len(set(reads)) == 20  # half of the 5 global batches of 8

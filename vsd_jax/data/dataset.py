@@ -133,8 +133,23 @@ class SequenceDataset:
   def __del__(self):
     try:
       self.close()
-    except (OSError, AttributeError):
+    except Exception:  # (at interpreter exit os may already be gone; the files close with the process)
       pass
+
+  def read_into(self, i: int, ids_out: np.ndarray, mask_out: np.ndarray) -> int:
+    """Sequence i into ids_out[:T_i] (int32, C-contiguous) and mask_out[:T_i]; returns T_i. A store's tokens are
+    read straight into ids_out (no intermediate copy)."""
+    a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    n = b - a
+    if self._files is None:
+      ids_out[:n], mask_out[:n] = self._tokens[a:b], self._mask[a:b]
+      return n
+    got = os.preadv(self._files["input_ids"], [memoryview(ids_out[:n]).cast("B")], a * 4)
+    mask = os.pread(self._files["loss_mask"], n, a)
+    if got != n * 4 or len(mask) != n:
+      raise OSError(f"sequence store: sequence {i} is cut short (the store's files changed after it was opened?)")
+    mask_out[:n] = np.frombuffer(mask, np.uint8)
+    return n
 
   @property
   def max_images(self) -> int:
@@ -199,14 +214,17 @@ class SequenceDataset:
       return cls.from_flat(z["input_ids"].astype(np.int32), mask.astype(np.uint8), offsets, images)
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def check_sequence(i, ids: np.ndarray, mask: np.ndarray) -> None:
   """ValueError naming sequence i unless ids and mask are equal 1-D shapes of integers, the mask 0/1."""
   if ids.shape != mask.shape or ids.ndim != 1:
     raise ValueError(f"sequence {i}: input_ids {ids.shape} and loss_mask {mask.shape} must be equal 1-D shapes")
-  if ids.size and (ids.dtype.kind not in "iub" or ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+  if ids.size and (ids.dtype.kind not in "iub" or ids.min() < 0 or ids.max() > INT32_MAX):
     raise ValueError(f"sequence {i}: input_ids must be token ids in [0, 2**31) (got {ids.dtype}, "
                      f"{ids.min()}..{ids.max()})")
-  if mask.size and ((mask != 0) & (mask != 1)).any():
+  if mask.size and (mask.dtype.kind not in "iub" or mask.min() < 0 or mask.max() > 1):
     raise ValueError(f"sequence {i}: loss_mask must hold only 0 and 1")
 
 
@@ -257,13 +275,8 @@ def pad_batch(dataset: SequenceDataset, indices: Sequence[int], length: int, pad
   loss = np.zeros((b, length), np.int32)
   attn = np.zeros((b, length), np.int32)
   for row, i in enumerate(indices):
-    if i < 0:
-      continue
-    x = dataset.input_ids[i]
-    n = len(x)
-    ids[row, :n] = x
-    loss[row, :n] = dataset.loss_mask[i]
-    attn[row, :n] = 1
+    if i >= 0:
+      attn[row, :dataset.read_into(i, ids[row], loss[row])] = 1
   out = {"input_ids": ids, "loss_mask": loss, "attention_mask": attn}
   if pixels is not None and dataset.images is not None:
     out["pixel_values"] = pixels.batch([dataset.images[i] if i >= 0 else () for i in indices])
