@@ -165,3 +165,6 @@ def test_store_sequences_is_named_by_content_and_reused(tmp_path):
     StoreWriter.add = orig
   assert again.fingerprint() == first.fingerprint() and len(added) == 11  # only the other content was written
   assert len(other) == 11 and len(os.listdir(tmp_path)) == 2
+  with pytest.raises(StoreError, match="nothing was published"):  # items that differ from the ones named
+    build_store(str(tmp_path / "sequences-x"), pairs[:3], meta=dict(fingerprint="0" * 16))
+  assert len(os.listdir(tmp_path)) == 2

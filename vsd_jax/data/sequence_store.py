@@ -145,9 +145,14 @@ class StoreWriter:
     if self.multimodal:
       with open(os.path.join(self.partial, "images.jsonl")) as f:
         images = [json.loads(line) for line in f]
+    fingerprint = self._hash.hexdigest(images)
+    if self.meta.get("fingerprint", fingerprint) != fingerprint:  # the items differ from those it was named by
+      shutil.rmtree(self.partial)
+      raise StoreError(f"sequence store {self.directory}: the sequences written have fingerprint {fingerprint}, "
+                       f"not the {self.meta['fingerprint']} it was built for (items that change between passes?); "
+                       "nothing was published")
     manifest = dict(format=FORMAT, meta=self.meta, sequences=self.done, tokens=self.tokens,
-                    loss_tokens=self._loss_tokens, multimodal=bool(self.multimodal),
-                    fingerprint=self._hash.hexdigest(images))
+                    loss_tokens=self._loss_tokens, multimodal=bool(self.multimodal), fingerprint=fingerprint)
     os.remove(os.path.join(self.partial, "progress.json"))
     _fsync_replace(os.path.join(self.partial, "manifest.json"), manifest)
     try:
