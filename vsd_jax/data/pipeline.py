@@ -1,5 +1,6 @@
 """config.data -> training data: prompts -> chat template -> target responses (cached) -> sequences with
-loss masks (length limit applied) -> draft vocabulary. Every dropped or cut item is counted and logged.
+loss masks (length limit applied), written once to a sequence store in the data cache (data.sequence_store; the
+dataset reads from it) -> draft vocabulary. Every dropped or cut item is counted and logged.
 
 Conversations whose responses come from elsewhere (a "conversations" source, `Prompt.answered`) skip
 regeneration: each is rendered with the target's chat template as it is, every assistant turn in the loss mask
