@@ -10,7 +10,6 @@ import pytest
 
 from vsd_jax.data.dataset import SequenceDataset, iterate_batches, pick_bucket, bucket_lengths
 from vsd_jax.data.sequence_store import StoreError, StoreWriter, build_store, open_store
-from vsd_jax.parallel import process_local_slice
 
 
 def reference_batches(ids, masks, batch_size, seed, epoch=0, buckets=None, drop_last=True, sort_window=0):
@@ -54,6 +53,7 @@ def equal(a, b):
 
 @pytest.mark.parametrize("drop_last,sort_window", [(True, 64), (False, 0)])
 def test_store_batches_equal_in_memory_whole_resumed_and_per_process(tmp_path, drop_last, sort_window):
+  from vsd_jax.parallel import process_local_slice
   pairs = list(synthetic(203, seed=1))
   ids, masks = [p[0] for p in pairs], [p[1] for p in pairs]
   store = build_store(str(tmp_path / "s"), iter(pairs), meta=dict(data="synthetic-1"))
@@ -168,3 +168,50 @@ def test_store_sequences_is_named_by_content_and_reused(tmp_path):
   with pytest.raises(StoreError, match="nothing was published"):  # items that differ from the ones named
     build_store(str(tmp_path / "sequences-x"), pairs[:3], meta=dict(fingerprint="0" * 16))
   assert len(os.listdir(tmp_path)) == 2
+
+
+KILLED_BUILD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from tests.test_sequence_store import synthetic
+from vsd_jax.data.sequence_store import build_store
+
+def items():
+  for n, p in enumerate(synthetic(50, seed=6)):
+    if n == 25:  # 20 committed, 5 more written: stop here and wait to be killed
+      open({ready!r}, "w").close()
+      time.sleep(600)
+    yield p
+
+build_store({d!r}, items(), meta=dict(data="k"), commit_every=10)
+"""
+
+
+@pytest.mark.slow  # (a fresh interpreter importing vsd_jax.data, i.e. jax: ~5 s; the fast tier has the simulated kill)
+def test_build_killed_with_sigkill_resumes_at_its_last_commit(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  d, ready = str(tmp_path / "s"), str(tmp_path / "ready")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD.format(root=root, ready=ready, d=d)])
+  try:
+    deadline = time.time() + 120
+    while not os.path.exists(ready) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert os.path.exists(ready), "the build did not reach its 25th sequence"
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  with pytest.raises(StoreError, match="unfinished build"):
+    open_store(d)
+  added = []
+  orig = StoreWriter.add
+  StoreWriter.add = lambda self, *a: added.append(self.done) or orig(self, *a)
+  try:
+    ds = build_store(d, synthetic(50, seed=6), meta=dict(data="k"), commit_every=10)
+  finally:
+    StoreWriter.add = orig
+  assert added == list(range(20, 50))
+  assert ds.fingerprint() == SequenceDataset.from_pairs(list(synthetic(50, seed=6))).fingerprint()
