@@ -224,7 +224,8 @@ def check_sequence(i, ids: np.ndarray, mask: np.ndarray) -> None:
   if ids.size and (ids.dtype.kind not in "iub" or ids.min() < 0 or ids.max() > INT32_MAX):
     raise ValueError(f"sequence {i}: input_ids must be token ids in [0, 2**31) (got {ids.dtype}, "
                      f"{ids.min()}..{ids.max()})")
-  if mask.size and (mask.dtype.kind not in "iub" or mask.min() < 0 or mask.max() > 1):
+  if mask.size and (mask.min() < 0 or mask.max() > 1 or (mask.dtype.kind not in "iub" and
+                                                         ((mask != 0) & (mask != 1)).any())):
     raise ValueError(f"sequence {i}: loss_mask must hold only 0 and 1")
 
 
