@@ -10,6 +10,8 @@ generator (the store variant never holds N of them at once; the in-memory one mu
             one writing pass into <workdir>/sequences-<key>), then one epoch of iterate_batches as train.py runs it
             (batch 32, sort_window 256, buckets 64..2048). build_s includes generating the conversations twice
             (store_sequences reads its items twice); generate_pass_s is one pass of the generator alone, timed first.
+  store_half  the same store and epoch as process 1 of 2 reads it (process_index=1, process_count=2: half the rows
+            of every global batch, padded to the global batch's bucket)
   inmemory  the dataset before the store (vsd_jax/data/dataset.py at git revision --baseline, loaded from git):
             SequenceDataset.from_pairs over a list of the conversations, then the same epoch. --inmemory_n (default
             N) runs it at fewer conversations when N would not fit or take too long; the report says so. Its
@@ -84,6 +86,17 @@ def run_store(n: int, workdir: str) -> dict:
   return out
 
 
+def run_store_half(workdir: str) -> dict:
+  """The store the `store` variant built, as process 1 of 2 reads it: its half of every global batch."""
+  from vsd_jax.data.dataset import iterate_batches
+  from vsd_jax.data.sequence_store import open_store
+  (name,) = [d for d in os.listdir(workdir) if d.startswith("sequences-") and ".partial" not in d]
+  ds = open_store(os.path.join(workdir, name))
+  out = dict(build_s=0.0, sequences=len(ds))
+  out.update(epoch(ds, iterate_batches, process_index=1, process_count=2))
+  return out
+
+
 def run_inmemory(n: int, baseline: str) -> dict:
   source = subprocess.run(["git", "-C", ROOT, "show", f"{baseline}:vsd_jax/data/dataset.py"], check=True,
                           capture_output=True, text=True).stdout
@@ -107,13 +120,14 @@ def main():
   p.add_argument("--inmemory_n", type=int, default=0, help="conversations for the in-memory variant (0: --n)")
   p.add_argument("--workdir", default="/tmp/dataset_scale")
   p.add_argument("--baseline", default="42c81b5", help="git revision whose dataset.py is the in-memory variant")
-  p.add_argument("--variants", default="store,inmemory")
+  p.add_argument("--variants", default="store,store_half,inmemory")
   p.add_argument("--keep", action="store_true")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.child:
     t = time.time()
-    res = run_store(a.n, a.workdir) if a.child == "store" else run_inmemory(a.n, a.baseline)
+    res = (run_store(a.n, a.workdir) if a.child == "store" else run_store_half(a.workdir) if a.child == "store_half"
+           else run_inmemory(a.n, a.baseline))
     res.update(variant=a.child, n=a.n, total_s=time.time() - t, peak_rss_gib=peak_rss_gib())
     print("RESULT " + json.dumps(res), flush=True)
     return
