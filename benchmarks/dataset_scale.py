@@ -4,7 +4,8 @@
 
 Synthetic conversations: N sequences of 32..2048 tokens (uniform; mean ~1040), token ids uniform in a 151,936-id
 vocabulary, the loss mask 1 from a random point (the response) to the end, drawn one at a time from a seeded
-generator (the store variant never holds N of them at once; the in-memory one must: from_pairs takes a list). Each variant runs in its own subprocess, so its peak RSS
+generator (the store variant never holds N of them at once; the in-memory one must: from_pairs
+takes a list). Each variant runs in its own subprocess, so its peak RSS
 (resource.getrusage ru_maxrss) is its own:
   store     the pipeline's path: data.sequence_store.store_sequences over the conversations (one fingerprint pass,
             one writing pass into <workdir>/sequences-<key>), then one epoch of iterate_batches as train.py runs it
