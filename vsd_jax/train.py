@@ -148,14 +148,13 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
 
   def make_batches(start_step):
     epoch, skip = divmod(start_step, per_epoch)
-    while True:
+    while True:  # from batch `skip` of the epoch (earlier ones are not read); this process's rows of each
       batches = iterate_batches(data.dataset, bs, seed=config.seed, epoch=epoch, buckets=buckets,
-                                sort_window=bs * 8, with_index=cache is not None, pixels=data.pixels)
+                                sort_window=bs * 8, with_index=cache is not None, pixels=data.pixels, start=skip,
+                                process_index=jax.process_index(), process_count=jax.process_count())
       if cache is not None:
         batches = with_cached_targets(batches, cache, data.draft_vocab.t2d)
-      for i, b in enumerate(batches):
-        if i >= skip:
-          yield parallel.process_local_slice(b)  # with several processes, this host's rows of the batch
+      yield from batches
       epoch, skip = epoch + 1, 0
 
   t = time.time()

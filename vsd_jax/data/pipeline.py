@@ -1,5 +1,6 @@
 """config.data -> training data: prompts -> chat template -> target responses (cached) -> sequences with
-loss masks (length limit applied) -> draft vocabulary. Every dropped or cut item is counted and logged.
+loss masks (length limit applied), written once to a sequence store in the data cache (data.sequence_store; the
+dataset reads from it) -> draft vocabulary. Every dropped or cut item is counted and logged.
 
 Conversations whose responses come from elsewhere (a "conversations" source, `Prompt.answered`) skip
 regeneration: each is rendered with the target's chat template as it is, every assistant turn in the loss mask
@@ -23,6 +24,7 @@ from vsd_jax.data.chat import (ChatTemplateError, apply_length_limit, build_sequ
                                prompt_encoder)
 from vsd_jax.data.dataset import SequenceDataset
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
+from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
 
@@ -122,7 +124,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   if not pairs:
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
                      "data.length_policy='truncate'.")
-  dataset = SequenceDataset.from_pairs(pairs)
+  dataset = store_sequences(data_cache_dir(config), pairs)  # on disk once, read by every process
+  del pairs
   vocab = None
   if draft_vocab:
     vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))

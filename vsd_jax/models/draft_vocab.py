@@ -46,7 +46,7 @@ class DraftVocab:
 def token_counts(dataset, vocab_size: int) -> np.ndarray:
   """int64 [V]: occurrences of each target id at loss-masked positions of a SequenceDataset."""
   counts = np.zeros(vocab_size, np.int64)
-  for ids, mask in zip(dataset.input_ids, dataset.loss_mask):
+  for _, ids, mask, _ in dataset.blocks():  # runs of whole sequences, ~16M tokens each
     sel = ids[mask.astype(bool)]
     if sel.size and (sel.min() < 0 or sel.max() >= vocab_size):
       raise ValueError(f"token id {int(sel.max())} outside the target vocabulary [0, {vocab_size}); the data was "
