@@ -141,7 +141,8 @@ def test_mask_builders_live_in_models_masks():
   for name, path in package_modules().items():
     if name == "vsd_jax.models.masks":
       continue
-    not_attention = {"_decay_mask"}  # training/state.py: optax's weight-decay mask over parameters
+    # training/state.py: optax's weight-decay mask over parameters; data/dataset.py: the rows of the loss mask
+    not_attention = {"_decay_mask", "loss_mask"}
     for node in ast.walk(ast.parse(open(path).read(), path)):
       if isinstance(node, ast.FunctionDef) and (node.name.endswith("_mask") or node.name.endswith("ancestors")) \
           and node.name not in not_attention:

@@ -52,7 +52,7 @@ class SequenceDataset:
   """Sequences with loss masks (and, multimodal, image files per sequence) as flat arrays.
 
   SequenceDataset(input_ids, loss_mask[, images]): per sequence i input_ids[i] int [T_i] and loss_mask[i] 0/1 [T_i]
-  (held in memory); SequenceDataset.open(directory): a finished sequence store (data.sequence_store), read from
+  (held in memory); data.sequence_store.open_store(directory): a finished sequence store, read from
   its files. Either way dataset.input_ids[i] / dataset.loss_mask[i] are int32 [T_i] and images[i] is the tuple of
   image files of its prompt (in the order of its image-token runs; () for text), or images is None."""
 
@@ -91,12 +91,6 @@ class SequenceDataset:
     """(input_ids, loss_mask) pairs, or (input_ids, loss_mask, images) triples (a multimodal dataset)."""
     images = [tuple(p[2]) for p in pairs] if pairs and len(pairs[0]) > 2 else None
     return cls([p[0] for p in pairs], [p[1] for p in pairs], images)
-
-  @classmethod
-  def open(cls, directory: str) -> "SequenceDataset":
-    """A finished sequence store (see data.sequence_store.open_store)."""
-    from vsd_jax.data.sequence_store import open_store
-    return open_store(directory)
 
   @property
   def stored(self) -> bool:
