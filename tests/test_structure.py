@@ -112,13 +112,12 @@ def test_draft_vocabulary_lives_with_the_models():
 
 # The imports that still join data/ and decoding/ both ways: data.pipeline regenerates the training responses with
 # the target's vanilla decoding (data.regenerate), while the decoding engine encodes prompts with data.chat and
-# data.prompt_file, and autotune keys its cache with data.pipeline.model_id. Cutting the loop means moving the
+# data.prompt_file. Cutting the loop means moving the
 # regeneration step (data.pipeline + data.regenerate) out of data/ or the prompt encoding out of it.
 KNOWN_DATA_TO_DECODING = {("vsd_jax.data.regenerate", "vsd_jax.decoding.runner"),
                           ("vsd_jax.data.regenerate", "vsd_jax.decoding.vanilla")}
 KNOWN_DECODING_TO_DATA = {("vsd_jax.decoding.engine", "vsd_jax.data.chat"),
-                          ("vsd_jax.decoding.engine", "vsd_jax.data.prompt_file"),
-                          ("vsd_jax.decoding.autotune", "vsd_jax.data.pipeline")}
+                          ("vsd_jax.decoding.engine", "vsd_jax.data.prompt_file")}
 
 
 def test_data_decoding_loop_does_not_grow():

@@ -156,7 +156,7 @@ def sample_prompt_path() -> str:
 
 def image_identity(path: str) -> str:
   """What names an image file in cache keys: its file name and byte size (not where it is installed, so a cache
-  made on another machine is found, as data.pipeline.weights_identity does for weights)."""
+  made on another machine is found, as weights.registry.weights_identity does for weights)."""
   return f"{os.path.basename(path)}:{os.path.getsize(path) if os.path.isfile(path) else -1}"
 
 
@@ -204,3 +204,31 @@ class PixelLoader:
       shape = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
       out = np.zeros((len(rows), self.max_images) + np.shape(shape["pixel_values"])[1:], np.float32)
     return out
+
+
+def multimodal_prompts(target, prompts, prompt_ids, max_images: int = 0) -> tuple:
+  """Prompts with images for a LLaVA target -> (prompt ids with each image token expanded to the model's count,
+  each prompt's image files, a PixelLoader holding max_images (0: the most of one prompt) per row).
+
+  Raises ImageInputError naming the prompt when the target takes no images, or when a prompt's rendered image
+  tokens and its images differ in number (e.g. a chat template or tokenizer that splits `<image>`)."""
+  cfg = target.config
+  if getattr(cfg, "image_token_id", None) is None:
+    first = next(p for p in prompts if p.images)
+    raise ImageInputError(f"prompt {first.id} has images ({', '.join(map(repr, first.images))}) but the target "
+                          f"{target.source!r} is a text model; use a multimodal (LLaVA) target or prompts without "
+                          "images")
+  out = []
+  for p, ids in zip(prompts, prompt_ids):
+    n = sum(1 for t in ids if t == cfg.image_token_id)
+    if n != len(p.images):
+      raise ImageInputError(f"prompt {p.id}: the chat template and tokenizer give {n} image token(s) (id "
+                            f"{cfg.image_token_id}) but the prompt has {len(p.images)} image(s); each <image> "
+                            "placeholder must become one image token (check data.chat_template and the tokenizer)")
+    out.append(expand_image_tokens(ids, cfg.image_token_id, cfg.num_image_tokens))
+  most = max(len(p.images) for p in prompts)
+  if max_images and most > max_images:
+    worst = max(prompts, key=lambda p: len(p.images))
+    raise ImageInputError(f"prompt {worst.id} has {most} images but data.max_images={max_images}; raise it or drop "
+                          "the prompt")
+  return out, [tuple(p.images) for p in prompts], PixelLoader(target.processor, max_images or most)

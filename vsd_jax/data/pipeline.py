@@ -23,10 +23,12 @@ from typing import Callable, Optional
 from vsd_jax.data.chat import (ChatTemplateError, apply_length_limit, build_sequence, encode_conversation,
                                prompt_encoder)
 from vsd_jax.data.dataset import SequenceDataset
+from vsd_jax.data.images import multimodal_prompts
 from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, regenerate
 from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
+from vsd_jax.weights.registry import model_id
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +51,6 @@ def gen_settings(data_cfg) -> GenSettings:
   r = data_cfg.regen
   return GenSettings(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature), top_p=float(r.top_p),
                      seed=int(r.seed))
-
-
-def model_id(target) -> str:
-  """What identifies the target's outputs in cache keys: its weights (file or folder name and byte sizes, not
-  where they are installed, so a cache made on another machine is found) and dtypes."""
-  return f"{weights_identity(target.source)}|{target.config.dtype}|{target.config.param_dtype}"
-
-
-def weights_identity(source: str) -> str:
-  """A GGUF file -> "name:bytes"; an HF folder -> "folder:" + its weight files' names and sizes; else source."""
-  if os.path.isfile(source):
-    return f"{os.path.basename(source)}:{os.path.getsize(source)}"
-  if os.path.isdir(source):
-    files = sorted(f for f in os.listdir(source) if f.endswith((".safetensors", ".bin", ".gguf", "config.json")))
-    return os.path.basename(os.path.normpath(source)) + ":" + ",".join(
-        f"{f}:{os.path.getsize(os.path.join(source, f))}" for f in files)
-  return source
 
 
 def prepare_data(config, target, call: Optional[Callable] = None, progress: bool = True,
@@ -147,32 +132,3 @@ def conversation_sequence(enc, prompt) -> tuple:
     return encode_conversation(enc.tokenizer, prompt.messages, enc.chat_template, enc.eos_ids, enc.template_kwargs)
   except ChatTemplateError as e:
     raise ChatTemplateError(f"conversation {prompt.id}: {e}") from e
-
-
-def multimodal_prompts(target, prompts, prompt_ids, max_images: int = 0) -> tuple:
-  """Prompts with images for a LLaVA target -> (prompt ids with each image token expanded to the model's count,
-  each prompt's image files, a PixelLoader holding max_images (0: the most of one prompt) per row).
-
-  Raises ImageInputError naming the prompt when the target takes no images, or when a prompt's rendered image
-  tokens and its images differ in number (e.g. a chat template or tokenizer that splits `<image>`)."""
-  from vsd_jax.data.images import ImageInputError, PixelLoader, expand_image_tokens
-  cfg = target.config
-  if getattr(cfg, "image_token_id", None) is None:
-    first = next(p for p in prompts if p.images)
-    raise ImageInputError(f"prompt {first.id} has images ({', '.join(map(repr, first.images))}) but the target "
-                          f"{target.source!r} is a text model; use a multimodal (LLaVA) target or prompts without "
-                          "images")
-  out = []
-  for p, ids in zip(prompts, prompt_ids):
-    n = sum(1 for t in ids if t == cfg.image_token_id)
-    if n != len(p.images):
-      raise ImageInputError(f"prompt {p.id}: the chat template and tokenizer give {n} image token(s) (id "
-                            f"{cfg.image_token_id}) but the prompt has {len(p.images)} image(s); each <image> "
-                            "placeholder must become one image token (check data.chat_template and the tokenizer)")
-    out.append(expand_image_tokens(ids, cfg.image_token_id, cfg.num_image_tokens))
-  most = max(len(p.images) for p in prompts)
-  if max_images and most > max_images:
-    worst = max(prompts, key=lambda p: len(p.images))
-    raise ImageInputError(f"prompt {worst.id} has {most} images but data.max_images={max_images}; raise it or drop "
-                          "the prompt")
-  return out, [tuple(p.images) for p in prompts], PixelLoader(target.processor, max_images or most)

@@ -15,8 +15,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from vsd_jax.data.images import ImageInputError, open_image, resolve_image_path
-from vsd_jax.data.pipeline import multimodal_prompts
+from vsd_jax.data.images import ImageInputError, multimodal_prompts, open_image, resolve_image_path
 from vsd_jax.data.sources import BadRecord, Prompt, place_image_placeholders, read_utf8, record_images
 from vsd_jax.errors import UserError
 
@@ -130,7 +129,7 @@ class EncodedPrompts:
 def encode_prompt_items(target, enc, items, system_prompt: str, source: str) -> EncodedPrompts:
   """(id, user message[, image files]) items -> EncodedPrompts: each message through the chat encoder `enc`
   (`chat.prompt_encoder(target, config)`) with system_prompt; when any item has images, a LLaVA target's image
-  tokens expanded and their pixel values prepared by its own processor (`pipeline.multimodal_prompts`: a text
+  tokens expanded and their pixel values prepared by its own processor (`images.multimodal_prompts`: a text
   target or a template that loses an <image> is an ImageInputError naming the prompt and its files). Every image
   file is prepared once here, so a bad one fails before decoding starts. source: names the prompts in errors."""
   prompts = [enc.encode_user(it[1], system_prompt) for it in items]

@@ -206,3 +206,20 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
     processor = load_processor(path, required=False)
   target = Target(model, params, tokenizer, cfg, path, processor)
   return untie_vocab_projection(target) if untie_lm_head else target
+
+
+def model_id(target) -> str:
+  """What identifies the target's outputs in cache keys: its weights (file or folder name and byte sizes, not
+  where they are installed, so a cache made on another machine is found) and dtypes."""
+  return f"{weights_identity(target.source)}|{target.config.dtype}|{target.config.param_dtype}"
+
+
+def weights_identity(source: str) -> str:
+  """A GGUF file -> "name:bytes"; an HF folder -> "folder:" + its weight files' names and sizes; else source."""
+  if os.path.isfile(source):
+    return f"{os.path.basename(source)}:{os.path.getsize(source)}"
+  if os.path.isdir(source):
+    files = sorted(f for f in os.listdir(source) if f.endswith((".safetensors", ".bin", ".gguf", "config.json")))
+    return os.path.basename(os.path.normpath(source)) + ":" + ",".join(
+        f"{f}:{os.path.getsize(os.path.join(source, f))}" for f in files)
+  return source
