@@ -45,7 +45,7 @@ def main(_):
   from vsd_jax import parallel
   from vsd_jax.data.dataset import SequenceDataset, iterate_batches
   from vsd_jax.data.pipeline import prepare_data
-  from vsd_jax.weights.registry import model_id
+  from vsd_jax.weights.identity import model_id
   from vsd_jax.training.heldout import heldout_config
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.methods import build_method

@@ -70,7 +70,7 @@ sys.path.insert(0, REPO)
 from vsd_jax.cli_config import apply_overrides, load_config_file  # noqa: E402
 from vsd_jax.data.chat import prompt_encoder  # noqa: E402
 from vsd_jax.data.pipeline import data_cache_dir, gen_settings  # noqa: E402
-from vsd_jax.weights.registry import model_id  # noqa: E402
+from vsd_jax.weights.identity import model_id  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.data.regenerate import cache_path  # noqa: E402
 from vsd_jax.decoding.engine import Engine, Sampling  # noqa: E402
@@ -338,7 +338,7 @@ def train_worker(spec_path: str) -> None:
 def copy_base_cache(src: str, dst: str, model: str) -> None:
   """Copy the base's data cache to a writable folder and name its response file by the key this checkout
   computes for configs/vsd_experiment.py. The shipped base's cache was keyed by its GGUF's absolute path on
-  the GPU machine (fixed since: `weights.registry.model_id` no longer depends on the install path); the responses
+  the GPU machine (fixed since: `weights.identity.model_id` no longer depends on the install path); the responses
   themselves are the same target's (same packaged GGUF, same generation settings and chat template)."""
   shutil.copytree(src, dst)
   files = glob.glob(os.path.join(dst, "responses-*.jsonl"))

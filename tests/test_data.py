@@ -382,7 +382,7 @@ def test_response_cache_key_does_not_depend_on_where_the_model_is_installed(tmp_
   weights by file name and size, not by absolute path."""
   import types
 
-  from vsd_jax.weights.registry import model_id
+  from vsd_jax.weights.identity import model_id
   cfg = types.SimpleNamespace(dtype="float32", param_dtype="float32")
   for d in ("a/site-packages/pkg", "b/other"):
     os.makedirs(tmp_path / d)

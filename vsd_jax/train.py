@@ -116,7 +116,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   from vsd_jax import parallel
   from vsd_jax.data.dataset import full_batches, iterate_batches
   from vsd_jax.data.pipeline import data_cache_dir
-  from vsd_jax.weights.registry import model_id
+  from vsd_jax.weights.identity import model_id
   from vsd_jax.methods import build_method
   from vsd_jax.training.feature_cache import build_feature_cache, cache_key, with_cached_targets
   from vsd_jax.training.heldout import heldout_report

@@ -92,18 +92,6 @@ def open_image(path: str):
   return check_image(image, f"image file {path!r}")
 
 
-def load_processor(path: str, required: bool = True):
-  """The checkpoint directory's transformers processor (LlavaProcessor), PIL backend; None when the directory
-  has no processor files and not required."""
-  if not any(os.path.isfile(os.path.join(path, f)) for f in ("processor_config.json", "preprocessor_config.json")):
-    if not required:
-      return None
-    raise ImageInputError(f"{path!r} has no processor_config.json / preprocessor_config.json, so images cannot be "
-                          "prepared the model's way; use the checkpoint's full directory (llava-hf repos ship them).")
-  from transformers import AutoProcessor
-  return AutoProcessor.from_pretrained(path, backend="pil")
-
-
 def image_token_of(processor) -> tuple:
   """(placeholder string, token id) of a LlavaProcessor."""
   return processor.image_token, int(processor.image_token_id)
@@ -156,7 +144,7 @@ def sample_prompt_path() -> str:
 
 def image_identity(path: str) -> str:
   """What names an image file in cache keys: its file name and byte size (not where it is installed, so a cache
-  made on another machine is found, as weights.registry.weights_identity does for weights)."""
+  made on another machine is found, as weights.identity.weights_identity does for weights)."""
   return f"{os.path.basename(path)}:{os.path.getsize(path) if os.path.isfile(path) else -1}"
 
 

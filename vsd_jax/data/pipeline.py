@@ -28,7 +28,7 @@ from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, r
 from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
-from vsd_jax.weights.registry import model_id
+from vsd_jax.weights.identity import model_id
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsd_jax.weights.registry import model_id
+from vsd_jax.weights.identity import model_id
 from vsd_jax.decoding.precision import matmul_precision
 from vsd_jax.decoding.runner import bucket, cache_slots, pad_prompts
 from vsd_jax.decoding.speculative import Round

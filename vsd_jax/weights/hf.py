@@ -109,3 +109,13 @@ def read_hf_dir(directory: str, **config_overrides):
   """Returns (LlamaConfig, params numpy pytree) from an HF checkpoint directory."""
   cfg, index = open_hf_dir(directory, **config_overrides)
   return cfg, params_from_hf(cfg, index.get, index.has)
+
+
+def load_processor(directory: str):
+  """The checkpoint directory's transformers processor (e.g. LlavaProcessor), PIL backend; None when the
+  directory has no processor files (processor_config.json / preprocessor_config.json)."""
+  if not any(os.path.isfile(os.path.join(directory, f))
+             for f in ("processor_config.json", "preprocessor_config.json")):
+    return None
+  from transformers import AutoProcessor  # transformers is heavy: only multimodal checkpoints pay for it
+  return AutoProcessor.from_pretrained(directory, backend="pil")

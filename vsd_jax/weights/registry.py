@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax import parallel
-from vsd_jax.data.images import load_processor
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.features import language_model_params
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
 from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
 from vsd_jax.weights.gguf_file import open_gguf
-from vsd_jax.weights.hf import open_hf_dir
+from vsd_jax.weights.hf import load_processor, open_hf_dir
 # transformers (tokenizers) and huggingface_hub (hub downloads) are imported where they are used: transformers takes
 # seconds to import, and a GGUF or local target needs neither.
 
@@ -203,23 +202,8 @@ def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float
   tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
   processor = None
   if with_tokenizer and isinstance(model, LlavaForConditionalGeneration):
-    processor = load_processor(path, required=False)
+    processor = load_processor(path)
   target = Target(model, params, tokenizer, cfg, path, processor)
   return untie_vocab_projection(target) if untie_lm_head else target
 
 
-def model_id(target) -> str:
-  """What identifies the target's outputs in cache keys: its weights (file or folder name and byte sizes, not
-  where they are installed, so a cache made on another machine is found) and dtypes."""
-  return f"{weights_identity(target.source)}|{target.config.dtype}|{target.config.param_dtype}"
-
-
-def weights_identity(source: str) -> str:
-  """A GGUF file -> "name:bytes"; an HF folder -> "folder:" + its weight files' names and sizes; else source."""
-  if os.path.isfile(source):
-    return f"{os.path.basename(source)}:{os.path.getsize(source)}"
-  if os.path.isdir(source):
-    files = sorted(f for f in os.listdir(source) if f.endswith((".safetensors", ".bin", ".gguf", "config.json")))
-    return os.path.basename(os.path.normpath(source)) + ":" + ",".join(
-        f"{f}:{os.path.getsize(os.path.join(source, f))}" for f in files)
-  return source
