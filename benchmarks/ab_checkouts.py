@@ -31,6 +31,7 @@ from vsd_jax.weights import load_target
 from vsd_jax.weights.draft_io import load_draft
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.decoding.vanilla import generate
+from vsd_jax.decoding.runner import bucket
 from vsd_jax.decoding.speculative import required_slots, speculative_generate
 from vsd_jax.decoding.tree import TreeConfig
 from vsd_jax.config_base import base_config
@@ -76,7 +77,7 @@ def vanilla(i):
   return int(o.num_new[0]), int(o.rounds[0])
 
 def spec(cfg):
-  slots = -(-required_slots(P, new, cfg) // 128) * 128
+  slots = bucket(required_slots(P, new, cfg), 128)
   def f(i):
     ids, lens = row(i)
     o = speculative_generate(target.model, target.params, draft, dparams, jnp.asarray(d2t), ids, lens, rng,
