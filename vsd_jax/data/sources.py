@@ -104,33 +104,27 @@ def self_instruct_messages(rec) -> Optional[list]:
   return _user(text + "\n\n" + extra if extra and extra.strip() else text)
 
 
+def _first_user_turn(rec, field: str, role_key: str, text_key: str, user_roles: tuple) -> Optional[list]:
+  """The first user turn of the list rec[field] (entries {role_key, text_key}), with the system turn before it."""
+  system = None
+  for t in _field(rec, field, list):
+    if not isinstance(t, dict) or text_key not in t:
+      raise BadRecord(f"a `{field}` entry lacks '{role_key}'/'{text_key}'")
+    if t.get(role_key) == "system":
+      system = t[text_key]
+    elif t.get(role_key) in user_roles:
+      return _user(t[text_key], system)
+  return None
+
+
 def sharegpt_messages(rec) -> Optional[list]:
   """First human turn of `conversations` [{"from": "human"|"gpt"|"system", "value"}], plus a system turn."""
-  turns = _field(rec, "conversations", list)
-  system = None
-  for t in turns:
-    if not isinstance(t, dict) or "value" not in t:
-      raise BadRecord("a `conversations` entry lacks 'from'/'value'")
-    who = t.get("from")
-    if who == "system":
-      system = t["value"]
-    elif who in ("human", "user"):
-      return _user(t["value"], system)
-  return None
+  return _first_user_turn(rec, "conversations", "from", "value", ("human", "user"))
 
 
 def messages_messages(rec) -> Optional[list]:
   """UltraChat style `messages` [{"role", "content"}]: system (if any) + first user turn."""
-  turns = _field(rec, "messages", list)
-  system = None
-  for t in turns:
-    if not isinstance(t, dict) or "content" not in t:
-      raise BadRecord("a `messages` entry lacks 'role'/'content'")
-    if t.get("role") == "system":
-      system = t["content"]
-    elif t.get("role") == "user":
-      return _user(t["content"], system)
-  return None
+  return _first_user_turn(rec, "messages", "role", "content", ("user",))
 
 
 def eagle_messages(rec) -> Optional[list]:

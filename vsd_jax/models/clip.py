@@ -25,12 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vsd_jax.models.llama import dot_product_attention
+from vsd_jax.models.llama import ArchConfig, dot_product_attention
 from vsd_jax.models.masks import full_mask
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(ArchConfig):
   """A CLIP vision tower; the defaults are LLaVA-1.5's ViT-L/14 at 336 px. Frozen: a static jit argument."""
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -57,17 +57,6 @@ class ClipVisionConfig:
   @property
   def num_patches(self) -> int:
     return self.grid * self.grid
-
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> "ClipVisionConfig":
-    return dataclasses.replace(self, **kw)
 
 
 # HF's ACT2FN names of the activations CLIP checkpoints use.

@@ -56,12 +56,12 @@ import jax
 import jax.numpy as jnp
 
 from vsd_jax.models.kv_cache import KVCache
-from vsd_jax.models.llama import MLP, Attention, LlamaConfig, RMSNorm, dot_product_attention
+from vsd_jax.models.llama import MLP, ArchConfig, Attention, LlamaConfig, RMSNorm, dot_product_attention
 from vsd_jax.models.masks import causal_mask
 
 
 @dataclasses.dataclass(frozen=True)
-class Eagle3Config:
+class Eagle3Config(ArchConfig):
   """Architecture of an EAGLE-3 draft head. Frozen so it can be a static jit argument."""
   hidden_size: int = 576
   num_heads: int = 9
@@ -114,17 +114,6 @@ class Eagle3Config:
                        f"valid: {sorted(fields)}")
     fields.update(overrides)
     return cls(**fields)
-
-  def replace(self, **kw) -> "Eagle3Config":
-    return dataclasses.replace(self, **kw)
-
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
   @property
   def layer_config(self) -> LlamaConfig:

@@ -27,8 +27,25 @@ from vsd_jax.models.kv_cache import KVCache, write_layer, write_positions
 from vsd_jax.models.masks import causal_mask, within_window
 
 
+class ArchConfig:
+  """What every frozen architecture dataclass (LlamaConfig, ClipVisionConfig, Eagle3Config) offers besides its
+  fields, which include `dtype` (compute) and `param_dtype` (storage)."""
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw):
+    """A copy with the given fields changed."""
+    return dataclasses.replace(self, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ArchConfig):
   """Architecture of a LLaMA-family decoder. Frozen so it can be a static jit argument."""
   vocab_size: int = 49152
   hidden_size: int = 576
@@ -55,17 +72,6 @@ class LlamaConfig:
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True      # nn.scan over layers: one compiled layer body (fast CPU compiles)
-
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> "LlamaConfig":
-    return dataclasses.replace(self, **kw)
 
   @property
   def eagle3_layers(self) -> tuple:

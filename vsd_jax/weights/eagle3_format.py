@@ -63,6 +63,7 @@ from vsd_jax.errors import InputNotFoundError, UserError
 from vsd_jax.models.eagle3 import Eagle3Config
 from vsd_jax.models.llama import LlamaConfig
 from vsd_jax.weights.draft_io import load_draft, save_draft
+from vsd_jax.weights.hf import read_config_json
 # torch is imported only to read PyTorch .bin files: it is a test-only dependency (setup.py's test extra).
 
 log = logging.getLogger(__name__)
@@ -348,12 +349,8 @@ def import_eagle3(src_dir: str, output_dir: str, target_cfg: LlamaConfig) -> str
   FileNotFoundError) naming the mismatch and the fix. Returns output_dir.
   """
   where = f"EAGLE-3 checkpoint {src_dir!r}"
-  cfg_path = os.path.join(src_dir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise InputNotFoundError(f"{where} has no config.json; pass an EAGLE-3 draft directory (config.json + "
-                             "model.safetensors or pytorch_model.bin).")
-  with open(cfg_path) as f:
-    config = json.load(f)
+  config = read_config_json(src_dir, where, "pass an EAGLE-3 draft directory (config.json + model.safetensors or "
+                            "pytorch_model.bin).")
   _check_supported(config, where)
   absent = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in config]
   if absent:

@@ -10,6 +10,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' 
 import numpy as np
 from safetensors import safe_open
 
+from vsd_jax.errors import InputNotFoundError
 from vsd_jax.weights.convert import (config_from_hf_dict, llava_canonical_name, llava_config_from_hf_dict,
                                     params_from_hf)
 # torch is imported only to read PyTorch .bin files: it is a test-only dependency (setup.py's test extra).
@@ -80,18 +81,22 @@ class _TensorIndex:
     return x.astype(np.float32) if x.dtype != np.float32 else x
 
 
+def read_config_json(directory: str, what: str, fix: str) -> dict:
+  """directory/config.json as a dict; missing: InputNotFoundError "<what> has no config.json; <fix>"."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise InputNotFoundError(f"{what} has no config.json; {fix}")
+  with open(path) as f:
+    return json.load(f)
+
+
 def open_hf_dir(directory: str, **config_overrides):
   """Returns (LlamaConfig, _TensorIndex) of an HF checkpoint directory; no tensor is read yet.
 
   A llava-hf directory (config.json model_type "llava") gives (models.llava.LlavaConfig, an index whose names
   are convert.llava_canonical_name's).
   """
-  cfg_path = os.path.join(directory, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{directory!r} has no config.json; pass an HF checkpoint directory, a GGUF "
-                            "file or a registry name.")
-  with open(cfg_path) as f:
-    d = json.load(f)
+  d = read_config_json(directory, repr(directory), "pass an HF checkpoint directory, a GGUF file or a registry name.")
   if d.get("model_type") == "llava":
     cfg = llava_config_from_hf_dict(d, **config_overrides)
     index = _TensorIndex(directory, rename=llava_canonical_name)
