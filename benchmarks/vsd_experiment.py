@@ -78,6 +78,7 @@ from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig  # noqa: E402
 from vsd_jax.eval.metrics import summarize  # noqa: E402
 from vsd_jax.eval.stats import bootstrap_ratio  # noqa: E402
 from vsd_jax.models.draft_vocab import DraftVocab  # noqa: E402
+from vsd_jax.resolved import resolve  # noqa: E402
 from vsd_jax.train import check_inputs, load_for_training, train  # noqa: E402
 from vsd_jax.training.heldout import heldout_report  # noqa: E402
 from vsd_jax.weights import load_target  # noqa: E402
@@ -128,8 +129,8 @@ SAMPLED_STEP_COST = 1.24   # a sampled-VSD arm's training step in EAGLE-3 steps 
 
 def step_cost(arm: str) -> float:
   """An arm's training step in EAGLE-3 steps, for the plan: sampled VSD (an E-step over paths) or not."""
-  flags = ARMS[arm]
-  sampled = "--config.method=vsd" in flags and not any(f.startswith("--config.vsd.estep=exact") for f in flags)
+  settings = resolve(apply_overrides(load_config_file(CONFIG), ARMS[arm], CONFIG))
+  sampled = settings.method == "vsd" and settings.vsd.estep != "exact"
   return SAMPLED_STEP_COST if sampled else 1.0
 
 

@@ -27,7 +27,9 @@ def get_config():
   c.train.warmup_steps = 4
   c.train.checkpoint_every = 10
   c.train.log_every = 2
-  c.vsd.depth = 4  # K = the tree depth the tiny draft is evaluated with (paper-scale K=6, S=8, M=16: config_base)
+  # K = 4 tokens per path: the tree depth the tiny draft is evaluated with, within draft.ttt_steps = 7 (resolve
+  # requires depth <= ttt_steps for vsd.estep="exact", which reads the first K TTT steps). Paper scale: config_base.
+  c.vsd.depth = 4
   c.vsd.num_paths = 4
   c.vsd.num_anchors = 8
   c.vsd.burn_in = 1

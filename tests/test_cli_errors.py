@@ -40,7 +40,7 @@ def test_user_error_prints_one_message_and_debug_shows_the_traceback(tmp_path):
   assert_user_error(r, "train.lr=-0.001", "--config.train.lr=")
   assert r.stderr.strip().splitlines()[-2:][0].startswith("error: ")  # the message and the --debug hint, last
   r = run_cli(args + ["--debug"])
-  assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError: train.lr=-0.001" in r.stderr, r.stderr
+  assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError: config.train.lr=-0.001" in r.stderr, r.stderr
   from vsd_jax.errors import debug_requested
   assert debug_requested(["x", "--debug"]) and not debug_requested(["x"])
   os.environ["VSD_JAX_DEBUG"] = "1"

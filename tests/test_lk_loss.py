@@ -11,8 +11,8 @@ import pytest
 
 from tests.test_eagle3 import N_DRAFT, B, T, make_tiny
 from vsd_jax.config_base import base_config
-from vsd_jax.methods.eagle3 import ttt_loss_options
 from vsd_jax.methods.eagle3.loss import (acceptance_rate, eagle3_loss, lk_step_loss, soft_labels, ttt_unroll)
+from vsd_jax.resolved import resolve
 
 
 def test_acceptance_rate_is_one_minus_total_variation():
@@ -170,14 +170,14 @@ def test_lk_training_raises_acceptance(tiny):
 
 def test_config_switch():
   c = base_config()
-  assert ttt_loss_options(c)["objective"] == "kl"
+  assert resolve(c).draft.ttt_loss_options()["objective"] == "kl"
   c.draft.objective = "lk_lambda"
   c.draft.lk_kl_scale = 0.5
-  o = ttt_loss_options(c)
+  o = resolve(c).draft.ttt_loss_options()
   assert (o["objective"], o["lk_kl_scale"], o["num_steps"]) == ("lk_lambda", 0.5, int(c.draft.ttt_steps))
   c.draft.objective = "tv"
   with pytest.raises(ValueError, match=r"config.draft.objective='tv'.*kl.*lk_alpha.*lk_lambda"):
-    ttt_loss_options(c)
+    resolve(c)
   c.draft.objective, c.draft.lk_kl_decay = "lk_lambda", -1.0
   with pytest.raises(ValueError, match="lk_kl_decay=-1.0"):
-    ttt_loss_options(c)
+    resolve(c)

@@ -15,9 +15,10 @@ from vsd_jax.config_base import base_config
 from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft, init_draft_cache
 from vsd_jax.methods.vsd import estep as vsd_estep, mstep as vsd_mstep, utility as vsd_utility
 from vsd_jax.models.features import target_features, target_pass
-from vsd_jax.methods.vsd import build as build_vsd, check_config as check_vsd_config
+from vsd_jax.methods.vsd import build as build_vsd
 from vsd_jax.methods.vsd.oracle import oracle_outputs, oracle_slots, reduce_logits
 from vsd_jax.methods.vsd.paths import choose_anchors, sample_draft_paths, score_draft_paths
+from vsd_jax.resolved import resolve
 
 
 # ---------------------------------------------------------------- E-step
@@ -436,18 +437,20 @@ def test_vsd_loss_terms_switch_off(tiny, monkeypatch):
 def test_vsd_config_errors_name_the_field():
   c = _vsd_config(burn_in=S)
   with pytest.raises(ValueError, match="vsd.burn_in"):
-    check_vsd_config(c.vsd)
+    resolve(c)
   with pytest.raises(ValueError, match="vsd.estep"):
-    check_vsd_config(_vsd_config(estep="gibbs").vsd)
+    resolve(_vsd_config(estep="gibbs"))
   with pytest.raises(ValueError, match="vsd.draft_temperature"):
-    check_vsd_config(_vsd_config(draft_temperature=0.0).vsd)
-  check_vsd_config(_vsd_config(estep="exact").vsd)  # vsd.exact's objective, dispatched by make_vsd_loss
+    resolve(_vsd_config(estep="mcmc", draft_temperature=0.0))
+  resolve(_vsd_config(estep="exact", depth=2))  # vsd.exact's objective, dispatched by make_vsd_loss
+  with pytest.raises(ValueError, match=r"vsd.depth=4.*draft.ttt_steps=2"):  # it reads the first K TTT steps
+    resolve(_vsd_config(estep="exact"))
   with pytest.raises(ValueError, match="vsd.arw_norm"):
-    check_vsd_config(_vsd_config(arw_norm="some").vsd)
+    resolve(_vsd_config(arw_norm="some"))
   with pytest.raises(ValueError, match="vsd.eagle3_grad_share"):
-    check_vsd_config(_vsd_config(eagle3_grad_share=1.0).vsd)
+    resolve(_vsd_config(eagle3_grad_share=1.0))
   with pytest.raises(ValueError, match="vsd.eagle3_grad_share.*mu > 0"):
-    check_vsd_config(_vsd_config(eagle3_grad_share=0.5, mu=0.0).vsd)
+    resolve(_vsd_config(eagle3_grad_share=0.5, mu=0.0))
 
 
 @pytest.mark.slow
@@ -571,7 +574,8 @@ def test_init_head_from_target(tiny):
 
 @pytest.mark.slow
 def test_heldout_metrics_equal_the_eagle3_loss(tiny):
-  """The held-out report's one pass (VSD loss with mu=1) gives EAGLE-3's own per-step agreement."""
+  """The held-out report's one pass (the method's heldout_metrics_fn) gives EAGLE-3's own per-step agreement, and
+  leaves the config as it was."""
   from vsd_jax.data.dataset import SequenceDataset
   from vsd_jax.methods import eagle3
   from vsd_jax.training.heldout import heldout_config, heldout_metrics
@@ -583,8 +587,10 @@ def test_heldout_metrics_equal_the_eagle3_loss(tiny):
                        [np.asarray(tiny.loss_mask)[i, :n] for i, n in enumerate(lengths)])
   c = _vsd_config()
   c.train.batch_size, c.data.buckets = B, (T,)
+  before = c.to_dict()
   ev = heldout_config(c)
   got = heldout_metrics(ev, target, vocab, tiny.dparams, ds)
+  assert c.to_dict() == before and ev.vsd.to_dict() == c.vsd.to_dict()
   base = eagle3.build(ev, target, vocab)
   eagle_loss, frozen = base.loss_fn, base.frozen
   batch = dict(input_ids=tiny.ids, attention_mask=tiny.valid.astype(jnp.int32), loss_mask=tiny.loss_mask)

@@ -93,6 +93,22 @@ def apply_overrides(cfg, overrides, path: str = "<config>"):
   return cfg
 
 
+def parse_config_args(argv):
+  """The config a CLI builds from `argv` (["prog", "--config", "file.py", "--config.a.b=v", ...]): this module's
+  override check (an unknown field: ConfigError naming it), then ml_collections' own flag parser, as the CLIs parse
+  --config (a value that is not of the field's type: ConfigError). For programs and tests that need what the
+  command line would give without running a CLI."""
+  check_overrides(argv)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.", flag_values=values, lock_config=True,
+                                  sys_argv=list(argv))
+  try:
+    values(list(argv))
+  except flags.Error as e:
+    raise ConfigError(f"{e}; pass a value of the field's type") from None
+  return values.config
+
+
 def define_config_flag(name: str = "config"):
   """The --config flag (an ml_collections config file). Call at import time of a CLI module. Defined once per process:
   a second CLI module imported into the same process (tests run several) shares it."""

@@ -131,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.heldout_path = "eval/eagle/mt_bench/question.jsonl"
   c.eval.heldout_limit = -1
+  c.eval.heldout_source = None       # a whole source spec instead (e.g. LLaVA-Instruct prompts with images, as in
+                                     # config.data.sources); None = EAGLE's file at heldout_path, heldout_limit
 
   # Optimisation and the training loop (vsd_jax/training/{state,trainer,checkpoints}.py).
   c.train = ml_collections.ConfigDict()

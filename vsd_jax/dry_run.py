@@ -34,6 +34,7 @@ from vsd_jax.errors import UserError
 from vsd_jax.models import archs
 from vsd_jax.models.archs import ARCHS  # noqa: F401  (re-exported: dry_run.ARCHS)
 from vsd_jax.models.draft_vocab import DraftVocab
+from vsd_jax.resolved import resolve
 
 GIB = 1024 ** 3
 
@@ -243,7 +244,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target_params)
     return build_method(cfg, abstract_target(model, zeros, tcfg), vocab).init_params(rng)
 
-  tx, schedule = make_optimizer(config.train)
+  tx, schedule = make_optimizer(resolve(config).train)
   abstract_state, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(0), mesh, rules,
                                               method.method_state)
   frozen_sh = parallel.frozen_shardings(method.frozen, target_sh, mesh)  # as train.py places them

@@ -37,6 +37,7 @@ from absl import flags
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
 from vsd_jax.errors import InputNotFoundError, UserError
+from vsd_jax.resolved import resolve
 # The engine, weights and data modules are imported in main: a bad flag or config field fails before they load.
 
 _CONFIG = define_config_flag()
@@ -84,7 +85,7 @@ def main(_):
   if not F.draft:
     raise UserError("--draft is required: pass the <workdir>/draft directory written by vsd_jax.train")
   check_draft_dir(F.draft)
-  g = cfg.generate
+  g = resolve(cfg).decode  # config.generate, checked
   try:
     temps = [float(t) for t in (str(g.temperature) if F.temperature is None else F.temperature).split(",")]
   except ValueError as e:

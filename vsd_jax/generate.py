@@ -45,6 +45,7 @@ from absl import flags
 from vsd_jax.cli_config import define_config_flag, define_decoding_shape_flags, run_app
 from vsd_jax.decoding.precision import PRECISIONS
 from vsd_jax.errors import UserError
+from vsd_jax.resolved import resolve
 # The engine, weights and data modules are imported in main: a bad flag or config field fails before they load.
 
 _CONFIG = define_config_flag()
@@ -77,7 +78,7 @@ def main(_):
   if F.prompts is None or F.output is None:
     raise UserError("--prompts and --output are required: pass --prompts FILE (question.jsonl or one prompt per "
                      "line) and --output OUT.jsonl")
-  g = cfg.generate
+  g = resolve(cfg).decode  # config.generate, checked
   given = lambda flag, default: default if flag is None else flag  # noqa: E731  (0 is a value, not "unset")
   sampling = Sampling(max_new_tokens=given(F.max_new_tokens, g.max_new_tokens),
                       temperature=given(F.temperature, g.temperature), top_p=given(F.top_p, g.top_p),

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple, Optional
 from absl import flags
 
 from vsd_jax.cli_config import define_config_flag, run_app
-from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
+from vsd_jax.errors import InputNotFoundError, UserError
+from vsd_jax.resolved import resolve
 # JAX and everything that imports it are imported inside the functions: --dry_run sets the host device count
 # (XLA_FLAGS) before JAX starts, and a bad flag or config field fails before anything heavy loads.
 
@@ -51,28 +52,18 @@ class Loaded(NamedTuple):
 
 
 def check_inputs(config) -> None:
-  """Everything a run reads, checked before anything loads: the method (its name, head init, TTT loss), the
-  feature mode, config.train's numbers, the target's name or files, the prompt sources (training and held-out),
-  draft.init_from and the workdir. Raises a UserError naming the field and the fix (run_app prints it)."""
+  """Everything a run reads, checked before anything loads: every field's type and range and the rules between them
+  (`resolve`), the target's name or files, the prompt sources (training and held-out), draft.init_from and the
+  workdir. Raises a UserError naming the field and the fix (run_app prints it)."""
   from vsd_jax.data.sources import check_sources
-  from vsd_jax.methods import check_method_config
-  from vsd_jax.training.feature_cache import MODES as FEATURE_MODES
   from vsd_jax.training.heldout import heldout_config
-  from vsd_jax.training.state import check_train_settings
   from vsd_jax.weights.registry import model_entry
 
-  check_method_config(config)
-  mode = str(config.train.target_features)
-  if mode not in FEATURE_MODES:
-    raise ConfigError(f"--config.train.target_features={mode!r}; use one of {FEATURE_MODES}")
-  if mode == "precomputed" and config.method != "eagle3":
-    raise ConfigError(f"train.target_features='precomputed' serves method 'eagle3' only; method "
-                      f"{config.method!r} needs the target's KV cache in the step (use 'in_step')")
-  check_train_settings(config.train)
-  model_entry(str(config.model.name))
+  settings = resolve(config)
+  model_entry(settings.model.name)
   check_sources(config.data)
   check_sources(heldout_config(config).data)
-  init_from = str(config.draft.get("init_from", "") or "")
+  init_from = settings.draft.init_from
   if init_from and not os.path.isfile(os.path.join(init_from, "draft_config.json")):
     raise InputNotFoundError(f"draft.init_from={init_from!r} holds no trained draft (no draft_config.json); pass a "
                              "<workdir>/draft written by vsd_jax.train (or convert_draft), or "

@@ -36,6 +36,7 @@ from absl import flags
 from vsd_jax.cli_config import define_config_flag, run_app
 from vsd_jax.data.sources import load_prompts, read_utf8
 from vsd_jax.errors import InputNotFoundError, UserError
+from vsd_jax.resolved import resolve
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ def write_requests(config, output: str, model: str = "") -> int:
   answered = sum(p.answered for p in prompts)
   if answered:
     log.info("%d conversations of 'conversations' sources already have their responses; not written", answered)
-  lines = request_lines([p for p in prompts if not p.answered], model or str(config.model.name), config.data.regen,
-                        bool(config.data.get("enable_thinking", False)))
+  data = resolve(config).data
+  lines = request_lines([p for p in prompts if not p.answered], model or str(config.model.name), data.regen,
+                        data.enable_thinking)
   if not lines:
     raise RequestFileError("config.data.sources hold no prompt to request a response for (only already answered "
                            "conversations); add a prompt source.")

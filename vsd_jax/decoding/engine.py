@@ -37,6 +37,7 @@ from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig
 from vsd_jax.errors import UserError
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.features import image_inputs
+from vsd_jax.resolved import as_resolved
 from vsd_jax.weights import decoding_load_options, load_target
 from vsd_jax.weights.draft_io import load_draft
 
@@ -125,7 +126,8 @@ def load_decoding_draft(draft_dir: str, target) -> LoadedDraft:
 class Engine:
   """A target, its prompt encoder and an optional draft, decoding prompts vanilla or speculatively.
 
-  config: the user's config (model, generate, data.chat_template). draft_dir: a trained draft directory (None:
+  config: the user's config (model, generate, data.chat_template), a ConfigDict (generation settings read through
+  `vsd_jax.resolved.resolve`: Engine.decode). draft_dir: a trained draft directory (None:
   vanilla only). shape: a TreeConfig the user fixed (None: measured by `resolve_shape`). precision: matmul
   precision of target and draft ('highest' for T=0 output identical to vanilla on GPUs). target: an already loaded
   target (shared between engines, e.g. `with_draft`).
@@ -134,10 +136,12 @@ class Engine:
   def __init__(self, config, draft_dir: Optional[str] = None, shape: Optional[TreeConfig] = None, *,
                precision: Optional[str] = None, target=None, log: Optional[Callable] = None):
     self.config, self.precision, self.shape, self.user_shape = config, precision, shape, shape is not None
+    settings = as_resolved(config)
+    self.decode = settings.decode  # config.generate: system prompt (and the CLIs' sampling defaults)
     self.log = log or (lambda msg: print(msg, file=sys.stderr))
     self.target = target if target is not None else load_decoding_target(config)
     self.encoder = prompt_encoder(self.target, config)  # config.data.chat_template, end-of-turn and pad ids
-    self.max_positions = min(config.model.max_positions, self.target.config.max_position_embeddings)
+    self.max_positions = min(settings.model.max_positions, self.target.config.max_position_embeddings)
     self.draft = load_decoding_draft(draft_dir, self.target) if draft_dir else None
     self.choice: Optional[autotune.Choice] = None
     self.calibration: Optional[CalibrationPrompts] = None
@@ -157,7 +161,7 @@ class Engine:
   def encode(self, items, source: str):
     """(id, user message[, image files]) items -> data.prompt_file.EncodedPrompts (chat template with
     config.generate.system_prompt; a LLaVA target's image tokens expanded). source names the prompts in errors."""
-    return encode_prompt_items(self.target, self.encoder, items, self.config.generate.system_prompt, source)
+    return encode_prompt_items(self.target, self.encoder, items, self.decode.system_prompt, source)
 
   def check_capacity(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      names: Optional[Sequence[str]] = None, speculative_too: Optional[bool] = None) -> None:
@@ -180,7 +184,7 @@ class Engine:
     if not text:
       text = read_prompt_file(PACKAGED_CALIBRATION)[:max(n, PACKAGED_AT_LEAST)]
       source, origin = "packaged", PACKAGED_CALIBRATION
-    system = self.config.generate.system_prompt
+    system = self.decode.system_prompt
     return CalibrationPrompts([self.encoder.encode_user(it[1], system) for it in text], source,
                               [it[0] for it in text], origin)
 

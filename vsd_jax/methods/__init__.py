@@ -15,35 +15,25 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from vsd_jax.errors import ConfigError
 from vsd_jax.methods.base import Method
-
-METHODS = ("eagle3", "vsd")
-INIT_HEADS = ("random", "target")  # config.draft.init_head
-
-
-def check_method_config(config) -> None:
-  """config.method, draft.init_head and the TTT loss settings (every method's), checked without a target: a
-  ConfigError naming the field. train.py calls it before anything loads; build_method again."""
-  from vsd_jax.methods.eagle3 import ttt_loss_options
-  if str(config.method) not in METHODS:
-    raise ConfigError(f"config.method={str(config.method)!r} is not a training method; use one of {METHODS}")
-  head = str(config.draft.get("init_head", "random"))
-  if head not in INIT_HEADS:
-    raise ConfigError(f"config.draft.init_head={head!r}; use one of {INIT_HEADS}")
-  ttt_loss_options(config)
+from vsd_jax.resolved import INIT_HEADS, METHODS, as_resolved  # noqa: F401 (the choices, named here too)
 
 
 def build_method(config, target, vocab) -> Method:
   """config.method -> Method for `target` and the draft vocabulary `vocab` (models.draft_vocab); with
-  config.draft.init_from, the draft starts from that trained draft instead of a random init."""
-  check_method_config(config)
-  method = importlib.import_module(f"vsd_jax.methods.{config.method}").build(config, target, vocab)
-  head = str(config.draft.get("init_head", "random"))
-  if head == "target":
+  config.draft.init_from, the draft starts from that trained draft instead of a random init. `config`: a ConfigDict
+  (resolved here: a ConfigError names a bad field) or a `vsd_jax.resolved.Resolved`. The Method's
+  heldout_metrics_fn is the held-out report's measurement (`vsd_jax.methods.vsd.loss.make_heldout_metrics`), the
+  same for every method."""
+  from vsd_jax.methods.vsd.loss import make_heldout_metrics
+
+  settings = as_resolved(config)
+  method = importlib.import_module(f"vsd_jax.methods.{settings.method}").build(settings, target, vocab)
+  if settings.draft.init_head == "target":
     method.init_params = _head_from_target(method.init_params, target, vocab)
-  if config.draft.get("init_from", ""):
-    method.init_params = _init_from(str(config.draft.init_from), method.init_params, target, vocab)
+  if settings.draft.init_from:
+    method.init_params = _init_from(settings.draft.init_from, method.init_params, target, vocab)
+  method.heldout_metrics_fn = make_heldout_metrics(settings, target, method.draft)
   return method
 
 

@@ -14,3 +14,5 @@ class Method:
   loss_fn: Callable            # (params, frozen, batch, rng[, method_state]) -> (loss, metrics[, new state])
   frozen: Any                  # target weights, vocab maps: read by the loss, never trained
   method_state: Optional[Any] = None  # carried between steps (VSD's per-depth acceptance EMA); None = none
+  # (params, frozen, batch, rng) -> {name: scalar}: what the held-out report measures (`methods.build_method` sets it)
+  heldout_metrics_fn: Optional[Callable] = None

@@ -52,12 +52,3 @@ def hold_share(fn: Callable, params, share: float):
   f.defvjp(fwd, bwd)
   return f(params)
 
-
-def check_grad_share(v) -> None:
-  """config.vsd.eagle3_grad_share (sampled and exact VSD): in [0, 1), and > 0 only with the EAGLE-3 term (mu > 0)."""
-  share = float(v.get("eagle3_grad_share", 0.0))
-  if not 0 <= share < 1:
-    raise ValueError(f"config.vsd.eagle3_grad_share={share!r}: must be in [0, 1) (0: off)")
-  if share > 0 and float(v.mu) <= 0:
-    raise ValueError(f"config.vsd.eagle3_grad_share={share!r}: needs the EAGLE-3 term (mu > 0) whose share of the "
-                     "gradient norm it holds")

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vsd_jax.errors import UserError
+from vsd_jax.resolved import as_resolved
 
 FORMAT_VERSION = 1
 
@@ -98,9 +99,11 @@ class Checkpoints:
 
   @classmethod
   def from_config(cls, config) -> "Checkpoints":
-    t = config.train
-    return cls(os.path.join(config.workdir, "checkpoints"), keep=int(t.keep_checkpoints),
-               async_save=bool(t.async_checkpoint), config=config)
+    """<workdir>/checkpoints with config.train's keep_checkpoints / async_checkpoint; `config` (a ConfigDict) is
+    stored in each checkpoint's meta."""
+    settings = as_resolved(config)
+    return cls(os.path.join(settings.workdir, "checkpoints"), keep=settings.train.keep_checkpoints,
+               async_save=settings.train.async_checkpoint, config=config)
 
   def all_steps(self) -> list:
     return sorted(self._mngr.all_steps())

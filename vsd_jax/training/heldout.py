@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import copy
 
+from vsd_jax.resolved import as_resolved
+
 
 def heldout_config(config):
-  """config with data.sources = the held-out prompts (config.eval) only. Its VSD loss carries EAGLE-3's term
-  (mu = 1, so one target pass gives both metric sets) and no CAR; only metrics are read from it. The chains
-  are always the sampled ones (estep "mcmc"; the metrics do not depend on the E-step's weights), so a run
-  trained with estep "exact" is measured like every other."""
+  """A copy of config whose data.sources is the held-out prompt source only (Resolved.heldout.source: config.eval's
+  heldout_source, else EAGLE's file at heldout_path): what the data pipeline, which reads config.data, prepares the
+  held-out sequences from. No other field changes; `config` itself is not modified."""
   ev = copy.deepcopy(config)
-  # config.eval.heldout_source: a whole source spec (e.g. LLaVA-Instruct prompts with images), else EAGLE's file.
-  source = config.eval.get("heldout_source", None)
-  source = dict(source) if source else dict(type="eagle", path=config.eval.heldout_path,
-                                            limit=int(config.eval.heldout_limit))
   with ev.unlocked():
-    ev.data.sources = dict(heldout=source)
-    ev.vsd.lambda_car, ev.vsd.mu, ev.vsd.estep = 0.0, 1.0, "mcmc"
+    ev.data.sources = dict(heldout=as_resolved(config).heldout.source)
   return ev
 
 
@@ -28,33 +24,31 @@ def heldout_report(config, target, vocab, params) -> dict:
   and verified by the target (config.vsd.accept_mode)."""
   from vsd_jax.data.pipeline import prepare_data
 
-  ev = heldout_config(config)
-  data = prepare_data(ev, target, draft_vocab=False)
-  return heldout_metrics(ev, target, vocab, params, data.dataset, pixels=data.pixels)
+  data = prepare_data(heldout_config(config), target, draft_vocab=False)
+  return heldout_metrics(config, target, vocab, params, data.dataset, pixels=data.pixels)
 
 
-def heldout_metrics(ev, target, vocab, params, ds, pixels=None) -> dict:
-  """The report's figures for the SequenceDataset `ds` under `ev` (a heldout_config); see heldout_report.
+def heldout_metrics(config, target, vocab, params, ds, pixels=None) -> dict:
+  """The report's figures for the SequenceDataset `ds`; see heldout_report. The measurement is the method's own
+  (`Method.heldout_metrics_fn`, built by `methods.build_method`); config (a ConfigDict or Resolved) is only read.
   pixels: the PixelLoader of a multimodal `ds` (TrainingData.pixels)."""
   import jax
   import numpy as np
 
   from vsd_jax.data.dataset import iterate_batches
-  from vsd_jax.methods import eagle3
-  from vsd_jax.methods.vsd import initial_method_state
-  from vsd_jax.methods.vsd.loss import make_vsd_loss
+  from vsd_jax.methods import build_method
 
-  bs = min(int(ev.train.batch_size), len(ds))
-  base = eagle3.build(ev, target, vocab)
-  draft, frozen = base.draft, base.frozen
-  metrics_fn = jax.jit(make_vsd_loss(ev, target, draft))  # one target pass: EAGLE-3's and the chains' metrics
-  state = initial_method_state(int(ev.vsd.depth))
+  settings = as_resolved(config)
+  bs = min(settings.train.batch_size, len(ds))
+  method = build_method(settings, target, vocab)
+  metrics_fn = jax.jit(method.heldout_metrics_fn)  # one target pass: EAGLE-3's and the chains' metrics
+  steps, depth = settings.draft.ttt_steps, settings.vsd.depth
   sums, weights, chain_sums, anchors = {}, 0.0, {}, 0.0
-  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=tuple(ev.data.buckets), drop_last=False,
+  for i, batch in enumerate(iterate_batches(ds, bs, seed=0, buckets=settings.data.buckets, drop_last=False,
                                             pixels=pixels)):
-    _, (cm, _) = metrics_fn(params, frozen, batch, jax.random.PRNGKey(i), state)
+    cm = metrics_fn(params, method.frozen, batch, jax.random.PRNGKey(i))
     w = float(cm["num_tokens"])
-    for k in [f"acc_{j}" for j in range(int(ev.draft.ttt_steps))]:
+    for k in [f"acc_{j}" for j in range(steps)]:
       sums[k] = sums.get(k, 0.0) + float(cm[k]) * w
     weights += w
     a = float(cm["anchors"])
@@ -63,11 +57,10 @@ def heldout_metrics(ev, target, vocab, params, ds, pixels=None) -> dict:
     anchors += a
   mean = {k: v / max(weights, 1.0) for k, v in sums.items()}
   chain = {k: v / max(anchors, 1.0) for k, v in chain_sums.items()}
-  steps = int(ev.draft.ttt_steps)
   acc = [mean[f"acc_{k}"] for k in range(steps)]
-  depth = int(ev.vsd.depth)
-  return dict(heldout=str(ev.data.sources.heldout.get("path", ev.eval.heldout_path)), sequences=len(ds), response_tokens=int(ds.num_loss_tokens()),
-              step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
-              chain=dict(accept_mode=str(ev.vsd.accept_mode), depth=depth, anchors=int(anchors),
+  source = settings.heldout.source
+  return dict(heldout=str(source.get("path", settings.heldout.path)), sequences=len(ds),
+              response_tokens=int(ds.num_loss_tokens()), step_acc=acc, tau_simulated=float(1 + np.sum(np.cumprod(acc))),
+              chain=dict(accept_mode=settings.vsd.accept_mode, depth=depth, anchors=int(anchors),
                          tau_chain=1.0 + chain.get("mean_u", 0.0),
                          c_k=[chain.get(f"c_{k + 1}", 0.0) for k in range(depth)]))

@@ -1,4 +1,4 @@
-"""Train state and optimiser: AdamW, linear warmup + cosine decay, global-norm clipping (config.train).
+"""Train state and optimiser: AdamW, linear warmup + cosine decay, global-norm clipping (Resolved.train).
 
 The state holds only what training changes (the draft's parameters and its optimiser state); the frozen
 target weights, embedding and vocabulary maps are passed to the train step separately.
@@ -6,7 +6,6 @@ target weights, embedding and vocabulary maps are passed to the train step separ
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from vsd_jax import parallel
-from vsd_jax.errors import ConfigError
+from vsd_jax.resolved import TrainSettings
 
 # Leaves with these names are not weight-decayed (flax names norm scales and biases so).
 NO_DECAY_NAMES = ("scale", "bias")
@@ -32,30 +31,12 @@ class TrainState:
   method_state: Any = flax.struct.field(default_factory=dict)
 
 
-def check_train_settings(train_cfg) -> None:
-  """config.train's numbers in range, or a ConfigError naming the field and the fix. train.py calls it before
-  anything loads; the optimiser (lr_schedule) again, for library use."""
-  lr, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.total_steps)
-  if not (math.isfinite(lr) and lr > 0):
-    raise ConfigError(f"train.lr={train_cfg.lr}: the learning rate must be a finite number > 0 (a negative one "
-                      "trains away from the data); set e.g. --config.train.lr=1e-4")
-  if int(train_cfg.get("batch_size", 1)) < 1:
-    raise ConfigError(f"train.batch_size={train_cfg.batch_size}: must be >= 1 sequences per step; set e.g. "
-                      "--config.train.batch_size=8")
-  if total < 1:
-    raise ConfigError(f"train.total_steps={total}: must be >= 1; set e.g. --config.train.total_steps=1000")
-  if warmup < 0 or total <= warmup:
-    raise ConfigError(f"train.total_steps={total} must exceed train.warmup_steps={warmup} (and warmup >= 0); "
-                      "lower --config.train.warmup_steps or raise --config.train.total_steps")
-
-
-def lr_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup 0 -> lr over warmup_steps, then cosine decay to lr * end_lr_ratio at total_steps."""
-  check_train_settings(train_cfg)
-  lr, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.total_steps)
+def lr_schedule(train: TrainSettings) -> optax.Schedule:
+  """Linear warmup 0 -> lr over warmup_steps, then cosine decay to lr * end_lr_ratio at total_steps
+  (train: Resolved.train, its values checked at resolve)."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total,
-      end_value=lr * float(train_cfg.end_lr_ratio))
+      init_value=0.0, peak_value=train.lr, warmup_steps=train.warmup_steps, decay_steps=train.total_steps,
+      end_value=train.lr * train.end_lr_ratio)
 
 
 def _decay_mask(params):
@@ -65,14 +46,14 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(train_cfg) -> tuple:
-  """(optax transformation, lr schedule) from config.train."""
-  schedule = lr_schedule(train_cfg)
+def make_optimizer(train: TrainSettings) -> tuple:
+  """(optax transformation, lr schedule) from Resolved.train."""
+  schedule = lr_schedule(train)
   parts = []
-  if float(train_cfg.grad_clip) > 0:
-    parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
-  parts.append(optax.adamw(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
-                           weight_decay=float(train_cfg.weight_decay), mask=_decay_mask))
+  if train.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train.grad_clip))
+  parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
+                           mask=_decay_mask))
   return optax.chain(*parts), schedule
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from vsd_jax import parallel
 from vsd_jax.methods.base import Method
+from vsd_jax.resolved import as_resolved
 from vsd_jax.training.checkpoints import Checkpoints
 from vsd_jax.training.metrics_writer import MetricsWriter, mean_metrics
 from vsd_jax.training.state import TrainState, create_train_state, make_optimizer, state_shardings
@@ -125,7 +126,8 @@ class MethodSteps:
   experiments that drive steps themselves.
 
   Args:
-    config: the run's ConfigDict (train.* for the optimiser; mesh.* unless `mesh` / `rules` are given).
+    config: the run's ConfigDict (train.* for the optimiser, through `resolve`; mesh.* unless `mesh` / `rules` are
+      given).
     method: a vsd_jax.methods.base.Method (init_params, loss_fn, frozen, method_state; draft is unused).
     mesh, rules: default parallel.make_mesh(config) and parallel.logical_axis_rules(config).
     seed: a fresh state's parameters and step rngs come from PRNGKey(seed).
@@ -143,7 +145,7 @@ class MethodSteps:
     self.mesh = parallel.make_mesh(config) if mesh is None else mesh
     self.rules = parallel.logical_axis_rules(config) if rules is None else rules
     self.method, self.seed = method, int(seed)
-    self.tx, self.schedule = make_optimizer(config.train)
+    self.tx, self.schedule = make_optimizer(as_resolved(config).train)
     self.abstract_state, self.shardings = state_shardings(
         method.init_params, self.tx, jax.random.PRNGKey(self.seed), self.mesh, self.rules, method.method_state)
     if frozen_shardings is None:
@@ -265,15 +267,16 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
     TrainResult. Raises NonFiniteLossError, checkpoints.CorruptCheckpointError (see
     train.resume_fallback) or checkpoints.CheckpointMismatchError.
   """
-  t = config.train
-  stop = int(t.total_steps if stop_step is None else stop_step)
+  settings = as_resolved(config)
+  t = settings.train
+  stop = t.total_steps if stop_step is None else int(stop_step)
   steps = MethodSteps(config, Method(None, init_params, loss_fn, frozen, method_state), mesh=mesh,
-                      seed=int(config.seed), frozen_shardings=frozen_shardings)
+                      seed=settings.seed, frozen_shardings=frozen_shardings)
 
   ckpt = Checkpoints.from_config(config)
   restored = None
-  if bool(t.resume):
-    restored = ckpt.restore_latest(steps.abstract_state, fallback=bool(t.resume_fallback))
+  if t.resume:
+    restored = ckpt.restore_latest(steps.abstract_state, fallback=t.resume_fallback)
   elif ckpt.latest_step() is not None:
     ckpt.close()
     raise FileExistsError(f"train.resume=False but {ckpt.directory} holds checkpoints (steps "
@@ -286,7 +289,7 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
 
   _write_config(config)
   writer = MetricsWriter(config.workdir, start_step=start)
-  log_every, ckpt_every = max(1, int(t.log_every)), max(1, int(t.checkpoint_every))
+  log_every, ckpt_every = t.log_every, t.checkpoint_every  # both >= 1 (resolve)
 
   step, stopped, logged = start, "done", {}
   history = _StepHistory(first_step=start + 1)
@@ -298,7 +301,7 @@ def train_loop(config, loss_fn: LossFn, init_params: Callable, frozen: Any,
     last_saved = step
 
   bar = tqdm(total=stop, initial=min(start, stop), desc="train", dynamic_ncols=True,
-             disable=not bool(t.progress_bar) or jax.process_index() != 0)
+             disable=not t.progress_bar or jax.process_index() != 0)
   interval_start = time.time()
   try:
     with _SigtermFlag() as sigterm:

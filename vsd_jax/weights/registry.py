@@ -16,6 +16,7 @@ from vsd_jax import parallel
 from vsd_jax.errors import ConfigError, InputNotFoundError, UserError
 from vsd_jax.models.features import language_model_params
 from vsd_jax.models.llava import LlavaForConditionalGeneration, target_module
+from vsd_jax.resolved import as_resolved
 from vsd_jax.weights.convert import params_from_hf, params_from_hf_sharded
 from vsd_jax.weights.gguf_file import open_gguf
 from vsd_jax.weights.hf import load_processor, open_hf_dir
@@ -163,8 +164,8 @@ def decoding_load_options(config) -> dict:
   """load_target's layout options for decoding (config.generate): unrolled layers, and on CPUs an untied [H, V]
   vocabulary projection (config.generate.untie_lm_head): on a CPU each makes vanilla decoding faster (SmolLM2:
   unrolled 1.45x over scanned layers; untied 5% over tied)."""
-  g = config.generate
-  return dict(scan_layers=bool(g.scan_layers), untie_lm_head=untie_on_this_device(g.get("untie_lm_head", "auto")))
+  g = as_resolved(config).decode
+  return dict(scan_layers=g.scan_layers, untie_lm_head=untie_on_this_device(g.untie_lm_head))
 
 
 def load_target(name_or_path: str = "smollm2-135m-instruct", dtype: str = "float32",

@@ -9,8 +9,8 @@ unroll's step 0 pools the sequence's image positions, every step fuses the resul
 
 from __future__ import annotations
 
-from vsd_jax.errors import ConfigError
 from vsd_jax.methods.base import Method
+from vsd_jax.resolved import DraftSettings, Resolved, as_resolved
 
 
 def scalar_metrics(metrics: dict) -> dict:
@@ -21,23 +21,6 @@ def scalar_metrics(metrics: dict) -> dict:
     out[f"loss_{k}"] = metrics["step_loss"][k]
     out[f"alpha_{k}"] = metrics["step_alpha"][k]
   return out
-
-
-def ttt_loss_options(config) -> dict:
-  """`loss.eagle3_loss`'s static settings from config.draft: the TTT length, step decay and step objective
-  (draft.objective: "kl" as EAGLE-3, or an LK loss on the acceptance rate, with its lk_kl_scale / lk_kl_decay).
-  Every caller of the TTT loss (the EAGLE-3 method, VSD's EAGLE-3 term) reads them here."""
-  from vsd_jax.methods.eagle3.loss import OBJECTIVES
-  d = config.draft
-  objective = str(d.get("objective", "kl"))
-  if objective not in OBJECTIVES:
-    raise ConfigError(f"config.draft.objective={objective!r}; use one of {OBJECTIVES}")
-  scale, decay = float(d.get("lk_kl_scale", 1.0)), float(d.get("lk_kl_decay", 1.0))
-  if objective == "lk_lambda" and not (0.0 <= scale and decay >= 0.0):
-    raise ConfigError(f"config.draft.lk_kl_scale={scale} / lk_kl_decay={decay}: both must be >= 0 (the KL weight "
-                      "is lk_kl_scale * exp(-lk_kl_decay * acceptance))")
-  return dict(num_steps=int(d.ttt_steps), decay=float(d.step_decay), objective=objective, lk_kl_scale=scale,
-              lk_kl_decay=decay)
 
 
 def drop_image_tokens(loss_mask, input_ids, target_config):
@@ -51,9 +34,11 @@ def drop_image_tokens(loss_mask, input_ids, target_config):
   return jnp.where(input_ids == image_token, jnp.zeros_like(loss_mask), loss_mask)
 
 
-def batch_loss(config, target, draft, params, frozen, batch, with_rows: bool = False):
+def batch_loss(d: DraftSettings, target, draft, params, frozen, batch, with_rows: bool = False):
   """`loss.eagle3_loss` on a trainer batch: the target's features and soft labels computed in the step (with the
-  batch's images, if any) or read from the precomputed feature cache, image tokens never predicted.
+  batch's images, if any) or read from the precomputed feature cache, image tokens never predicted; the TTT
+  settings from `d` (Resolved.draft). Traced inside the jitted step: batch["input_ids"] int32 [B, T],
+  attention_mask / loss_mask [B, T] (precomputed: features [B, T, 3H] and the soft labels' [B, T, ...] arrays).
   Returns (loss, metrics) as eagle3_loss (metrics["rows"] with with_rows). Also VSD's exact objective's pass."""
   from vsd_jax.methods.eagle3.loss import SoftLabels, eagle3_loss
   from vsd_jax.models.features import embedding_matrix, image_inputs, target_features
@@ -68,34 +53,35 @@ def batch_loss(config, target, draft, params, frozen, batch, with_rows: bool = F
   loss_mask = drop_image_tokens(batch["loss_mask"], batch["input_ids"], target.config)
   return eagle3_loss(params, draft, embedding_matrix(frozen["target"]), feats, batch["input_ids"], labels,
                      loss_mask, frozen["t2d"], frozen["d2t"], attention_mask=valid, with_rows=with_rows,
-                     **ttt_loss_options(config))
+                     **d.ttt_loss_options())
 
 
-def draft_options(config, target) -> dict:
+def draft_options(settings: Resolved, target) -> dict:
   """Eagle3Config fields set by config.draft: the vision adaptor (draft.vision_adaptor, draft.vision_queries).
   The adaptor reads image positions, so a text-only target with it on is an error naming the switch."""
-  adaptor = bool(config.draft.get("vision_adaptor", False))
-  if adaptor and getattr(target.config, "image_token_id", None) is None:
+  d = settings.draft
+  if d.vision_adaptor and getattr(target.config, "image_token_id", None) is None:
     raise ValueError(f"config.draft.vision_adaptor=True needs a multimodal (LLaVA) target, but the target "
-                     f"{config.model.name!r} is a text model (no image token, so nothing for the adaptor to read); "
+                     f"{settings.model.name!r} is a text model (no image token, so nothing for the adaptor to read); "
                      "set --config.draft.vision_adaptor=False or use a LLaVA target (configs/llava.py)")
-  return dict(vision_adaptor=adaptor, vision_queries=int(config.draft.get("vision_queries", 4)))
+  return dict(vision_adaptor=d.vision_adaptor, vision_queries=d.vision_queries)
 
 
 def build(config, target, vocab) -> Method:
   """Method for config.method == "eagle3": draft module, init_params(rng) (boxed), loss_fn(params, frozen,
-  batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on."""
+  batch, rng), frozen = {target params, t2d, d2t}. Also the draft and frozen inputs VSD builds on.
+  config: a ConfigDict (resolved here) or a `vsd_jax.resolved.Resolved`."""
   import jax.numpy as jnp
 
   from vsd_jax.methods.eagle3.loss import validate_vocab_maps
   from vsd_jax.models.eagle3 import Eagle3Config, Eagle3Draft
   from vsd_jax.models.features import embedding_matrix
 
+  settings = as_resolved(config)
   dcfg = Eagle3Config.from_target(target.config, draft_vocab_size=int(vocab.d2t.shape[0]),
-                                  **draft_options(config, target))
+                                  **draft_options(settings, target))
   draft = Eagle3Draft(dcfg)
   validate_vocab_maps(vocab.t2d, vocab.d2t, target.config.vocab_size)
-  ttt_loss_options(config)   # a bad draft.objective fails here, before the trainer compiles the step
   frozen = dict(target=target.params, t2d=jnp.asarray(vocab.t2d), d2t=jnp.asarray(vocab.d2t))
 
   def init_params(rng):
@@ -105,7 +91,7 @@ def build(config, target, vocab) -> Method:
 
   def loss_fn(params, frozen, batch, rng):
     del rng
-    loss, m = batch_loss(config, target, draft, params, frozen, batch)
+    loss, m = batch_loss(settings.draft, target, draft, params, frozen, batch)
     return loss, scalar_metrics(m)
 
   return Method(draft, init_params, loss_fn, frozen)

@@ -36,6 +36,7 @@ from vsd_jax.models.draft_unroll import (chain_slots, draft_fn_of, left_shifter,
 from vsd_jax.models.draft_vocab import draft_to_target, draft_vocab_ids
 from vsd_jax.models.eagle3 import Eagle3Draft
 from vsd_jax.models.masks import positions_from_mask
+from vsd_jax.resolved import OBJECTIVES  # config.draft.objective: the per-step objective of the TTT loss
 
 
 class TTTRows(NamedTuple):
@@ -70,7 +71,6 @@ def soft_labels(target_logits: jax.Array, t2d: jax.Array, d2t: jax.Array) -> Sof
   return SoftLabels(draft_logits, top, t2d.astype(bool)[top], mass)
 
 
-OBJECTIVES = ("kl", "lk_alpha", "lk_lambda")   # config.draft.objective: the per-step objective of the TTT loss
 
 
 def acceptance_rate(p: jax.Array, q: jax.Array) -> jax.Array:

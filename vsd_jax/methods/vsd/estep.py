@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ESTEPS = ("mcmc", "snis")
+from vsd_jax.resolved import SAMPLED_ESTEPS as ESTEPS  # the E-steps over sampled proposals
 
 
 class EStep(NamedTuple):

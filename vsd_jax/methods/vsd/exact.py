@@ -32,9 +32,8 @@ import jax.numpy as jnp
 
 from vsd_jax.methods.eagle3 import batch_loss, scalar_metrics
 from vsd_jax.methods.eagle3.loss import TTTRows
-from vsd_jax.methods.grad_share import check_grad_share, hold_share
-
-EXACT_FORMS = ("log_u", "reach")
+from vsd_jax.methods.grad_share import hold_share
+from vsd_jax.resolved import EXACT_FORMS, Resolved  # noqa: F401 (EXACT_FORMS: config.vsd.exact_form, named here)
 
 
 class ExactTerms(NamedTuple):
@@ -81,34 +80,22 @@ def reach_weighted_ce(rows: TTTRows, reach: jax.Array, decay: float) -> jax.Arra
   return jnp.sum(jnp.asarray(decay, jnp.float32) ** jnp.arange(k, dtype=jnp.float32) * per_step)
 
 
-def make_exact_loss(config, target, draft):
+def make_exact_loss(settings: Resolved, target, draft):
   """loss_fn(params, frozen, batch, rng, method_state) -> (loss, (metrics, method_state)) for vsd.estep="exact".
 
   Reads the same batch as EAGLE-3 (in-step target features or the precomputed feature cache); the method
-  state (VSD's acceptance EMA) is carried unchanged."""
-  v = config.vsd
-  form = str(v.get("exact_form", "log_u"))
-  if form not in EXACT_FORMS:
-    raise ValueError(f"config.vsd.exact_form={form!r}: use one of {EXACT_FORMS}")
-  accept_mode = str(v.accept_mode)
-  lam, mu = float(v.get("lambda_exact", 1.0)), float(v.mu)
-  num_steps, decay, depth = int(config.draft.ttt_steps), float(config.draft.step_decay), int(v.depth)
-  if not 1 <= depth <= num_steps:
-    raise ValueError(f"config.vsd.depth={depth} must be in [1, config.draft.ttt_steps={num_steps}] with "
-                     "vsd.estep='exact' (the exact objective runs on the first K steps of the TTT unroll)")
-
-  check_grad_share(v)
-  share = float(v.get("eagle3_grad_share", 0.0))
-  if share > 0 and form != "log_u":
-    raise ValueError(f"config.vsd.eagle3_grad_share={share} needs exact_form='log_u' with vsd.estep='exact' (it "
-                     "holds the EAGLE-3 term's share of the gradient against -J's)")
+  state (VSD's acceptance EMA) is carried unchanged. settings: validated by `vsd_jax.resolved.resolve` (there
+  vsd.depth <= draft.ttt_steps, and eagle3_grad_share > 0 only with exact_form "log_u")."""
+  v, d = settings.vsd, settings.draft
+  form, accept_mode, depth = v.exact_form, v.accept_mode, v.depth
+  lam, mu, decay, share = v.lambda_exact, v.mu, d.step_decay, v.eagle3_grad_share
 
   def loss_fn(params, frozen, batch, rng, method_state):
     del rng
 
     def parts(p):
       """(mu * EAGLE-3 or the reach-weighted CE, lambda_exact * -J or 0), (EAGLE-3's metrics, exact terms)."""
-      loss_e3, m3 = batch_loss(config, target, draft, p, frozen, batch, with_rows=True)
+      loss_e3, m3 = batch_loss(d, target, draft, p, frozen, batch, with_rows=True)
       rows = jax.tree_util.tree_map(lambda x: x[:depth], m3.pop("rows"))
       terms = exact_terms(rows, accept_mode)
       if form == "log_u":

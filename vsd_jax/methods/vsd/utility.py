@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ACCEPT_MODES = ("greedy", "stochastic")
-UTILITIES = ("expected_length", "full_accept")
+from vsd_jax.resolved import ACCEPT_MODES, UTILITIES  # config.vsd.accept_mode / utility
 
 
 def acceptance(mode: str, tokens: jax.Array, q_token_prob: jax.Array, target_argmax: jax.Array,
