@@ -172,7 +172,8 @@ def _kill_after_the_first_dies(procs, timeout=90):
 
 
 def _computed(workdir, run):
-  """[(process, item)] each process computed in `run` (a list of the files' lengths before it), and the new lengths."""
+  """[(process, prompt or sequence index)] the processes computed since `run` (the files' lengths then; None: from
+  the start), and the files' lengths now."""
   out, lengths = [], []
   for pid in range(2):
     path = os.path.join(workdir, f"computed-{pid}.jsonl")
@@ -198,17 +199,16 @@ def test_regeneration_split_across_two_processes(tmp_path):
   killed_run, lengths = _computed(two, None)
   assert 0 < len(finished) < len(prompts)
   # Process 1 wrote exactly the batches it finished before dying.
-  assert {prompt_key(p) for pid, batch in killed_run if pid == 1 for p in batch} == set(read_cache(
-      shard_path(cache, 1, 2)))
+  assert {prompt_key(p) for pid, p in killed_run if pid == 1} == set(read_cache(shard_path(cache, 1, 2)))
 
   r2 = _finish(_start("regenerate", two, 2))
   assert [r["processes"] for r in r2] == [2, 2]
   assert r2[0]["responses"] == r2[1]["responses"] == r1["responses"]
   rerun, _ = _computed(two, lengths)
-  keys = [prompt_key(p) for pid, batch in rerun for p in batch]
+  keys = [prompt_key(p) for _, p in rerun]
   assert len(keys) == len(set(keys))                    # each prompt generated once across the two
   assert set(keys) == {prompt_key(p) for p in prompts} - finished  # and only what was not finished
-  assert all(shard_owner(prompt_key(p), 2) == pid for pid, batch in rerun for p in batch)
+  assert all(shard_owner(prompt_key(p), 2) == pid for pid, p in rerun)
   # One process reads what two wrote, two read what one wrote: nothing generated.
   r3 = _finish(_start("regenerate", two, 1)) + _finish(_start("regenerate", one, 2))
   assert all(r["responses"] == r1["responses"] for r in r3)
@@ -228,10 +228,11 @@ def test_feature_pass_split_across_two_processes(tmp_path):
     finished |= set(seqs[np.fromfile(os.path.join(shard, "done.u8"), np.uint8) == 1].tolist())
   killed_run, lengths = _computed(two, None)
   assert 0 < len(finished) < n and not os.path.exists(two / "features" / "meta.json")
+  assert finished <= {i for _, i in killed_run}
 
   r2 = _finish(_start("features", two, 2))
   rerun, _ = _computed(two, lengths)
-  done = [i for _, batch in rerun for i in batch]
+  done = [i for _, i in rerun]
   assert len(done) == len(set(done)) and set(done) == set(range(n)) - finished  # each sequence once, none again
   for r in r2:  # training on the 2-process cache equals training on the 1-process one
     np.testing.assert_allclose(r["losses"], r1["losses"], rtol=1e-5)

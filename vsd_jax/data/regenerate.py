@@ -225,7 +225,7 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
     barrier()
     cached = read_cache_set(path)
   missing = {}
-  for k in keys:
+  for k in dict.fromkeys(keys):
     if k not in cached:
       missing.setdefault(shard_owner(k, process_count), []).append(k)
   if missing:
@@ -233,7 +233,7 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
                       f"{'' if os.path.exists(shard_path(path, p, process_count)) else ' (no such file)'}"
                       for p, ks in sorted(missing.items()))
     raise RegenerationError(
-        f"{sum(map(len, missing.values()))} of {len(keys)} responses are missing after every process finished "
+        f"{sum(map(len, missing.values()))} of {len(set(keys))} responses are missing after every process finished "
         f"regenerating ({where}). Did a process fail? data.cache_dir must be one directory shared by every "
         "process (a shared filesystem on a pod); rerun to generate only the missing ones.")
   return [list(cached[k]) for k in keys]

@@ -4,14 +4,13 @@
 Training places the target on the mesh of all processes (its forwards are collective); a process that generates
 its own prompts must not wait on the others, so it gets a copy of the target on `parallel.decode_mesh` over its
 local devices (config.mesh's fsdp x tensor axes), read again from the same files: each local device's block only,
-as load_target does on any mesh. The copy has to fit one host's devices; it is made once per target and kept.
+as load_target does on any mesh. The copy has to fit one host's devices; nothing keeps it, so its device memory
+is freed when the stage that asked for it drops it (training does not carry it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-_LOCAL: dict = {}  # id(target) -> (target, its process-local copy)
 
 
 def is_process_local(params) -> bool:
@@ -27,16 +26,10 @@ def process_local_target(target, config):
 
   if jax.process_count() == 1 or is_process_local(target.params):
     return target
-  hit = _LOCAL.get(id(target))
-  if hit is not None and hit[0] is target:
-    return hit[1]
   from vsd_jax import parallel
   from vsd_jax.weights.registry import load_target
 
   mesh = parallel.decode_mesh(config, jax.local_devices())
   local = load_target(target.source, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                       with_tokenizer=False, mesh=mesh, rules=parallel.logical_axis_rules(config))
-  out = dataclasses.replace(target, params=local.params)
-  _LOCAL.clear()
-  _LOCAL[id(target)] = (target, out)
-  return out
+  return dataclasses.replace(target, params=local.params)
