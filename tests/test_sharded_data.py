@@ -115,6 +115,36 @@ def test_feature_pass_refuses_a_disk_too_small(tmp_path, monkeypatch, caplog):
   assert not os.path.exists(tmp_path / "f")
 
 
+def test_process_local_target_reloads_on_this_process_devices(monkeypatch):
+  """A target spread across processes is read again onto this process's devices (config's dtypes, decode mesh over
+  the local devices); one process, or parameters already local, keep the target as it is."""
+  import jax
+
+  from vsd_jax.config_base import base_config
+  from vsd_jax.weights import local, registry
+
+  c = base_config()
+  c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+  spread = types.SimpleNamespace(is_fully_addressable=False)
+  target = registry.Target(model="m", params={"w": spread}, tokenizer="tok", config="cfg", source="/w/target")
+  assert local.process_local_target(target, c) is target  # one process
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  seen = {}
+
+  def fake_load(source, **kw):
+    seen.update(kw, source=source)
+    return types.SimpleNamespace(params={"w": np.ones(2)})
+
+  monkeypatch.setattr(registry, "load_target", fake_load)
+  out = local.process_local_target(target, c)
+  assert out.params["w"].tolist() == [1, 1] and (out.tokenizer, out.model, out.source) == ("tok", "m", "/w/target")
+  assert (seen["source"], seen["dtype"], seen["param_dtype"], seen["with_tokenizer"]) == \
+      ("/w/target", "bfloat16", "float32", False)
+  assert set(seen["mesh"].devices.flat) <= set(jax.local_devices())
+  already = registry.Target(model="m", params={"w": np.ones(2)}, tokenizer=None, config=None, source="")
+  assert local.process_local_target(already, c) is already
+
+
 @pytest.mark.slow
 def test_feature_shards_one_process_after_another_equal_one_pass(tmp_path):
   from tests.tiny_models import tiny_target, vocab_maps
