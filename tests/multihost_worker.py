@@ -4,8 +4,8 @@ tests/test_trainer.py with train_loop over a mesh spanning every process, and pr
   python -m tests.multihost_worker WORKDIR PROCESS_ID NUM_PROCESSES PORT STOP_STEP [TOTAL_STEPS]
 
 The data stage split across processes (tests/test_sharded_data.py): STAGE "regenerate" (a counting stand-in for
-the target answers the prompts; data.regenerate) or "features" (the tiny target's feature pass, then a few training
-steps of an EAGLE-3 draft on the cache), into the cache under WORKDIR; every prompt or sequence computed is
+the target answers the prompts; data.regenerate) or "features" (the tiny target's feature pass, then process 0
+trains an EAGLE-3 draft on the cache for a few steps), into the cache under WORKDIR; every prompt or sequence computed is
 appended to WORKDIR/computed-<process>.jsonl. DIE_AFTER > 0: the process kills itself (SIGKILL) when it is about to
 compute its batch DIE_AFTER + 1.
 
@@ -141,10 +141,13 @@ def data_main(stage, workdir, pid, nproc, port, die_after=0):
     feature_cache.pad_batch = recording_pad
     cache = feature_cache.build_feature_cache(target, ds, vocab.d2t, vocab.t2d, os.path.join(workdir, "features"),
                                               batch_size=2, buckets=(20,))
+    if jax.process_index() != 0:  # the cache is the same for every process: one of them trains on it
+      print("RESULT " + json.dumps(result), flush=True)
+      return
     c = base_config()
-    c.draft.ttt_steps = 2
+    c.draft.ttt_steps = 1
     m = eagle3.build(c, target, vocab)
-    draft = nn.unbox(m.init_params(jax.random.PRNGKey(0)))
+    draft = nn.unbox(jax.jit(m.init_params)(jax.random.PRNGKey(0)))
     opt = optax.sgd(0.1)
     opt_state = opt.init(draft)
 
