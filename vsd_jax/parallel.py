@@ -228,6 +228,33 @@ def maybe_initialize_distributed(config) -> bool:
   return True
 
 
+_BARRIERS: dict = {}
+
+
+def process_barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+  """Wait until every process has reached the barrier `name` (nothing with one process).
+
+  Through the jax.distributed coordination service (its key-value store's barrier: no device collective, so a
+  process that spent hours longer generating does not trip a collective's timeout), else a device collective
+  (multihost_utils.sync_global_devices). Every process must call the same barriers in the same order: the n-th
+  call of a name is barrier "<name>-<n>" on each of them."""
+  if jax.process_count() == 1:
+    return
+  n = _BARRIERS.get(name, 0)
+  _BARRIERS[name] = n + 1
+  barrier_id = f"vsd_jax-{name}-{n}"
+  try:
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except ImportError:
+    client = None
+  if client is not None and hasattr(client, "wait_at_barrier"):
+    client.wait_at_barrier(barrier_id, timeout_in_ms=int(timeout_s * 1000))
+  else:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(barrier_id)
+
+
 def process_local_slice(batch: Any, index: Optional[int] = None, count: Optional[int] = None) -> Any:
   """This process's rows of a global host batch: [B, ...] -> [B / count, ...] (rows index*B/count...).
 

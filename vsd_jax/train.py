@@ -135,7 +135,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
     key = cache_key(data.dataset, model_id(target), data.draft_vocab.d2t)
     cache = build_feature_cache(target, data.dataset, data.draft_vocab.d2t, data.draft_vocab.t2d,
                                 os.path.join(data_cache_dir(config), f"features-{key}"), bs, buckets,
-                                pixels=data.pixels)
+                                pixels=data.pixels, config=config)
     stages["features_s"] = time.time() - t
 
   def make_batches(start_step):

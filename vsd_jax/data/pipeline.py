@@ -29,6 +29,7 @@ from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
 from vsd_jax.weights.identity import model_id
+from vsd_jax.weights.local import process_local_target
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   target: a loaded Target (tokenizer, model, params). call: override of the generation call (tests);
   default make_target_call (vanilla.generate through run_batches). draft_vocab=False skips building a draft
   vocabulary (held-out data is scored with the training run's).
+  With several processes each generates its share of the prompts (data.regenerate) with the target on its own
+  devices (weights.local.process_local_target), then all read the whole response cache.
   """
   d = config.data
   enc = prompt_encoder(target, config)
@@ -86,10 +89,14 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
 
   pad_id, eos = enc.pad_id, enc.eos_ids
   path = cache_path(data_cache_dir(config), model_id(target), settings, enc.template_text)
-  if call is None:
-    call = make_target_call(target, settings, max_pos, eos, pad_id, pixels)
+  import jax
+  count = jax.process_count()
+  if call is None:  # made when the first batch is generated: nothing is loaded when every response is cached
+    call = deferred(lambda: make_target_call(process_local_target(target, config), settings, max_pos, eos, pad_id,
+                                             pixels))
   responses = regenerate([prompt_ids[i] for i in keep], call, path, int(d.regen.batch_size), pad_id,
-                         progress=progress, images=None if images is None else [images[i] for i in keep])
+                         progress=progress, images=None if images is None else [images[i] for i in keep],
+                         process_index=jax.process_index(), process_count=count)
   unfinished = sum(1 for r in responses if not r or r[-1] not in eos)
   if unfinished:
     log.warning("%d of %d responses reached data.regen.max_new_tokens=%d without an end-of-turn token; kept as "
@@ -123,6 +130,18 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   log.info("training data: %d sequences, %d response tokens%s", len(dataset), stats["loss_tokens"],
            "" if vocab is None else f", draft vocab coverage {100 * vocab.coverage:.2f}%")
   return TrainingData(dataset, vocab, stats, path, pixels)
+
+
+def deferred(make: Callable) -> Callable:
+  """A call that runs `make()` on its first use and forwards every call to what it returned."""
+  made = []
+
+  def call(*args):
+    if not made:
+      made.append(make())
+    return made[0](*args)
+
+  return call
 
 
 def conversation_sequence(enc, prompt) -> tuple:

@@ -1,13 +1,20 @@
 """Response regeneration: the target answers every prompt itself (self-distillation, as EAGLE-3 does).
 
 Responses are cached in a JSONL file per (model, generation settings, chat template), one line per
-prompt keyed by a hash of its token ids, appended after every chunk of batches: a rerun reuses what is
+prompt keyed by a hash of its token ids, appended and flushed after every batch: a rerun reuses what is
 there and an interrupted run resumes where it stopped.
+
+Several processes (a pod, a multi-host job) split the prompts: each prompt belongs to one process (a stable hash
+of its key modulo the process count, `shard_owner`), which generates it and appends it to its own shard of the
+cache, `responses-<key>.<p>-of-<n>.jsonl`; after a barrier every process reads every shard. The reader merges any
+layout (the unsharded file and shards of any process count), so a cache written by one process serves many and
+the reverse; the cache directory must be shared by all processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -18,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from vsd_jax.decoding.runner import run_batches
+from vsd_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,36 @@ def cache_path(cache_dir: str, model_id: str, settings: GenSettings, template: s
   return os.path.join(cache_dir, f"responses-{key}.jsonl")
 
 
-def read_cache(path: str) -> dict:
-  """{prompt key: response ids} from a cache file; a torn last line (interrupted write) is skipped."""
+class RegenerationError(UserError):
+  """Responses missing after every process finished its share (a process failed, or the cache directory is not
+  shared by all of them)."""
+
+
+def shard_owner(key: str, process_count: int) -> int:
+  """The process (0..process_count-1) that generates the prompt with cache key `key`: a hash of the key, the same
+  on every host and in every run."""
+  return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % max(1, process_count)
+
+
+def shard_path(path: str, process_index: int, process_count: int) -> str:
+  """The file process `process_index` of `process_count` appends to: `path` itself for one process, else
+  `<path without .jsonl>.<p>-of-<n>.jsonl`."""
+  if process_count <= 1:
+    return path
+  base = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+  return f"{base}.{process_index}-of-{process_count}.jsonl"
+
+
+def cache_files(path: str) -> list:
+  """Every existing file of the cache at `path`: the unsharded file and the shards of any process count."""
+  base = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+  shards = sorted(glob.glob(glob.escape(base) + ".*-of-*.jsonl"))
+  return ([path] if os.path.exists(path) else []) + shards
+
+
+def read_cache(path: str, warn: bool = True) -> dict:
+  """{prompt key: response ids} from a cache file; a torn last line (interrupted write) is skipped (with a warning
+  unless warn=False)."""
   out = {}
   if not os.path.exists(path):
     return out
@@ -61,8 +97,18 @@ def read_cache(path: str) -> dict:
         rec = json.loads(line)
         out[rec["key"]] = rec["response"]
       except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("response cache %s:%d is unreadable (interrupted write?); that prompt will be regenerated",
-                    path, n)
+        if warn:
+          log.warning("response cache %s:%d is unreadable (interrupted write?); that prompt will be regenerated",
+                      path, n)
+  return out
+
+
+def read_cache_set(path: str, quiet: Sequence[str] = ()) -> dict:
+  """{prompt key: response ids} merged from every file of the cache at `path` (cache_files). Files in `quiet`
+  (shards other processes may be writing now) are read without warnings about a torn line."""
+  out = {}
+  for f in cache_files(path):
+    out.update(read_cache(f, warn=f not in quiet))
   return out
 
 
@@ -132,33 +178,62 @@ def make_target_call(target, settings: GenSettings, max_positions: int, eos_ids:
 
 
 def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batch_size: int, pad_id: int,
-               chunk_batches: int = 8, progress: bool = True, images: Optional[Sequence] = None) -> list:
+               progress: bool = True, images: Optional[Sequence] = None, process_index: int = 0,
+               process_count: int = 1, barrier: Optional[Callable] = None) -> list:
   """Responses (list of token ids, EOS included when produced) for each prompt, from the cache at `path`
-  or generated with `call` (see make_target_call) in batches; new results are appended to `path`.
+  or generated with `call` (see make_target_call) in batches; new results are appended to the cache.
 
-  Prompts are generated in length order, in chunks of chunk_batches * batch_size, each saved when done.
+  Prompts are generated in length order; each batch is appended and flushed when done, so a killed run loses
+  at most the batch in flight.
   images: per prompt its image files (multimodal prompts); they key the cache with the ids and are passed to
   `call(ids, lens, images)`.
+  process_index / process_count: this process generates only the prompts it owns (shard_owner) that no file of
+  the cache holds, into its shard (shard_path); then `barrier()` (default parallel.process_barrier) waits for
+  every process, and the responses of all prompts are read from all shards. A prompt still missing then is a
+  RegenerationError naming its owner's shard.
   """
   from tqdm import tqdm
 
   keys = [prompt_key(p, images[i] if images is not None else ()) for i, p in enumerate(prompts)]
-  repair_torn_tail(path)  # before reading: a repaired file reads without a warning, now and later
-  cached = read_cache(path)
-  todo = sorted({k: i for i, k in enumerate(keys) if k not in cached}.values(), key=lambda i: len(prompts[i]))
-  log.info("regenerate: %d prompts, %d cached in %s, %d to generate", len(prompts), len(prompts) - len(todo),
-           path, len(todo))
+  own = shard_path(path, process_index, process_count)
+  repair_torn_tail(own)  # before reading: a repaired file reads without a warning, now and later
+  others = [f for f in cache_files(path) if f != own]
+  cached = read_cache_set(path, quiet=others if process_count > 1 else ())
+  todo = sorted({k: i for i, k in enumerate(keys)
+                 if k not in cached and shard_owner(k, process_count) == process_index}.values(),
+                key=lambda i: len(prompts[i]))
+  log.info("regenerate: %d prompts, %d cached in %s, %d to generate%s", len(prompts),
+           sum(k in cached for k in keys), path, len(todo),
+           f" (process {process_index} of {process_count}, into {own})" if process_count > 1 else "")
   if todo:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    step = max(1, chunk_batches) * batch_size
+    os.makedirs(os.path.dirname(os.path.abspath(own)), exist_ok=True)
     with tqdm(total=len(todo), desc="regenerate responses", file=sys.stderr, disable=not progress) as bar, \
-        open(path, "a", encoding="utf-8") as f:
-      for start in range(0, len(todo), step):
-        idx = todo[start:start + step]
-        results = run_batches([prompts[i] for i in idx], batch_size, call, pad_id, progress=bar.update,
-                              extras=None if images is None else [images[i] for i in idx])
-        for i, r in zip(idx, results):
-          cached[keys[i]] = r.output_ids
-          f.write(json.dumps({"key": keys[i], "response": r.output_ids}) + "\n")
+        open(own, "a", encoding="utf-8") as f:
+
+      def save(idx, generations):  # run_batches' indices are positions in `todo`
+        for j, g in zip(idx, generations):
+          cached[keys[todo[j]]] = g.output_ids
+          f.write(json.dumps({"key": keys[todo[j]], "response": g.output_ids}) + "\n")
         f.flush()
+
+      run_batches([prompts[i] for i in todo], batch_size, call, pad_id, progress=bar.update,
+                  extras=None if images is None else [images[i] for i in todo], on_batch=save)
+  if process_count > 1:
+    if barrier is None:
+      from vsd_jax import parallel
+      barrier = lambda: parallel.process_barrier("regenerate")  # noqa: E731
+    barrier()
+    cached = read_cache_set(path)
+  missing = {}
+  for k in dict.fromkeys(keys):
+    if k not in cached:
+      missing.setdefault(shard_owner(k, process_count), []).append(k)
+  if missing:
+    where = "; ".join(f"process {p}: {len(ks)} in {shard_path(path, p, process_count)}"
+                      f"{'' if os.path.exists(shard_path(path, p, process_count)) else ' (no such file)'}"
+                      for p, ks in sorted(missing.items()))
+    raise RegenerationError(
+        f"{sum(map(len, missing.values()))} of {len(set(keys))} responses are missing after every process finished "
+        f"regenerating ({where}). Did a process fail? data.cache_dir must be one directory shared by every "
+        "process (a shared filesystem on a pod); rerun to generate only the missing ones.")
   return [list(cached[k]) for k in keys]
