@@ -73,7 +73,7 @@ from vsd_jax.data.pipeline import data_cache_dir, gen_settings  # noqa: E402
 from vsd_jax.weights.identity import model_id  # noqa: E402
 from vsd_jax.data.prompt_file import read_prompt_file  # noqa: E402
 from vsd_jax.data.regenerate import cache_path  # noqa: E402
-from vsd_jax.decoding.engine import Engine, Sampling  # noqa: E402
+from vsd_jax.engine import Engine, Sampling  # noqa: E402
 from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig  # noqa: E402
 from vsd_jax.eval.metrics import summarize  # noqa: E402
 from vsd_jax.eval.stats import bootstrap_ratio  # noqa: E402

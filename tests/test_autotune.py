@@ -94,7 +94,7 @@ def test_choice_is_cached_per_key(tiny, tmp_path):
 
 def test_explicit_shape():
   """A partly given shape takes the rest from the one defaults table, which is also TreeConfig's."""
-  from vsd_jax.decoding.engine import explicit_shape
+  from vsd_jax.engine import explicit_shape
   from vsd_jax.decoding.tree import SHAPE_DEFAULTS
   assert explicit_shape() is None
   assert explicit_shape(mode="chain", depth=3) == TreeConfig(depth=3, top_k=1, total_tokens=3, mode="chain")

@@ -105,7 +105,7 @@ def test_evaluate_rejects_bad_flags_before_loading(tmp_path, flags, named):
 def test_calibration_falls_back_to_the_packaged_prompts(tiny_dir):
   """No text prompt left (none, or image prompts only): the packaged prompts, named in the description; a text prompt
   left: the user's."""
-  from vsd_jax.decoding.engine import PACKAGED_CALIBRATION, Engine
+  from vsd_jax.engine import PACKAGED_CALIBRATION, Engine
   from vsd_jax.cli_config import load_config_file
   from vsd_jax.weights import load_target
   eng = Engine(load_config_file(LLAVA_CONFIG), target=load_target(tiny_dir))
@@ -121,7 +121,7 @@ def test_calibration_falls_back_to_the_packaged_prompts(tiny_dir):
 
 def test_packaged_calibration_prompts_are_not_evaluation_prompts(data_root):
   from vsd_jax.data.prompt_file import read_prompt_file
-  from vsd_jax.decoding.engine import PACKAGED_CALIBRATION
+  from vsd_jax.engine import PACKAGED_CALIBRATION
   ours = {m for _, m in read_prompt_file(PACKAGED_CALIBRATION)}
   assert len(ours) >= 8
   eval_dir = os.path.join(data_root, "eval", "eagle")

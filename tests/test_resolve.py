@@ -235,7 +235,7 @@ def _sources(*folders_or_files):
 
 
 def test_methods_training_and_decoding_restate_no_config_default():
-  found = {f: config_gets(src) for f, src in _sources("methods", "training", "decoding/engine.py", "evaluate.py",
+  found = {f: config_gets(src) for f, src in _sources("methods", "training", "engine.py", "evaluate.py",
                                                       "generate.py", "weights/registry.py")}
   assert not {f: g for f, g in found.items() if g}, "read the field from vsd_jax.resolved's views instead"
 

@@ -76,7 +76,7 @@ def bench_files(benches, data_dir) -> dict:
 def main(_):
   from vsd_jax.data.prompt_file import read_prompt_file
   from vsd_jax.decoding.autotune import format_table
-  from vsd_jax.decoding.engine import Engine, Sampling, check_decoding_values, explicit_shape
+  from vsd_jax.engine import Engine, Sampling, check_decoding_values, explicit_shape
   from vsd_jax.eval.files import check_draft_dir, check_output_dir, read_json, settings_mismatch, write_json_atomic
   from vsd_jax.eval.metrics import summarize
   from vsd_jax.eval.report import write_report

@@ -19,7 +19,7 @@ processor prepares the pixels; both decoders prefill with them. Output lines of 
 
 With --draft DIR (from `vsd_jax.train`) decoding is speculative; `rounds` then counts verification forwards, so
 tau = new_tokens / rounds. The draft's shape (chain or tree, depth, branching, verified tokens) is the one measured
-fastest on this device for this target and draft (vsd_jax.decoding.engine: the first --calib_prompts text prompts'
+fastest on this device for this target and draft (vsd_jax.engine: the first --calib_prompts text prompts'
 greedy continuations give the acceptance -- the prompts shipped for calibration when all are image prompts --, the
 device the costs; cached, --retune to measure again), unless any of --mode/--tree_depth/--top_k/--total_tokens is
 given. When no measured shape is predicted faster than vanilla decoding on this device at this batch size, generate
@@ -71,7 +71,7 @@ def main(_):
   from tqdm import tqdm
 
   from vsd_jax.data.prompt_file import attach_images, check_image_files, read_prompt_file
-  from vsd_jax.decoding.engine import Engine, Sampling, check_decoding_values, explicit_shape
+  from vsd_jax.engine import Engine, Sampling, check_decoding_values, explicit_shape
   from vsd_jax.eval.files import JsonlOutput, check_draft_dir, check_output_file
 
   cfg, F = _CONFIG.value, flags.FLAGS

@@ -230,7 +230,7 @@ def speculative_generate(target_model, target_params, draft_model, draft_params,
     d2t: int32 [Vd] draft id -> target id offsets.
     prompt_ids: int32 [B, P] right-padded; prompt_lens: int32 [B].
     rng: PRNG key. tree_cfg: TreeConfig (static); the fastest for this device, target and draft comes from
-      `vsd_jax.decoding.engine.Engine.choose_shape` (what generate and evaluate use by default). temperature
+      `vsd_jax.engine.Engine.choose_shape` (what generate and evaluate use by default). temperature
       (static): 0 = greedy verification; > 0: tree mode uses the multi-draft rule, chain mode speculative sampling.
     max_new_tokens, cache_slots (>= required_slots(P, max_new_tokens, tree_cfg)), eos_ids, pad_id: static.
     precision: static matmul precision of target and draft, 'default' | 'high' | 'highest'
