@@ -17,7 +17,7 @@ import types
 import numpy as np
 import pytest
 
-from tests.test_multihost import REPO, _env, _free_port
+from tests.test_multihost import REPO, _env, _finish, _free_port
 from tests import multihost_worker as worker
 from vsd_jax.data.regenerate import (RegenerationError, cache_files, prompt_key, read_cache, read_cache_set,
                                      regenerate, shard_owner, shard_path)
@@ -177,15 +177,6 @@ def _start(stage, workdir, nproc, die_after=(0, 0)):
                             str(nproc), str(port), str(die_after[i])],
                            cwd=REPO, env=dict(_env(1), PYTHONPATH=REPO), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True) for i in range(nproc)]
-
-
-def _finish(procs, timeout=120):
-  results = []
-  for p in procs:
-    out, err = p.communicate(timeout=timeout)
-    assert p.returncode == 0 and "RESULT " in out, f"rc={p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-    results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
-  return results
 
 
 def _kill_after_the_first_dies(procs, timeout=90):
