@@ -65,7 +65,7 @@ from vsd_jax.decoding.precision import PRECISIONS, matmul_precision  # noqa: E40
 from vsd_jax.decoding.runner import cache_slots, pad_prompts  # noqa: E402
 from vsd_jax.decoding.speculative import (Round, required_slots, speculative_generate, speculative_prefill,  # noqa: E402
                                           speculative_round)
-from vsd_jax.decoding.tree import TreeConfig, expand_tree, tree_forward  # noqa: E402
+from vsd_jax.decoding.tree import SHAPE_DEFAULTS, TreeConfig, expand_tree, tree_forward  # noqa: E402
 from vsd_jax.decoding.vanilla import generate  # noqa: E402
 from vsd_jax.models.archs import arch  # noqa: E402
 from vsd_jax.models.draft_unroll import draft_fn_of  # noqa: E402
@@ -359,10 +359,10 @@ def main():
                   "load (config.generate.scan_layers); 1: the layers under nn.scan (training's layout)")
   ap.add_argument("--draft", default=None, help="Trained draft directory (default: a random draft).")
   ap.add_argument("--draft_vocab", type=int, default=32000, help="Draft vocabulary of the random draft.")
-  ap.add_argument("--tree_depth", type=int, default=5)
-  ap.add_argument("--top_k", type=int, default=8)
-  ap.add_argument("--total_tokens", type=int, default=12)
-  ap.add_argument("--mode", default="tree", choices=("tree", "chain"))
+  ap.add_argument("--tree_depth", type=int, default=SHAPE_DEFAULTS["depth"])
+  ap.add_argument("--top_k", type=int, default=SHAPE_DEFAULTS["top_k"])
+  ap.add_argument("--total_tokens", type=int, default=SHAPE_DEFAULTS["total_tokens"])
+  ap.add_argument("--mode", default=SHAPE_DEFAULTS["mode"], choices=("tree", "chain"))
   ap.add_argument("--temperature", type=float, default=0.0)
   ap.add_argument("--untie_lm_head", default="auto", help="auto|true|false: a tied target's vocabulary projection "
                   "as its own [H, V] kernel (auto: on CPUs; what generate/evaluate load, config.generate.untie_lm_head)")
