@@ -54,7 +54,7 @@ def _prompt_file(path, n, tag="q"):
     (["--draft", "/no/such/draft"], "--draft='/no/such/draft'"),
 ])
 def test_generate_rejects_bad_flags_before_loading(tmp_path, monkeypatch, flags, named):
-  from vsd_jax.decoding import engine
+  from vsd_jax import engine
   monkeypatch.setattr(engine, "load_decoding_target", lambda *a, **k: pytest.fail("the target was loaded"))
   prompts = _prompt_file(tmp_path / "p.jsonl", 2)
   with pytest.raises((ValueError, FileNotFoundError)) as e:
@@ -64,7 +64,7 @@ def test_generate_rejects_bad_flags_before_loading(tmp_path, monkeypatch, flags,
 
 
 def test_generate_rejects_an_output_directory_before_loading(tmp_path, monkeypatch):
-  from vsd_jax.decoding import engine
+  from vsd_jax import engine
   monkeypatch.setattr(engine, "load_decoding_target", lambda *a, **k: pytest.fail("the target was loaded"))
   prompts = _prompt_file(tmp_path / "p.jsonl", 2)
   (tmp_path / "outdir").mkdir()
@@ -135,7 +135,7 @@ def test_packaged_calibration_prompts_are_not_evaluation_prompts(data_root):
 
 @pytest.mark.slow  # generate runs (the tiny LLaVA's decoder compiles): about 30 s on 2 idle cores
 def test_generate_resumes_after_a_kill_without_generating_the_first_batch_again(tiny_dir, tmp_path, monkeypatch):
-  from vsd_jax.decoding import engine
+  from vsd_jax import engine
   prompts = _prompt_file(tmp_path / "p.jsonl", 4)
   common = ["--prompts", prompts, "--max_new_tokens", "4", "--temperature", "0", "--batch_size", "2"]
   run_generate(tiny_dir, *common, "--output", str(tmp_path / "whole.jsonl"))
@@ -202,7 +202,8 @@ def test_jsonl_output_resumes_drops_a_torn_line_and_refuses_other_settings(tmp_p
 
 EVALUATE_DRIVER = r"""
 import os
-from vsd_jax.decoding import autotune, engine
+from vsd_jax import engine
+from vsd_jax.decoding import autotune
 from vsd_jax.decoding.tree import TreeConfig
 def fake_choice(*args, **kwargs):  # the autotuner's outcome without timing anything; the calibration it was given
   with open(os.environ["CALIB_LOG"], "a") as f:

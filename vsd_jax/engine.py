@@ -41,7 +41,7 @@ from vsd_jax.resolved import as_resolved
 from vsd_jax.weights import decoding_load_options, load_target
 from vsd_jax.weights.draft_io import load_draft
 
-PACKAGED_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+PACKAGED_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                     "calibration_prompts.jsonl")
 PACKAGED_AT_LEAST = 8  # packaged prompts used however few the run would have taken of its own
 
