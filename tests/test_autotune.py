@@ -13,7 +13,7 @@ from vsd_jax.decoding.runner import pad_prompts
 from vsd_jax.decoding.speculative import required_slots, speculative_generate
 from vsd_jax.decoding.tree import TreeConfig
 
-from tiny_models import tiny_setup
+from tests.tiny_models import tiny_setup
 
 SHAPES = [TreeConfig(depth=3, top_k=1, total_tokens=3, mode="chain"),
           TreeConfig(depth=1, top_k=1, total_tokens=1, mode="chain"),

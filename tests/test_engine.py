@@ -160,6 +160,8 @@ def test_generate_resumes_after_a_kill_without_generating_the_first_batch_again(
     run_generate(tiny_dir, *common, "--output", str(out))
   first = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(first) == 2 and decoded == [4]
+  meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
+  assert meta["batch_size"] == 2 and meta["settings"]["max_new_tokens"] == 4
   with open(out, "a") as f:
     f.write('{"question_id": "q3", "prom')  # a kill while writing the next line
   monkeypatch.setattr(engine, "run_batches", counting)

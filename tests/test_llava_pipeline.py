@@ -273,7 +273,7 @@ def _image_prompt(llava, text="USER: <image>\nWhat shape is this? ASSISTANT:", i
   return jnp.asarray(p.input_ids[None]), feats
 
 
-def _trained_draft(llava, ids, feats, steps=150, seed=0):
+def _trained_draft(llava, ids, feats, steps=30, seed=0):
   """An EAGLE-3 draft trained for a few seconds on the target's own sampled continuations of the image prompt
   (features of the multimodal prefill), so that its tokens get accepted."""
   import optax

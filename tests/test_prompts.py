@@ -128,6 +128,7 @@ def test_encoder_applies_the_configured_template_like_the_pipeline(tiny_target, 
     assert list(seq[:len(want)]) == want and list(seq[len(want):]) == [EOS_ID] and mask.sum() == 1
 
 
+@pytest.mark.slow  # the generate CLI end to end: ~10 s
 def test_generate_cli_with_the_vicuna_config_and_a_template_less_tokenizer(tiny_vicuna_dir, tmp_path):
   """`python -m vsd_jax.generate --config configs/vicuna.py` on a tokenizer without a template: the config's
   "vicuna" template encodes the prompts and decoding stops at </s> (the tiny model's only output)."""

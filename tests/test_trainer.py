@@ -135,6 +135,7 @@ def reference_40(tmp_path_factory):
 
 # ---- tests ----
 
+@pytest.mark.slow  # four meshes, each compiles the train step: ~11 s
 @needs_8_devices
 def test_meshes_give_single_device_losses(tmp_path):
   losses = {}
@@ -361,6 +362,7 @@ def _sigterm_child(workdir):
   print("RESULT " + json.dumps({"step": res.step, "stopped": res.stopped}), flush=True)
 
 
+@pytest.mark.slow  # a training subprocess stopped by SIGTERM, then resumed: ~11 s
 def test_sigterm_saves_and_resume_completes(tmp_path):
   env = subprocess_env()
   code = f"from tests.test_trainer import _sigterm_child; _sigterm_child({str(tmp_path)!r})"

@@ -109,7 +109,7 @@ def main(_):
             "faster than vanilla decoding (T=0 acceptance of the calibration prompts against measured costs); fix a "
             "shape with --mode/--tree_depth/--top_k/--total_tokens to speculate anyway", file=sys.stderr)
     engine.check_capacity([encoded.ids[i] for i in todo], sampling.max_new_tokens, names)  # with the draft's slots
-    out.start(engine.metadata())
+    out.start(dict(engine.metadata(), batch_size=sampling.batch_size))  # the batch the shape was chosen for
   if len(todo) < len(items):
     print(f"resuming {F.output}: {len(items) - len(todo)} of {len(items)} prompts already generated", file=sys.stderr)
   tok = engine.target.tokenizer
