@@ -183,7 +183,7 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
   """Responses (list of token ids, EOS included when produced) for each prompt, from the cache at `path`
   or generated with `call` (see make_target_call) in batches; new results are appended to the cache.
 
-  Prompts are generated in length order; each batch is appended and flushed when done, so a killed run loses
+  Prompts are generated in length order; each batch is appended and fsynced when done, so a killed run loses
   at most the batch in flight.
   images: per prompt its image files (multimodal prompts); they key the cache with the ids and are passed to
   `call(ids, lens, images)`.
@@ -215,6 +215,7 @@ def regenerate(prompts: Sequence[Sequence[int]], call: Callable, path: str, batc
           cached[keys[todo[j]]] = g.output_ids
           f.write(json.dumps({"key": keys[todo[j]], "response": g.output_ids}) + "\n")
         f.flush()
+        os.fsync(f.fileno())  # a finished batch survives a machine crash, not only a killed process
 
       run_batches([prompts[i] for i in todo], batch_size, call, pad_id, progress=bar.update,
                   extras=None if images is None else [images[i] for i in todo], on_batch=save)
