@@ -5,7 +5,8 @@ tests/test_trainer.py with train_loop over a mesh spanning every process, and pr
 
 The data stage split across processes (tests/test_sharded_data.py): STAGE "regenerate" (a counting stand-in for
 the target answers the prompts; data.regenerate) or "features" (the tiny target's feature pass, then process 0
-trains an EAGLE-3 draft on the cache for a few steps), into the cache under WORKDIR; every prompt or sequence computed is
+trains an EAGLE-3 draft on the cache for a few steps; with several processes the target is loaded onto the mesh of
+all of them and each reads it again onto its own devices), into the cache under WORKDIR; every prompt or sequence computed is
 appended to WORKDIR/computed-<process>.jsonl. DIE_AFTER > 0: the process kills itself (SIGKILL) when it is about to
 compute its batch DIE_AFTER + 1.
 
@@ -90,6 +91,21 @@ class Recorder:
         f.write(json.dumps(x) + "\n")
 
 
+def write_target_dir(directory):
+  """The tiny target (tests.tiny_models.tiny_target) as an HF directory (config.json + safetensors) -> its path."""
+  from safetensors.numpy import save_file
+
+  from tests.tiny_models import tiny_target
+  from vsd_jax.weights.convert import hf_config_dict, hf_tensors_from_params
+  model, params = tiny_target()
+  os.makedirs(directory, exist_ok=True)
+  save_file(hf_tensors_from_params(model.cfg, jax.tree.map(np.asarray, params)),
+            os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config_dict(model.cfg), f)
+  return directory
+
+
 def data_main(stage, workdir, pid, nproc, port, die_after=0):
   import jax
   if nproc > 1:
@@ -121,14 +137,32 @@ def data_main(stage, workdir, pid, nproc, port, die_after=0):
     import flax.linen as nn
     import optax
 
-    from tests.tiny_models import tiny_target, vocab_maps
+    from tests.tiny_models import vocab_maps
     from vsd_jax.config_base import base_config
     from vsd_jax.data.dataset import iterate_batches
     from vsd_jax.methods import eagle3
     from vsd_jax.training import feature_cache
 
-    model, params = tiny_target()
-    target = types.SimpleNamespace(model=model, params=params, config=model.cfg)
+    from vsd_jax import parallel
+    from vsd_jax.weights import local, registry
+
+    c = base_config()
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.draft.ttt_steps = 1
+    source = write_target_dir(os.path.join(workdir, f"target-{pid}"))
+    # With several processes the target is on the mesh of all of them, as training places it; the feature pass
+    # (and the training below) read it again onto this process's devices (weights.local.process_local_target).
+    mesh = parallel.make_mesh(c) if nproc > 1 else None
+    target = registry.load_target(source, with_tokenizer=False, mesh=mesh,
+                                  rules=parallel.logical_axis_rules(c) if mesh is not None else None)
+    result["spread"] = not local.is_process_local(target.params)
+    real_load, reloads = registry.load_target, []
+
+    def counting_load(*a, **k):
+      reloads.append(a[0])
+      return real_load(*a, **k)
+
+    registry.load_target = counting_load
     d2t, t2d = vocab_maps(8, range(2, 8))
     vocab = types.SimpleNamespace(d2t=np.asarray(d2t), t2d=np.asarray(t2d))
     ds = feature_dataset()
@@ -140,13 +174,12 @@ def data_main(stage, workdir, pid, nproc, port, die_after=0):
 
     feature_cache.pad_batch = recording_pad
     cache = feature_cache.build_feature_cache(target, ds, vocab.d2t, vocab.t2d, os.path.join(workdir, "features"),
-                                              batch_size=2, buckets=(20,))
+                                              batch_size=2, buckets=(20,), config=c)
+    result["reloads"] = len(reloads)
     if jax.process_index() != 0:  # the cache is the same for every process: one of them trains on it
       print("RESULT " + json.dumps(result), flush=True)
       return
-    c = base_config()
-    c.draft.ttt_steps = 1
-    m = eagle3.build(c, target, vocab)
+    m = eagle3.build(c, local.process_local_target(target, c), vocab)
     draft = nn.unbox(jax.jit(m.init_params)(jax.random.PRNGKey(0)))
     opt = optax.sgd(0.1)
     opt_state = opt.init(draft)
