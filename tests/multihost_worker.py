@@ -8,7 +8,8 @@ the target answers the prompts; data.regenerate) or "features" (the tiny target'
 trains an EAGLE-3 draft on the cache for a few steps; with several processes the target is loaded onto the mesh of
 all of them and each reads it again onto its own devices), into the cache under WORKDIR; every prompt or sequence computed is
 appended to WORKDIR/computed-<process>.jsonl. DIE_AFTER > 0: the process kills itself (SIGKILL) when it is about to
-compute its batch DIE_AFTER + 1.
+compute its batch DIE_AFTER + 1. DEVICE_BARRIER=1 in the environment: process barriers go through a device
+collective (what parallel.process_barrier does when the coordination client has no barrier).
 
   python -m tests.multihost_worker data STAGE WORKDIR PROCESS_ID NUM_PROCESSES PORT [DIE_AFTER]
 
@@ -110,6 +111,20 @@ def data_main(stage, workdir, pid, nproc, port, die_after=0):
   import jax
   if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc, process_id=pid)
+    if os.environ.get("DEVICE_BARRIER"):  # parallel.process_barrier's other path: a client without wait_at_barrier
+      from jax._src import distributed
+
+      class WithoutBarrier:
+        def __init__(self, client):
+          self._client = client
+
+        def __getattr__(self, name):
+          if name == "wait_at_barrier":
+            raise AttributeError(name)
+          return getattr(self._client, name)
+
+      jax.devices()  # the CPU backend's collectives are built on the real client first
+      distributed.global_state.client = WithoutBarrier(distributed.global_state.client)
   os.makedirs(workdir, exist_ok=True)
   rec = Recorder(os.path.join(workdir, f"computed-{pid}.jsonl"), die_after)
   result = {"process": jax.process_index(), "processes": jax.process_count()}

@@ -171,11 +171,11 @@ def test_feature_shards_one_process_after_another_equal_one_pass(tmp_path):
 
 # --- slow: 2 processes --------------------------------------------------------------------------------------------
 
-def _start(stage, workdir, nproc, die_after=(0, 0)):
+def _start(stage, workdir, nproc, die_after=(0, 0), **env):
   port = _free_port()
   return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", "data", stage, str(workdir), str(i),
                             str(nproc), str(port), str(die_after[i])],
-                           cwd=REPO, env=dict(_env(1), PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                           cwd=REPO, env=dict(_env(1), PYTHONPATH=REPO, **env), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True) for i in range(nproc)]
 
 
@@ -222,7 +222,7 @@ def test_regeneration_split_across_two_processes(tmp_path):
   # Process 1 wrote exactly the batches it finished before dying.
   assert {prompt_key(p) for pid, p in killed_run if pid == 1} == set(read_cache(shard_path(cache, 1, 2)))
 
-  r2 = _finish(_start("regenerate", two, 2))
+  r2 = _finish(_start("regenerate", two, 2, DEVICE_BARRIER="1"))  # the barrier without the coordination service's
   assert [r["processes"] for r in r2] == [2, 2]
   assert r2[0]["responses"] == r2[1]["responses"] == r1["responses"]
   rerun, _ = _computed(two, lengths)
