@@ -349,7 +349,7 @@ def copy_base_cache(src: str, dst: str, model: str) -> None:
   config.data.cache_dir = dst
   config.model.name = model
   target = load_target(model, with_tokenizer=True)
-  want = cache_path(data_cache_dir(config), model_id(target), gen_settings(config.data),
+  want = cache_path(data_cache_dir(config), model_id(target), gen_settings(resolve(config).data.regen),
                     prompt_encoder(target, config).template_text)
   if os.path.abspath(files[0]) != os.path.abspath(want):
     print(f"re-keying {files[0]} -> {want}", file=sys.stderr)

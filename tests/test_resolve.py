@@ -109,6 +109,7 @@ BAD_VALUES = [
     ("generate.untie_lm_head", "sometimes", "must be one of ('auto', 'true', 'false')"),
     ("data.buckets", (512, 256), "increasing positive integers"),
     ("data.length_policy", "cut", "must be one of ('truncate', 'drop')"),
+    ("data.max_images", -1, "must be >= 0"),
     ("data.regen.batch_size", 0, "must be >= 1"),
     ("eval.heldout_source", "mt_bench", "must be a source spec"),
 ]

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.buckets = (512, 1024, 2048)
   c.data.cache_dir = ""              # regenerated responses + draft vocab; "" = <workdir>/data_cache
   c.data.draft_vocab_size = 32000    # top-N response tokens (EAGLE-3 d2t/t2d)
+  c.data.max_images = 0              # images per row of a multimodal dataset; 0 = the most one prompt has
   # Response regeneration by the target (self-distillation).
   c.data.regen = ml_collections.ConfigDict(dict(max_new_tokens=1024, temperature=0.0, top_p=1.0, batch_size=8,
                                                 seed=0))

@@ -251,11 +251,10 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   abstract_frozen = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), method.frozen, frozen_sh)
   host_batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-  if hasattr(tcfg, "vision"):  # LLaVA: every row carries data.max_images (>= 1) images, as the pipeline batches them
+  if hasattr(tcfg, "vision"):  # LLaVA: every row carries data.max_images images (0, the data's most: taken as 1)
     v = tcfg.vision
     host_batch["pixel_values"] = jax.ShapeDtypeStruct(
-        (b, max(1, int(config.data.get("max_images", 1) or 1)), v.num_channels, v.image_size, v.image_size),
-        jnp.float32)
+        (b, max(1, resolve(config).data.max_images), v.num_channels, v.image_size, v.image_size), jnp.float32)
   batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
   abstract_batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           host_batch, batch_sh)

@@ -153,6 +153,7 @@ class DataSettings:
   buckets: tuple            # padded training lengths, increasing
   cache_dir: str            # "" = <workdir>/data_cache
   draft_vocab_size: int
+  max_images: int           # images per row of a multimodal dataset; 0 = the most one prompt has
   regen: RegenSettings
 
 
@@ -367,7 +368,8 @@ def _data(config) -> DataSettings:
       system_prompt=s.text("system_prompt"), chat_template=s.text("chat_template"),
       enable_thinking=s.flag("enable_thinking"), max_length=s.integer("max_length", 1),
       length_policy=s.text("length_policy", LENGTH_POLICIES), buckets=tuple(int(b) for b in buckets),
-      cache_dir=s.text("cache_dir"), draft_vocab_size=s.integer("draft_vocab_size", 1), regen=_regen(config))
+      cache_dir=s.text("cache_dir"), draft_vocab_size=s.integer("draft_vocab_size", 1),
+      max_images=s.integer("max_images", 0), regen=_regen(config))
 
 
 def _heldout(config) -> HeldoutSettings:

@@ -28,6 +28,7 @@ from vsd_jax.data.regenerate import GenSettings, cache_path, make_target_call, r
 from vsd_jax.data.sequence_store import store_sequences
 from vsd_jax.data.sources import load_prompts
 from vsd_jax.models.draft_vocab import DraftVocab, build_draft_vocab
+from vsd_jax.resolved import RegenSettings, as_resolved, resolve
 from vsd_jax.weights.identity import model_id
 from vsd_jax.weights.local import process_local_target
 
@@ -44,14 +45,14 @@ class TrainingData:
 
 
 def data_cache_dir(config) -> str:
-  """config.data.cache_dir, or <workdir>/data_cache when empty."""
-  return config.data.cache_dir or os.path.join(config.workdir, "data_cache")
+  """config.data.cache_dir, or <workdir>/data_cache when empty (config: a ConfigDict or its resolved views)."""
+  run = as_resolved(config)
+  return run.data.cache_dir or os.path.join(run.workdir, "data_cache")
 
 
-def gen_settings(data_cfg) -> GenSettings:
-  r = data_cfg.regen
-  return GenSettings(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature), top_p=float(r.top_p),
-                     seed=int(r.seed))
+def gen_settings(regen: RegenSettings) -> GenSettings:
+  return GenSettings(max_new_tokens=regen.max_new_tokens, temperature=regen.temperature, top_p=regen.top_p,
+                     seed=regen.seed)
 
 
 def prepare_data(config, target, call: Optional[Callable] = None, progress: bool = True,
@@ -64,7 +65,8 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   With several processes each generates its share of the prompts (data.regenerate) with the target on its own
   devices (weights.local.process_local_target), then all read the whole response cache.
   """
-  d = config.data
+  run = resolve(config)  # the ConfigDict itself still goes to what reads other sections (the template, the mesh)
+  d = run.data
   enc = prompt_encoder(target, config)
   prompts, source_stats = load_prompts(d, d.system_prompt)
   answered = [p for p in prompts if p.answered]
@@ -72,10 +74,10 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   prompt_ids = [enc.encode(p.messages) for p in prompts]
   images, pixels = None, None
   if any(p.images for p in prompts):
-    prompt_ids, images, pixels = multimodal_prompts(target, prompts, prompt_ids, int(d.get("max_images", 0) or 0))
+    prompt_ids, images, pixels = multimodal_prompts(target, prompts, prompt_ids, d.max_images)
 
-  settings = gen_settings(d)
-  max_pos = min(config.model.max_positions, target.config.max_position_embeddings)
+  settings = gen_settings(d.regen)
+  max_pos = min(run.model.max_positions, target.config.max_position_embeddings)
   room = min(d.max_length - 1, max_pos - settings.max_new_tokens)
   if room < 1 and prompts:  # (conversations with their responses need no room for new tokens)
     raise ValueError(f"data.regen.max_new_tokens={settings.max_new_tokens} leaves no room for a prompt within "
@@ -88,13 +90,13 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
                 d.max_length, max_pos, settings.max_new_tokens, ", ".join(too_long[:3]))
 
   pad_id, eos = enc.pad_id, enc.eos_ids
-  path = cache_path(data_cache_dir(config), model_id(target), settings, enc.template_text)
+  path = cache_path(data_cache_dir(run), model_id(target), settings, enc.template_text)
   import jax
   count = jax.process_count()
   if call is None:  # made when the first batch is generated: nothing is loaded when every response is cached
     call = deferred(lambda: make_target_call(process_local_target(target, config), settings, max_pos, eos, pad_id,
                                              pixels))
-  responses = regenerate([prompt_ids[i] for i in keep], call, path, int(d.regen.batch_size), pad_id,
+  responses = regenerate([prompt_ids[i] for i in keep], call, path, d.regen.batch_size, pad_id,
                          progress=progress, images=None if images is None else [images[i] for i in keep],
                          process_index=jax.process_index(), process_count=count)
   unfinished = sum(1 for r in responses if not r or r[-1] not in eos)
@@ -112,15 +114,15 @@ def prepare_data(config, target, call: Optional[Callable] = None, progress: bool
   pairs = [build_sequence(prompt_ids[i], r) + ((images[i],) if images is not None else ())
            for n, (i, r) in enumerate(zip(keep, responses)) if n not in with_image_token]
   pairs += [conversation_sequence(enc, p) + (((),) if images is not None else ()) for p in answered]
-  pairs, length_stats = apply_length_limit(pairs, int(d.max_length), d.length_policy)
+  pairs, length_stats = apply_length_limit(pairs, d.max_length, d.length_policy)
   if not pairs:
     raise ValueError("no training sequence is left after the length limit; raise data.max_length or use "
                      "data.length_policy='truncate'.")
-  dataset = store_sequences(data_cache_dir(config), pairs)  # on disk once, read by every process
+  dataset = store_sequences(data_cache_dir(run), pairs)  # on disk once, read by every process
   del pairs
   vocab = None
   if draft_vocab:
-    vocab = build_draft_vocab(dataset, target.config.vocab_size, int(d.draft_vocab_size), data_cache_dir(config))
+    vocab = build_draft_vocab(dataset, target.config.vocab_size, d.draft_vocab_size, data_cache_dir(run))
   stats = dict(sources={k: dataclasses.asdict(s) for k, s in source_stats.items()},
                prompts=len(prompts) + len(answered), answered=len(answered),
                prompt_too_long=len(too_long), unfinished=unfinished, length=dataclasses.asdict(length_stats),

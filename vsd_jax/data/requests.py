@@ -67,12 +67,13 @@ def request_lines(prompts, model: str, regen, enable_thinking: bool = False) -> 
 def write_requests(config, output: str, model: str = "") -> int:
   """config.data's prompts (load_prompts: every source, data.system_prompt applied) -> the request file `output`;
   returns the number of requests. model: the served model name (default config.model.name)."""
-  prompts, _ = load_prompts(config.data, config.data.system_prompt)
+  run = resolve(config)
+  data = run.data
+  prompts, _ = load_prompts(data, data.system_prompt)
   answered = sum(p.answered for p in prompts)
   if answered:
     log.info("%d conversations of 'conversations' sources already have their responses; not written", answered)
-  data = resolve(config).data
-  lines = request_lines([p for p in prompts if not p.answered], model or str(config.model.name), data.regen,
+  lines = request_lines([p for p in prompts if not p.answered], model or run.model.name, data.regen,
                         data.enable_thinking)
   if not lines:
     raise RequestFileError("config.data.sources hold no prompt to request a response for (only already answered "
