@@ -69,9 +69,9 @@ def check_inputs(config) -> None:
                              "<workdir>/draft written by vsd_jax.train (or convert_draft), or "
                              "--config.draft.init_from= to start from a random draft")
   try:
-    os.makedirs(config.workdir, exist_ok=True)
+    os.makedirs(settings.workdir, exist_ok=True)
   except OSError as e:
-    raise UserError(f"workdir {config.workdir!r} cannot be created ({e.strerror}); pass a writable "
+    raise UserError(f"workdir {settings.workdir!r} cannot be created ({e.strerror}); pass a writable "
                     "--config.workdir") from e
 
 
@@ -86,8 +86,8 @@ def load_for_training(config) -> Loaded:
   stages, t0 = {}, time.time()
   mesh = parallel.make_mesh(config)
   rules = parallel.logical_axis_rules(config)
-  target = load_target(config.model.name, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                       mesh=mesh, rules=rules)
+  model = resolve(config).model
+  target = load_target(model.name, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh, rules=rules)
   stages["load_target_s"] = time.time() - t0
   t = time.time()
   data = prepare_data(config, target)
@@ -121,12 +121,12 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   else:
     stages = {}
   mesh, rules, target, data = loaded.mesh, loaded.rules, loaded.target, loaded.data
-  mode = str(config.train.target_features)
+  run = resolve(config)
+  mode = run.train.target_features
 
   method = build_method(config, target, data.draft_vocab)
   draft, init_params, loss_fn, frozen = method.draft, method.init_params, method.loss_fn, method.frozen
-  buckets = tuple(config.data.buckets)
-  bs = int(config.train.batch_size)
+  buckets, bs = run.data.buckets, run.train.batch_size
   per_epoch = full_batches(len(data.dataset), bs, "train.batch_size")  # the data stage is cached: a rerun is quick
 
   cache = None
@@ -134,14 +134,14 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
     t = time.time()
     key = cache_key(data.dataset, model_id(target), data.draft_vocab.d2t)
     cache = build_feature_cache(target, data.dataset, data.draft_vocab.d2t, data.draft_vocab.t2d,
-                                os.path.join(data_cache_dir(config), f"features-{key}"), bs, buckets,
+                                os.path.join(data_cache_dir(run), f"features-{key}"), bs, buckets,
                                 pixels=data.pixels, config=config)
     stages["features_s"] = time.time() - t
 
   def make_batches(start_step):
     epoch, skip = divmod(start_step, per_epoch)
     while True:  # from batch `skip` of the epoch (earlier ones are not read); this process's rows of each
-      batches = iterate_batches(data.dataset, bs, seed=config.seed, epoch=epoch, buckets=buckets,
+      batches = iterate_batches(data.dataset, bs, seed=run.seed, epoch=epoch, buckets=buckets,
                                 sort_window=bs * 8, with_index=cache is not None, pixels=data.pixels, start=skip,
                                 process_index=jax.process_index(), process_count=jax.process_count())
       if cache is not None:
@@ -159,7 +159,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   else:  # parameters sharded across hosts: gather whole arrays on every host; process 0 writes
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(result.state.params, tiled=True)
-  draft_dir = os.path.join(config.workdir, "draft")
+  draft_dir = os.path.join(run.workdir, "draft")
   if jax.process_index() == 0:
     save_draft(draft_dir, draft.cfg, params, data.draft_vocab.d2t, data.draft_vocab.t2d, target.config)
   report = dict(stopped=result.stopped, steps=int(result.step), draft=draft_dir, data=data.stats)
@@ -174,7 +174,7 @@ def train(config, loaded: Optional[Loaded] = None) -> dict:
   # Non-padding sequence tokens through target + draft per second (this run's steps; approximate on resume).
   mean_len = float(data.dataset.lengths.mean())
   report["train_tokens_per_s"] = int(result.step) * bs * mean_len / max(stages["train_s"], 1e-9)
-  with open(os.path.join(config.workdir, "report.json"), "w") as f:
+  with open(os.path.join(run.workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1, default=float)
   return report
 
