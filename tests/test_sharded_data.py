@@ -258,8 +258,10 @@ def test_feature_pass_split_across_two_processes(tmp_path):
   # Training on the 2-process cache equals training on the 1-process one. (One process reading a 2-process cache:
   # test_feature_shards_one_process_after_another_equal_one_pass.)
   assert [r["processes"] for r in r2] == [2, 2]
-  # Each process was given the target on the mesh of both and read it again onto its own devices for the feature
-  # pass (process 0 reads it once more to train, after this count); the single process kept its own.
-  assert [(r["spread"], r["reloads"]) for r in r2] == [(True, 1), (True, 1)] and (r1["spread"], r1["reloads"]) == (
-      False, 0)
+  # Each process was given the target on the mesh of both and, when it had sequences left to compute, read it again
+  # onto its own devices for the feature pass (process 0 reads it once more to train, after this count; it may have
+  # finished its shard before the kill); the single process kept its own.
+  assert 1 in {pid for pid, _ in rerun}  # process 1 died mid-way: it had work left
+  assert [(r["spread"], r["reloads"]) for r in r2] == [(True, int(any(p == pid for p, _ in rerun))) for pid in (0, 1)]
+  assert (r1["spread"], r1["reloads"]) == (False, 0)
   np.testing.assert_allclose(r2[0]["losses"], r1["losses"], rtol=1e-5)
