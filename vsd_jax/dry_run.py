@@ -232,7 +232,8 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, ids0)["params"]), jax.random.PRNGKey(0))
   target_params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          shapes, target_sh)
-  vocab = stand_in_vocab(tcfg.vocab_size, int(config.data.draft_vocab_size))
+  run = resolve(config)
+  vocab = stand_in_vocab(tcfg.vocab_size, run.data.draft_vocab_size)
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.draft.init_from = ""  # a trained draft only changes the values, not what is compiled
@@ -244,7 +245,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target_params)
     return build_method(cfg, abstract_target(model, zeros, tcfg), vocab).init_params(rng)
 
-  tx, schedule = make_optimizer(resolve(config).train)
+  tx, schedule = make_optimizer(run.train)
   abstract_state, shardings = state_shardings(init_params, tx, jax.random.PRNGKey(0), mesh, rules,
                                               method.method_state)
   frozen_sh = parallel.frozen_shardings(method.frozen, target_sh, mesh)  # as train.py places them
@@ -254,7 +255,7 @@ def dry_run(config, seq_len: int = 0, device_memory: float = 0.0) -> dict:
   if hasattr(tcfg, "vision"):  # LLaVA: every row carries data.max_images images (0, the data's most: taken as 1)
     v = tcfg.vision
     host_batch["pixel_values"] = jax.ShapeDtypeStruct(
-        (b, max(1, resolve(config).data.max_images), v.num_channels, v.image_size, v.image_size), jnp.float32)
+        (b, max(1, run.data.max_images), v.num_channels, v.image_size, v.image_size), jnp.float32)
   batch_sh = parallel.batch_shardings(host_batch, mesh, rules)
   abstract_batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           host_batch, batch_sh)
