@@ -290,8 +290,6 @@ def _run_target(target, dataset, d2t, t2d, path, seqs, offsets, todo, batch_size
         length = int(lengths[seqs[j]])
         for (k, _, dtype), a in zip(ARRAYS, out):
           os.pwrite(files[k], np.ascontiguousarray(a[row, :length], dtype).tobytes(), int(offsets[j]) * row_bytes[k])
-      for fd in files.values():  # on disk before the marks, so a machine crash cannot mark unwritten rows done
-        os.fdatasync(fd)
       for j in chunk:  # after the rows: a sequence marked done has all of them in the files
         os.pwrite(done_fd, b"\x01", int(j))
       done = b0 + len(chunk)
